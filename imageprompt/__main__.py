@@ -1,0 +1,5 @@
+import sys
+
+from imageprompt.cli import main
+
+sys.exit(main())

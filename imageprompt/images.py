@@ -1,0 +1,104 @@
+"""Reading input images safely and writing outputs atomically with their parameters."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+MAX_SIDE = 2048  # larger inputs are downscaled (CLIP sees 224 px anyway)
+
+
+class ImageInputError(ValueError):
+    """An input image that cannot be used; the message is meant for the user."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB: alpha is composited on white, 16-bit is scaled to 8-bit."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        array = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    if image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        span = max(array.max() - array.min(), 1e-12)
+        return Image.fromarray(((array - array.min()) / span * 255).astype(np.uint8), mode="L").convert("RGB")
+    if image.mode in ("P", "PA") or "A" in image.getbands():
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def fit_size(image: Image.Image, max_side: int = MAX_SIDE) -> Image.Image:
+    """Downscale so the longer side is at most ``max_side``, with a notice."""
+    if max(image.size) <= max_side:
+        return image
+    old = image.size
+    image = image.copy()
+    image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    warnings.warn(f"input image {old[0]}x{old[1]} resized to {image.size[0]}x{image.size[1]}", stacklevel=2)
+    return image
+
+
+def load_image(path: str | os.PathLike, max_side: int = MAX_SIDE) -> Image.Image:
+    """Open, fully decode and normalise an input image, or raise :class:`ImageInputError`."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageInputError(f"{path}: no such file")
+    if path.is_dir():
+        raise ImageInputError(f"{path}: is a directory, not an image")
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (max_side, max_side))  # JPEG: decode big files at reduced size
+            image.load()
+            image = to_rgb(image)
+    except UnidentifiedImageError:
+        raise ImageInputError(f"{path}: not an image file (or a format Pillow cannot read)") from None
+    except Image.DecompressionBombError as err:
+        raise ImageInputError(f"{path}: image too large to open safely ({err})") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageInputError(f"{path}: cannot read image ({err})") from None
+    return fit_size(image, max_side)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict) -> Path:
+    """Write ``image`` to ``path`` atomically, with ``parameters`` as JSON in the ``parameters`` text chunk."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", json.dumps(parameters, sort_keys=True))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            image.save(handle, format="PNG", pnginfo=info)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_parameters(path: str | os.PathLike) -> dict:
+    """The ``parameters`` JSON stored in a PNG written by :func:`save_png`."""
+    with Image.open(path) as image:
+        return json.loads(image.text["parameters"])

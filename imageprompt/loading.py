@@ -1,0 +1,228 @@
+"""Loading models the way diffusers users expect: hub ids, local folders, single files.
+
+``--model`` may be a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``), a
+local diffusers folder, or a single ``.safetensors``/``.ckpt`` checkpoint;
+``--clip`` names the CLIP whose projections SD-IPC inverts (a hub id or a
+folder holding a transformers ``CLIPModel``). Failures become one
+:class:`ModelLoadError` that says what was tried and how to use local weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+}
+
+OFFLINE_HINT = (
+    "No network is needed if the weights are local: pass a diffusers folder or a single .safetensors/.ckpt file "
+    "to --model, a folder holding a transformers CLIPModel to --clip, or pre-fill the Hugging Face cache "
+    "(HF_HOME) on a machine with access; omit --model to use the bundled offline model."
+)
+
+
+class ModelLoadError(RuntimeError):
+    """Weights could not be found or read; the message names what was tried."""
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """fp16 on accelerators, fp32 on the CPU, unless asked otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def model_kind(model: str) -> str:
+    """``"file"``, ``"folder"`` or ``"hub"``; raises for a local path that is neither."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise ModelLoadError(f"{model}: a single-file checkpoint must end in .safetensors or .ckpt")
+        return "file"
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise ModelLoadError(f"{model}: folder has no model_index.json, so it is not a diffusers pipeline folder")
+        return "folder"
+    if model.startswith((".", "/", "~")) or model.lower().endswith(SINGLE_FILE_SUFFIXES) or model.count("/") > 1:
+        raise ModelLoadError(f"{model}: no such file or folder")
+    return "hub"
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _load_error(what: str, source: str, err: Exception) -> ModelLoadError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ModelLoadError(f"could not load {what} from {source!r}: {reason[:300]}\n{OFFLINE_HINT}")
+
+
+def load_sd_components(model: str, dtype: torch.dtype, config: str | None = None) -> dict:
+    """vae, text_encoder, tokenizer, unet, scheduler of an SD 1.x model (and any imageprompt parts it holds)."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    kind = model_kind(model)
+    common = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    try:
+        if kind == "file":
+            pipe = StableDiffusionPipeline.from_single_file(
+                model, config=config, local_files_only=_offline() or None, **common
+            )
+        else:
+            local_only = kind == "folder" or _offline()
+            try:
+                pipe = DiffusionPipeline.from_pretrained(model, local_files_only=local_only, **common)
+            except (OSError, ValueError):
+                if local_only:
+                    raise
+                # the hub is unreachable: a cached copy may still be there
+                pipe = DiffusionPipeline.from_pretrained(model, local_files_only=True, **common)
+    except ModelLoadError:
+        raise
+    except Exception as err:  # diffusers/hub raise many types for "not there"
+        raise _load_error("the Stable Diffusion model", model, err) from None
+    return dict(pipe.components)
+
+
+def load_clip_parts(clip: str, dtype: torch.dtype) -> dict:
+    """image_encoder, feature_extractor and the text projection (inside a converter) from a ``CLIPModel``."""
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from imageprompt.conversion import SDIPCConverter
+
+    path = Path(clip).expanduser()
+    local_only = path.exists() or _offline()
+    if path.exists() and not (path / "config.json").exists():
+        raise ModelLoadError(f"{clip}: folder has no config.json, so it is not a transformers CLIPModel folder")
+    try:
+        try:
+            clip_model = CLIPModel.from_pretrained(clip, dtype=torch.float32, local_files_only=local_only)
+        except OSError:
+            if local_only:
+                raise
+            clip_model = CLIPModel.from_pretrained(clip, dtype=torch.float32, local_files_only=True)
+        try:
+            feature_extractor = CLIPImageProcessor.from_pretrained(clip, local_files_only=True)
+        except OSError:
+            size = clip_model.config.vision_config.image_size
+            feature_extractor = CLIPImageProcessor(size={"shortest_edge": size},
+                                                   crop_size={"height": size, "width": size})
+    except Exception as err:
+        raise _load_error("the CLIP model", clip, err) from None
+    if not hasattr(clip_model, "text_projection"):
+        raise ModelLoadError(f"{clip}: not a CLIPModel with text and visual projections")
+    vision_config = CLIPVisionConfig(**{**clip_model.config.vision_config.to_dict(),
+                                        "projection_dim": clip_model.config.projection_dim})
+    image_encoder = CLIPVisionModelWithProjection(vision_config)
+    image_encoder.vision_model.load_state_dict(clip_model.vision_model.state_dict())
+    image_encoder.visual_projection.load_state_dict(clip_model.visual_projection.state_dict())
+    converter = SDIPCConverter.from_clip(clip_model)
+    return dict(image_encoder=image_encoder.to(dtype).eval(), feature_extractor=feature_extractor, converter=converter)
+
+
+def resolve_model(model: str | None, clip: str | None) -> tuple[str, str, str | None]:
+    """Fill in defaults: ``(model, clip, notice)``; the notice says when the bundled model is used."""
+    notice = None
+    if model is None:
+        try:
+            from imageprompt.checkpoints import default_model
+        except ImportError:  # registry not installed: fall back to SD 1.5 by id
+            model, default_clip = "stable-diffusion-v1-5/stable-diffusion-v1-5", DEFAULT_CLIP
+        else:
+            model, default_clip, notice = default_model()
+        clip = clip or default_clip
+    elif clip is None:
+        clip = _bundled_clip_for(model) or DEFAULT_CLIP
+    return str(model), str(clip), notice
+
+
+def _bundled_clip_for(model: str) -> str | None:
+    try:
+        from imageprompt.checkpoints import BUNDLED_CLIP, BUNDLED_MODEL
+    except ImportError:
+        return None
+    same = Path(model).expanduser().resolve() == Path(BUNDLED_MODEL).resolve()
+    return str(BUNDLED_CLIP) if same else None
+
+
+def load_pipeline(
+    model: str | None = None,
+    clip: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    attention: str = "sdpa",
+    scheduler: str | None = "ddim",
+    config: str | None = None,
+):
+    """Load a :class:`StableDiffusionImagePromptPipeline` ready to sample.
+
+    Args:
+        model: hub id, diffusers folder or single-file checkpoint (default: SD 1.5 if cached, else bundled).
+        clip: hub id or ``CLIPModel`` folder for the conversion (default: ViT-L/14, or the bundled CLIP).
+        dtype: ``"fp32"``, ``"fp16"``, ``"bf16"`` or a torch dtype (default: fp16 on GPU, fp32 on CPU).
+        device: default CUDA, then MPS, then CPU.
+        attention: ``"sdpa"`` or ``"xformers"`` (falls back to SDPA with a warning when unusable).
+        scheduler: a name from :data:`SCHEDULERS`, or None to keep the model's own.
+        config: for single files, a local diffusers folder to take the configs from (no network needed).
+    """
+    from imageprompt.conversion import SD1_EOS_NORM, is_sd1_text_encoder, measure_eos_norm
+    from imageprompt.pipelines import StableDiffusionImagePromptPipeline
+
+    device = torch.device(device) if device is not None else default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    model, clip, notice = resolve_model(model, clip)
+    if notice:
+        logger.warning(notice)
+    parts = load_sd_components(model, torch_dtype, config)
+    if parts.get("converter") is None or parts.get("image_encoder") is None:
+        parts.update(load_clip_parts(clip, torch_dtype))
+        text_encoder, tokenizer = parts["text_encoder"], parts["tokenizer"]
+        scale = SD1_EOS_NORM if is_sd1_text_encoder(text_encoder) else measure_eos_norm(text_encoder, tokenizer)
+        parts["converter"].register_to_config(scale=float(scale))
+    names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "image_encoder", "converter",
+             "feature_extractor")
+    pipe = StableDiffusionImagePromptPipeline(**{k: parts.get(k) for k in names})
+    if scheduler is not None:
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    pipe.to(device)
+    pipe.set_attention(attention)
+    pipe.model_name, pipe.clip_name = model, clip
+    return pipe
+
+
+def make_scheduler(name: str, config):
+    """A diffusers scheduler by short name, built from the model's scheduler config."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
+    return getattr(diffusers, SCHEDULERS[name]).from_config(config)

@@ -1,0 +1,96 @@
+"""Tiny random Stable Diffusion 1.x-architecture components, built in code.
+
+Used by the tests, the benchmark (with full SD 1.5 shapes) and anyone who wants
+to try the toolkit without weights. Everything is written through the real
+``save_pretrained`` path so it loads exactly like a downloaded model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from imageprompt.tokenizer import write_clip_tokenizer
+
+TEST_WORDS = (
+    "a an the of on in and with photo picture painting red green blue yellow black white circle square "
+    "triangle cat dog house tree left right center big small beach snow sky car"
+).split()
+
+# SD 1.5's UNet / VAE / CLIP ViT-L/14 shapes (weights random): for speed and memory figures.
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8,
+)
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
+)
+SD15_CLIP_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                      max_position_embeddings=77, hidden_act="quick_gelu")
+SD15_CLIP_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                        image_size=224, patch_size=14, hidden_act="quick_gelu")
+
+TINY_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+)
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32,
+    sample_size=32,
+)
+TINY_CLIP_TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                      max_position_embeddings=77)
+TINY_CLIP_VISION = dict(hidden_size=48, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                        image_size=32, patch_size=8)
+
+
+def build_components(tokenizer_dir: str | Path, full_size: bool = False, seed: int = 0) -> dict:
+    """Random SD 1.x components: unet, vae, scheduler, tokenizer, clip (a ``CLIPModel``), text_encoder."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(TEST_WORDS, tokenizer_dir))
+    text_cfg = dict(SD15_CLIP_TEXT if full_size else TINY_CLIP_TEXT)
+    vision_cfg = dict(SD15_CLIP_VISION if full_size else TINY_CLIP_VISION)
+    if full_size:
+        text_cfg["vocab_size"] = 49408  # SD 1.x's table size, so the text encoder has its real shape
+    else:
+        text_cfg["vocab_size"] = len(tokenizer)
+    text_cfg.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    clip = CLIPModel(CLIPConfig(text_config=text_cfg, vision_config=vision_cfg,
+                                projection_dim=text_cfg["hidden_size"]))
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    text_encoder.load_state_dict(clip.text_model.state_dict())
+    unet = UNet2DConditionModel(**(SD15_UNET if full_size else TINY_UNET))
+    vae = AutoencoderKL(**(SD15_VAE if full_size else TINY_VAE))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return dict(unet=unet, vae=vae, scheduler=scheduler, tokenizer=tokenizer, clip=clip, text_encoder=text_encoder)
+
+
+def save_tiny_model(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """Write a tiny SD 1.x pipeline folder and a tiny CLIP folder; returns ``(model_dir, clip_dir)``."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPImageProcessor
+
+    folder = Path(folder)
+    parts = build_components(folder / "_tokenizer", seed=seed)
+    model_dir, clip_dir = folder / "tiny-sd", folder / "tiny-clip"
+    pipe = StableDiffusionPipeline(
+        vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], unet=parts["unet"],
+        scheduler=parts["scheduler"], safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(model_dir, safe_serialization=True)
+    parts["clip"].save_pretrained(clip_dir, safe_serialization=True)
+    size = TINY_CLIP_VISION["image_size"]
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(clip_dir)
+    parts["tokenizer"].save_pretrained(clip_dir)
+    return model_dir, clip_dir

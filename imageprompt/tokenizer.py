@@ -1,0 +1,70 @@
+"""A small CLIP BPE vocabulary, generated from a word list.
+
+transformers' ``CLIPTokenizer`` reads ``vocab.json`` and ``merges.txt``. The real
+table (49408 entries) is not available offline, so tests and the bundled model
+use a vocabulary built here: every printable ASCII character (alone and as a
+word end ``c</w>``), plus merges that assemble each listed word left to right.
+Any text still tokenizes (unknown words fall back to characters), and the
+listed words are single tokens, as common English words are in CLIP's table.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from collections.abc import Iterable
+from pathlib import Path
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+MAX_LENGTH = 77
+
+
+def _word_merges(word: str) -> list[tuple[str, str]]:
+    """Merges that build ``word</w>`` left to right: ((w,o), (wo,r), (wor,d</w>))."""
+    symbols = list(word[:-1]) + [word[-1] + "</w>"]
+    merges, left = [], symbols[0]
+    for right in symbols[1:]:
+        merges.append((left, right))
+        left = left + right
+    return merges
+
+
+def write_clip_tokenizer(words: Iterable[str], folder: str | Path, max_length: int = MAX_LENGTH) -> Path:
+    """Write ``vocab.json``, ``merges.txt`` and the tokenizer config into ``folder``.
+
+    Returns the folder; load it with ``CLIPTokenizer.from_pretrained(folder)``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = [c for c in string.printable if not c.isspace()]
+    vocab: dict[str, int] = {}
+    for token in chars + [c + "</w>" for c in chars]:
+        vocab.setdefault(token, len(vocab))
+    merges: list[tuple[str, str]] = []
+    seen = set()
+    for word in sorted({w.lower() for w in words if w.strip()}):
+        if len(word) < 2:
+            continue
+        for left, right in _word_merges(word):
+            if (left, right) not in seen:
+                seen.add((left, right))
+                merges.append((left, right))
+            vocab.setdefault(left + right, len(vocab))
+    vocab[BOS] = len(vocab)
+    vocab[EOS] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": max_length,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "unk_token": EOS,
+        "pad_token": EOS,
+        "do_lower_case": True,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    return folder

@@ -1,0 +1,446 @@
+"""Train the bundled shapes-world model: a CLIP, a VAE and a UNet in SD 1.x layout.
+
+Reproducible from a seed. Three stages, each seeded on its own so they can be
+run separately (``--stages``) and still give the same weights:
+
+1. ``clip``: a ``CLIPModel`` (text and vision towers, both projections) with the
+   contrastive loss on world images and captions. The text hidden size equals
+   the projection size, so ``text_projection`` is square as in ViT-L/14.
+2. ``vae``: an ``AutoencoderKL`` (4 latent channels, downsampling factor 4).
+   The latent scaling factor is set to 1 / std of the latents, as SD's 0.18215.
+3. ``unet``: a ``UNet2DConditionModel`` on the frozen CLIP text tower's last
+   hidden states (77 tokens, padded with EOS as SD 1.x), DDPM noise-prediction
+   loss, SD's scaled-linear betas, 10% caption dropout (empty prompt) so
+   classifier-free guidance works. The EMA of the weights is shipped.
+
+Outputs (in ``--out``): ``shapes-sd/`` (``StableDiffusionPipeline`` layout) and
+``shapes-clip/`` (the full ``CLIPModel``, a ``CLIPImageProcessor`` and the
+tokenizer). Example::
+
+    python -m imageprompt.train_world --out checkpoints --seed 0
+    python -m imageprompt.train_world --out /tmp/ck --device cuda   # faster
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from imageprompt import world
+from imageprompt.tokenizer import write_clip_tokenizer
+
+MAX_LENGTH = 77
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+# Model sizes (kept here so tests and docs can quote them).
+TEXT_HIDDEN = 128  # == projection dim (square text_projection, like ViT-L/14's 768x768)
+VISION_HIDDEN = 96
+UNET_CHANNELS = (64, 128, 128)
+VAE_CHANNELS = (32, 64, 64)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def build_tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    write_clip_tokenizer(world.vocabulary(), folder, max_length=MAX_LENGTH)
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def clip_config(tokenizer, image_size: int = world.IMAGE_SIZE):
+    from transformers import CLIPConfig
+
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=4 * TEXT_HIDDEN,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH,
+        hidden_act="quick_gelu",
+        projection_dim=TEXT_HIDDEN,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(
+        hidden_size=VISION_HIDDEN,
+        intermediate_size=4 * VISION_HIDDEN,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=8,
+        hidden_act="quick_gelu",
+        projection_dim=TEXT_HIDDEN,
+    )
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=TEXT_HIDDEN)
+
+
+def vae_config(image_size: int = world.IMAGE_SIZE) -> dict:
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(VAE_CHANNELS),
+        up_block_types=("UpDecoderBlock2D",) * len(VAE_CHANNELS),
+        block_out_channels=VAE_CHANNELS,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=image_size,
+    )
+
+
+def unet_config(image_size: int = world.IMAGE_SIZE) -> dict:
+    return dict(
+        sample_size=image_size // 2 ** (len(VAE_CHANNELS) - 1),
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=UNET_CHANNELS,
+        layers_per_block=1,
+        cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+SCHEDULER_CONFIG = dict(  # SD 1.5's scheduler/scheduler_config.json
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    clip_sample=False,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    trained_betas=None,
+)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def make_dataset(seed: int, count: int) -> tuple[torch.Tensor, list[str]]:
+    """World scenes 0..count-1 of ``seed``: uint8 images (N, 3, H, W) and captions."""
+    scenes = world.sample_scenes(seed, 0, count)
+    images = torch.from_numpy(np.stack([s.array for s in scenes])).permute(0, 3, 1, 2).contiguous()
+    return images, [s.caption for s in scenes]
+
+
+def to_vae_input(images_u8: torch.Tensor) -> torch.Tensor:
+    return images_u8.float() / 127.5 - 1.0
+
+
+def to_clip_input(images_u8: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(CLIP_MEAN, device=images_u8.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=images_u8.device).view(1, 3, 1, 1)
+    return (images_u8.float() / 255.0 - mean) / std
+
+
+def tokenize(tokenizer, captions: list[str], device) -> torch.Tensor:
+    return tokenizer(
+        captions, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(opt, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def train_clip(tokenizer, images, captions, *, seed, steps, batch, lr, device):
+    from transformers import CLIPModel
+
+    torch.manual_seed(seed + 1)
+    model = CLIPModel(clip_config(tokenizer)).to(device)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
+    gen = torch.Generator().manual_seed(seed + 11)
+    n = len(captions)
+    t0, running = time.time(), None
+    for step in range(steps):
+        set_lr(opt, lr_at(step, steps, lr, min(200, steps // 10 + 1)))
+        idx = torch.randint(0, n, (batch,), generator=gen)
+        caps = [captions[i] for i in idx.tolist()]
+        ids = tokenize(tokenizer, caps, device)
+        pixels = to_clip_input(images[idx].to(device))
+        out = model(input_ids=ids, pixel_values=pixels)
+        # Several images in a batch can share a caption: all of them are positives.
+        same = torch.tensor([[a == b for b in caps] for a in caps], dtype=torch.float32, device=device)
+        target = same / same.sum(1, keepdim=True)
+        logits = out.logits_per_image
+        loss = 0.5 * (
+            -(target * F.log_softmax(logits, 1)).sum(1).mean() - (target * F.log_softmax(logits.T, 1)).sum(1).mean()
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        if step % 50 == 0 or step == steps - 1:
+            acc = same[torch.arange(batch), logits.argmax(1)].mean().item()
+            log(f"clip step {step + 1}/{steps} loss {running:.4f} i2t-acc {acc:.3f} "
+                f"scale {model.logit_scale.exp().item():.1f} {time.time() - t0:.0f}s")
+    model.eval()
+    return model
+
+
+def train_vae(images, *, seed, steps, batch, lr, device, kl_weight=1e-6):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKL(**vae_config()).to(device)
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed + 12)
+    n = len(images)
+    t0, running = time.time(), None
+    for step in range(steps):
+        set_lr(opt, lr_at(step, steps, lr, min(100, steps // 10 + 1)))
+        idx = torch.randint(0, n, (batch,), generator=gen)
+        x = to_vae_input(images[idx].to(device))
+        post = vae.encode(x).latent_dist
+        z = post.sample()
+        rec = vae.decode(z).sample
+        rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        loss = rec_loss + kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        running = rec_loss.item() if running is None else 0.95 * running + 0.05 * rec_loss.item()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"vae step {step + 1}/{steps} rec {running:.4f} {time.time() - t0:.0f}s")
+    vae.eval()
+    # Scale latents to unit variance as SD does (its 0.18215).
+    with torch.no_grad():
+        z = torch.cat([vae.encode(to_vae_input(images[i : i + 256].to(device))).latent_dist.mean for i in range(0, 2048, 256)])
+    vae.register_to_config(scaling_factor=float(1.0 / z.flatten().std()))
+    log(f"vae scaling_factor {vae.config.scaling_factor:.5f}")
+    return vae
+
+
+@torch.no_grad()
+def encode_prompts(text_encoder, tokenizer, prompts: list[str], device, batch: int = 256) -> torch.Tensor:
+    out = []
+    for i in range(0, len(prompts), batch):
+        ids = tokenize(tokenizer, prompts[i : i + batch], device)
+        out.append(text_encoder(ids).last_hidden_state)
+    return torch.cat(out)
+
+
+def train_unet(text_encoder, tokenizer, vae, images, captions, *, seed, steps, batch, lr, device,
+               dropout=0.1, ema_decay=0.999):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    # Frozen inputs, computed once: text states per unique caption, VAE posteriors per image.
+    unique = sorted(set(captions) | {""})
+    where = {c: i for i, c in enumerate(unique)}
+    log(f"unet: encoding {len(unique)} captions and {len(images)} images")
+    states = encode_prompts(text_encoder, tokenizer, unique, device)
+    cap_idx = torch.tensor([where[c] for c in captions])
+    empty = where[""]
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, len(images), 256):
+            post = vae.encode(to_vae_input(images[i : i + 256].to(device))).latent_dist
+            means.append(post.mean)
+            stds.append(post.std)
+    means, stds = torch.cat(means), torch.cat(stds)
+    sf = vae.config.scaling_factor
+
+    torch.manual_seed(seed + 3)
+    unet = UNet2DConditionModel(**unet_config()).to(device)
+    unet.train()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "clip_sample")})
+    alphas = noise_sched.alphas_cumprod.to(device)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed + 13)
+    n = len(images)
+    t0, running = time.time(), None
+    for step in range(steps):
+        set_lr(opt, lr_at(step, steps, lr, min(300, steps // 10 + 1)))
+        idx = torch.randint(0, n, (batch,), generator=gen)
+        eps_z = torch.randn(means[idx].shape, generator=gen).to(device)
+        latents = (means[idx] + stds[idx] * eps_z) * sf
+        ci = cap_idx[idx].clone()
+        ci[torch.rand(batch, generator=gen) < dropout] = empty
+        cond = states[ci.to(device)]
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=gen).to(device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        pred = unet(noisy, t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 50 == 0 or step == steps - 1:
+            el = time.time() - t0
+            log(f"unet step {step + 1}/{steps} loss {running:.4f} {el:.0f}s (eta {el / (step + 1) * (steps - step - 1):.0f}s)")
+    return ema
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def save_clip(model, tokenizer, folder: Path) -> None:
+    from transformers import CLIPImageProcessor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    size = model.config.vision_config.image_size
+    CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    ).save_pretrained(folder)
+
+
+def text_tower(clip_model):
+    """The CLIP's text tower as a ``CLIPTextModel`` (what SD 1.x calls text_encoder)."""
+    from transformers import CLIPTextModel
+
+    te = CLIPTextModel(clip_model.config.text_config)
+    te.text_model.load_state_dict(clip_model.text_model.state_dict())
+    return te.eval()
+
+
+def save_pipeline(unet, vae, text_encoder, tokenizer, folder: Path, dtype=torch.float32) -> None:
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=PNDMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.to(dtype=dtype)
+    if folder.exists():
+        shutil.rmtree(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def folder_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="checkpoints", help="folder receiving shapes-sd/ and shapes-clip/")
+    ap.add_argument("--work", default=None, help="folder for intermediate stage outputs (default: a folder in the temp dir)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--stages", default="clip,vae,unet", help="comma list; earlier stages are loaded from --work")
+    ap.add_argument("--scenes", type=int, default=30000, help="training scenes (world indices 0..N-1)")
+    ap.add_argument("--clip-steps", type=int, default=1500)
+    ap.add_argument("--clip-batch", type=int, default=128)
+    ap.add_argument("--clip-lr", type=float, default=5e-4)
+    ap.add_argument("--vae-steps", type=int, default=1200)
+    ap.add_argument("--vae-batch", type=int, default=32)
+    ap.add_argument("--vae-lr", type=float, default=1e-3)
+    ap.add_argument("--unet-steps", type=int, default=4000)
+    ap.add_argument("--unet-batch", type=int, default=64)
+    ap.add_argument("--unet-lr", type=float, default=5e-4)
+    ap.add_argument("--fp16", action="store_true", help="save the pipeline weights in float16")
+    args = ap.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    out = Path(args.out)
+    work = Path(args.work) if args.work else Path(tempfile.gettempdir()) / f"imageprompt-train-world-{args.seed}"
+    work.mkdir(parents=True, exist_ok=True)
+    stages = {s.strip() for s in args.stages.split(",") if s.strip()}
+    t_start = time.time()
+    log(f"seed {args.seed} device {device} threads {torch.get_num_threads()} stages {sorted(stages)}")
+
+    images, captions = make_dataset(args.seed, args.scenes)
+    log(f"dataset: {len(images)} scenes, {len(set(captions))} distinct captions ({time.time() - t_start:.0f}s)")
+    tokenizer = build_tokenizer(work / "tokenizer")
+
+    from diffusers import AutoencoderKL
+    from transformers import CLIPModel
+
+    clip_dir, vae_dir = out / "shapes-clip", work / "vae"
+    if "clip" in stages:
+        t = time.time()
+        clip = train_clip(tokenizer, images, captions, seed=args.seed, steps=args.clip_steps,
+                          batch=args.clip_batch, lr=args.clip_lr, device=device)
+        save_clip(clip.to("cpu"), tokenizer, clip_dir)
+        log(f"clip done in {time.time() - t:.0f}s -> {clip_dir}")
+    clip = CLIPModel.from_pretrained(clip_dir).to(device).eval()
+    if "vae" in stages:
+        t = time.time()
+        vae = train_vae(images, seed=args.seed, steps=args.vae_steps, batch=args.vae_batch,
+                        lr=args.vae_lr, device=device)
+        vae.to("cpu").save_pretrained(vae_dir, safe_serialization=True)
+        log(f"vae done in {time.time() - t:.0f}s -> {vae_dir}")
+    vae = AutoencoderKL.from_pretrained(vae_dir).to(device).eval()
+    text_encoder = text_tower(clip).to(device)
+    if "unet" in stages:
+        t = time.time()
+        unet = train_unet(text_encoder, tokenizer, vae, images, captions, seed=args.seed,
+                          steps=args.unet_steps, batch=args.unet_batch, lr=args.unet_lr, device=device)
+        unet.to("cpu").save_pretrained(work / "unet", safe_serialization=True)
+        log(f"unet done in {time.time() - t:.0f}s")
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(work / "unet")
+    sd_dir = out / "shapes-sd"
+    save_pipeline(unet, vae.to("cpu"), text_encoder.to("cpu"), tokenizer, sd_dir,
+                  dtype=torch.float16 if args.fp16 else torch.float32)
+    info = {
+        "seed": args.seed, "device": str(device), "threads": torch.get_num_threads(),
+        "argv": vars(args), "wall_seconds": round(time.time() - t_start, 1),
+    }
+    (work / "train_info.json").write_text(json.dumps(info, indent=2))
+    (sd_dir / "training.json").write_text(json.dumps(info, indent=2))
+    log(f"saved {sd_dir} ({folder_mb(sd_dir):.1f} MB) and {clip_dir} ({folder_mb(clip_dir):.1f} MB); "
+        f"total {time.time() - t_start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""diffusers pipelines of imageprompt, one per file."""
+
+from imageprompt.pipelines.pipeline_sdipc import ImagePromptPipelineOutput, StableDiffusionImagePromptPipeline
+
+__all__ = ["ImagePromptPipelineOutput", "StableDiffusionImagePromptPipeline"]

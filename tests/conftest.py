@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny random SD 1.x components saved as folders and loaded the way users load models."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+# Tiny models gain nothing from more threads, and parallel test runs on a
+# small machine slow down badly when OpenMP threads contend.
+torch.set_num_threads(int(os.environ.get("IMAGEPROMPT_TEST_THREADS", "1")))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """``(model_dir, clip_dir)``: a tiny SD 1.x diffusers folder and a tiny CLIPModel folder."""
+    from imageprompt.testing import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_model):
+    """The SD-IPC pipeline on the tiny model, loaded through :func:`imageprompt.load_pipeline` (CPU, fp32)."""
+    from imageprompt.loading import load_pipeline
+
+    model_dir, clip_dir = tiny_model
+    pipe = load_pipeline(str(model_dir), str(clip_dir), device="cpu", dtype="fp32")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def red_image():
+    return Image.new("RGB", (48, 40), (220, 30, 30))
+
+
+@pytest.fixture
+def noise_image():
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8))
