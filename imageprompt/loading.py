@@ -100,17 +100,27 @@ def load_sd_components(model: str, dtype: torch.dtype, config: str | None = None
         else:
             local_only = kind == "folder" or _offline()
             try:
-                pipe = DiffusionPipeline.from_pretrained(model, local_files_only=local_only, **common)
+                pipe = _pipeline_class(model, local_only).from_pretrained(model, local_files_only=local_only, **common)
             except (OSError, ValueError):
                 if local_only:
                     raise
                 # the hub is unreachable: a cached copy may still be there
-                pipe = DiffusionPipeline.from_pretrained(model, local_files_only=True, **common)
+                pipe = _pipeline_class(model, True).from_pretrained(model, local_files_only=True, **common)
     except ModelLoadError:
         raise
     except Exception as err:  # diffusers/hub raise many types for "not there"
         raise _load_error("the Stable Diffusion model", model, err) from None
     return dict(pipe.components)
+
+
+def _pipeline_class(model: str, local_only: bool):
+    """imageprompt's own pipeline class for folders it saved, else diffusers' generic loader."""
+    from diffusers import DiffusionPipeline
+
+    import imageprompt.pipelines as ours
+
+    name = DiffusionPipeline.load_config(model, local_files_only=local_only).get("_class_name", "")
+    return getattr(ours, name, DiffusionPipeline)
 
 
 def load_clip_parts(clip: str, dtype: torch.dtype) -> dict:
