@@ -24,6 +24,9 @@ EXIT_FAILURE = 1
 COMMAND_MODULES = [
     "imageprompt.cli",  # vary, edit
     "imageprompt.bench",
+    "imageprompt.cli_p2p",  # p2p
+    "imageprompt.cli_demo",
+    "imageprompt.cli_batch",
 ]
 
 
@@ -90,8 +93,14 @@ def add_sampling_options(parser: argparse.ArgumentParser, num: bool = True) -> N
 
 
 def load_pipeline_from_args(args):
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
     from imageprompt.loading import load_pipeline
 
+    # the sampling bar is the one the user wants to see; the loading bars are noise
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     return load_pipeline(model=args.model, clip=args.clip, dtype=args.dtype, device=args.device,
                          attention=args.attention, scheduler=args.scheduler, config=args.config)
 
@@ -118,6 +127,14 @@ def generators(seed: int, count: int):
     import torch
 
     return [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
+
+
+def check_out_dir(path: str) -> Path:
+    """The output folder; refused early if it is an existing file (it is created only when writing)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {path}: exists and is not a folder")
+    return out
 
 
 def write_outputs(images, out_dir: Path, names: list[str], parameters: list[dict]) -> list[Path]:
@@ -150,6 +167,7 @@ def run_sdipc(args) -> int:
 
     if args.method == "sdipc-edit" and not args.prompt.strip():
         raise CommandError("--prompt is empty")
+    out_dir = check_out_dir(args.out)
     image = load_image(args.image)  # validate input before loading any model
     digest = sha256_file(args.image)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
@@ -159,7 +177,6 @@ def run_sdipc(args) -> int:
     params = base_parameters(pipe, args, args.method)
     params.update(prompt=prompt, alpha=alpha, input=Path(args.image).name, input_sha256=digest)
 
-    out_dir = Path(args.out)
     stem = Path(args.image).stem
     kind = "vary" if args.method == "sdipc-variation" else "edit"
     done = []
@@ -203,7 +220,12 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     warnings.simplefilter("ignore", FutureWarning)
     warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
     warnings.showwarning = _one_line_warnings
+    import logging
+
+    for name in ("huggingface_hub", "httpx", "urllib3"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

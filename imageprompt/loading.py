@@ -9,8 +9,10 @@ folder holding a transformers ``CLIPModel``). Failures become one
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import socket
 from pathlib import Path
 
 import torch
@@ -77,12 +79,36 @@ def model_kind(model: str) -> str:
     return "hub"
 
 
-def _offline() -> bool:
+def _env_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+def _offline() -> bool:
+    """True when the hub must not be asked: HF_HUB_OFFLINE is set, or the hub does not answer."""
+    return _env_offline() or not _hub_reachable()
+
+
+@functools.lru_cache(maxsize=1)
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connection to the hub, instead of the hub client's retries (tens of seconds offline)."""
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _load_error(what: str, source: str, err: Exception) -> ModelLoadError:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if not Path(source).expanduser().exists() and _offline():
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        why = "HF_HUB_OFFLINE is set" if _env_offline() else "the hub is unreachable"
+        reason = f"not in the local Hugging Face cache ({HF_HUB_CACHE}) and {why}"
+    else:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return ModelLoadError(f"could not load {what} from {source!r}: {reason[:300]}\n{OFFLINE_HINT}")
 
 
