@@ -8,6 +8,10 @@ One pipeline, three uses, chosen by the inputs:
   positions EOS..76 become ``h + alpha * text_state``.
 - ``prompt`` only: ordinary text-to-image (what the edit is compared with).
 
+Image prompts through decoupled cross-attention (IP-Adapter, or the training-free
+SD-IPC branch) add to any of these: ``pipe.load_ip_adapter(...)``, then
+``ip_adapter_image=`` (:mod:`imageprompt.ip_adapter`).
+
 The UNet's attention runs through imageprompt's processors
 (:mod:`imageprompt.attention`), so other techniques attach to the same layers.
 """
@@ -33,6 +37,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 from imageprompt.attention import set_attention_backend
 from imageprompt.conversion import SDIPCConverter, edit_embeds, eos_positions, variation_embeds
 from imageprompt.images import to_rgb
+from imageprompt.ip_adapter import ImagePromptAdapterMixin
 
 
 @dataclass
@@ -42,7 +47,7 @@ class ImagePromptPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
-class StableDiffusionImagePromptPipeline(DiffusionPipeline):
+class StableDiffusionImagePromptPipeline(DiffusionPipeline, ImagePromptAdapterMixin):
     model_cpu_offload_seq = "image_encoder->text_encoder->unet->vae"
     _optional_components = ["feature_extractor"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
@@ -74,6 +79,28 @@ class StableDiffusionImagePromptPipeline(DiffusionPipeline):
         self.set_attention("sdpa")
 
     # ------------------------------------------------------------------ setup
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, clip: str | None = None, **kwargs):
+        """diffusers' ``from_pretrained``; ``clip`` adds the CLIP parts to a plain SD 1.x model.
+
+        ``StableDiffusionImagePromptPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5",
+        clip="openai/clip-vit-large-patch14")`` loads SD's components and takes the image encoder and the
+        text projection from the CLIP model. A folder saved by this pipeline needs no ``clip``.
+        """
+        if clip is None:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        from imageprompt.conversion import SD1_EOS_NORM, is_sd1_text_encoder, measure_eos_norm
+        from imageprompt.loading import load_clip_parts
+
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype")) or torch.float32
+        for name, part in load_clip_parts(clip, dtype).items():
+            kwargs.setdefault(name, part)
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        text_encoder = pipe.text_encoder
+        scale = SD1_EOS_NORM if is_sd1_text_encoder(text_encoder) else measure_eos_norm(text_encoder, pipe.tokenizer)
+        pipe.converter.register_to_config(scale=float(scale))
+        return pipe
+
     def set_attention(self, backend: str = "sdpa") -> None:
         """Route every UNet attention layer through imageprompt's processors (``"sdpa"`` or ``"xformers"``)."""
         set_attention_backend(self.unet, backend)
@@ -245,6 +272,9 @@ class StableDiffusionImagePromptPipeline(DiffusionPipeline):
         cross_attention_kwargs: dict | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        negative_ip_adapter_image=None,
     ):
         r"""Generate images from an image (variation), an image and text (editing), or text.
 
@@ -256,6 +286,10 @@ class StableDiffusionImagePromptPipeline(DiffusionPipeline):
             prompt_embeds: ready conditioning ``(B, 77, D)`` instead of ``image``/``prompt``.
             generator: a ``torch.Generator`` or one per output image, for reproducible results.
             callback_on_step_end: ``fn(pipe, step, timestep, tensors) -> dict`` called after each step.
+            ip_adapter_image: image prompt(s) for the loaded adapters (diffusers' format: with several adapters,
+                one image or list of images per adapter). Masks: ``cross_attention_kwargs={"ip_adapter_masks": ...}``.
+            ip_adapter_image_embeds: precomputed image embeddings instead (``[negative, positive]`` along dim 0).
+            negative_ip_adapter_image: image(s) for the unconditional branch instead of zeros / a zero image.
 
         Returns:
             :class:`ImagePromptPipelineOutput` (or a tuple with ``return_dict=False``).
@@ -267,6 +301,7 @@ class StableDiffusionImagePromptPipeline(DiffusionPipeline):
         # 1. Check inputs
         self.check_inputs(image, prompt, negative_prompt, height, width, num_images_per_prompt, guidance_scale,
                           num_inference_steps, alpha, prompt_embeds, callback_on_step_end_tensor_inputs)
+        self.check_ip_adapter_inputs(ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image)
         device = self._execution_device
 
         # 2. Conditioning, one row per reference (image or prompt)
@@ -296,11 +331,16 @@ class StableDiffusionImagePromptPipeline(DiffusionPipeline):
         # 5. Timesteps and latents
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps)
         latents = self.prepare_latents(batch, height, width, cond.dtype, device, generator, latents)
+        added_cond_kwargs = None
+        if self.image_adapters:  # image tokens for the decoupled cross-attention branches
+            added_cond_kwargs = {"image_embeds": self.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, device, batch, guidance_scale > 1.0,
+                negative_ip_adapter_image)}
 
         # 6. Denoising loop
         latents = self.denoise(
             latents, cond, uncond, timesteps, guidance_scale, self.extra_step_kwargs(generator, eta),
-            cross_attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs,
+            cross_attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs, added_cond_kwargs,
         )
 
         # 7. Decode

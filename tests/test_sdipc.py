@@ -196,3 +196,13 @@ def test_saved_pipeline_round_trip(tiny_pipe, tmp_path, red_image):
     b = again(image=red_image, generator=torch.Generator().manual_seed(5), **kw).images
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert again.converter.config.scale == tiny_pipe.converter.config.scale
+
+
+def test_from_pretrained_with_clip(tiny_model, tiny_pipe):
+    from imageprompt.pipelines import StableDiffusionImagePromptPipeline
+
+    model_dir, clip_dir = tiny_model
+    pipe = StableDiffusionImagePromptPipeline.from_pretrained(model_dir, clip=str(clip_dir))
+    assert pipe.converter.config.scale == pytest.approx(tiny_pipe.converter.config.scale, rel=1e-6)
+    torch.testing.assert_close(pipe.converter.text_projection.weight, tiny_pipe.converter.text_projection.weight)
+    assert all(isinstance(p, ImagePromptAttnProcessor) for p in pipe.unet.attn_processors.values())
