@@ -10,7 +10,12 @@ optional hooks let the techniques compose in one forward pass:
 - ``image_branch``: a decoupled image key/value branch (IP-Adapter style),
   called as ``image_branch(processor, attn, query, image_context)`` and added to
   the text branch before ``to_out``. ``image_context`` arrives the way diffusers
-  passes it: ``encoder_hidden_states`` as a ``(text, image)`` tuple.
+  passes it: ``encoder_hidden_states`` as a ``(text, image)`` tuple. Region masks
+  given as ``cross_attention_kwargs={"ip_adapter_masks": ...}`` (diffusers' name)
+  are on ``processor.ip_adapter_masks`` during the call.
+
+Attention layers inside ``unet.encoder_hid_proj`` (an IP-Adapter Resampler) are
+not UNet layers: they keep their diffusers processors.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("sdpa", "xformers")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def xformers_available(device_type: str = "cuda") -> bool:
     """True when xformers imports *and* its kernels run on ``device_type``.
 
@@ -59,7 +64,7 @@ def resolve_backend(backend: str, device: torch.device | str | None = None) -> s
     return backend
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_xformers_fallback() -> None:
     warnings.warn("xformers kernels are not usable here; using PyTorch SDPA instead.", stacklevel=3)
 
@@ -90,6 +95,7 @@ class ImagePromptAttnProcessor(nn.Module):
         self.backend = backend
         self.editor = None
         self.image_branch = None
+        self.ip_adapter_masks = None
 
     @property
     def is_cross_attention(self) -> bool:
@@ -103,6 +109,7 @@ class ImagePromptAttnProcessor(nn.Module):
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
         *args,
+        ip_adapter_masks: list | torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         image_context = None
@@ -146,6 +153,7 @@ class ImagePromptAttnProcessor(nn.Module):
         else:
             out = attend(query, key, value, attention_mask, self.backend)
         if self.image_branch is not None and image_context is not None:
+            self.ip_adapter_masks = ip_adapter_masks
             out = out + self.image_branch(self, attn, query, image_context)
 
         out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
@@ -164,20 +172,22 @@ def set_attention_backend(unet, backend: str = "sdpa") -> dict[str, ImagePromptA
     only the backend changes. Returns the processors by layer name.
     """
     backend = resolve_backend(backend, getattr(unet, "device", None))
-    processors = {}
+    processors, projection_layers = {}, {}
     for name, current in unet.attn_processors.items():
-        if isinstance(current, ImagePromptAttnProcessor):
+        if name.startswith("encoder_hid_proj."):
+            projection_layers[name] = current
+        elif isinstance(current, ImagePromptAttnProcessor):
             current.backend = backend
             processors[name] = current
         else:
             processors[name] = ImagePromptAttnProcessor(name, backend)
-    unet.set_attn_processor(dict(processors))
+    unet.set_attn_processor({**processors, **projection_layers})
     return processors
 
 
 def imageprompt_processors(unet) -> dict[str, ImagePromptAttnProcessor]:
     """The imageprompt processors of ``unet`` by layer name (installs them if missing)."""
-    procs = unet.attn_processors
+    procs = {n: p for n, p in unet.attn_processors.items() if not n.startswith("encoder_hid_proj.")}
     if all(isinstance(p, ImagePromptAttnProcessor) for p in procs.values()):
         return dict(procs)
     return set_attention_backend(unet, "sdpa")

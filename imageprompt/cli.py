@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import random
 import sys
@@ -24,9 +23,11 @@ EXIT_FAILURE = 1
 COMMAND_MODULES = [
     "imageprompt.cli",  # vary, edit
     "imageprompt.bench",
+    "imageprompt.cli_adapter",  # train-adapter
     "imageprompt.cli_p2p",  # p2p
     "imageprompt.cli_demo",
     "imageprompt.cli_batch",
+    "imageprompt.cli_tune",  # tune domain|online
 ]
 
 
@@ -145,11 +146,16 @@ def write_outputs(images, out_dir: Path, names: list[str], parameters: list[dict
 
 # -------------------------------------------------------------- vary / edit
 def register(subparsers) -> None:
+    from imageprompt.cli_adapter import add_adapter_options
+    from imageprompt.cli_tune import add_tuning_options
+
     vary = subparsers.add_parser("vary", help="variations of an image (SD-IPC)",
                                  description="Image variation by SD-IPC's closed-form image-to-prompt conversion.")
     vary.add_argument("image", help="reference image")
     add_sampling_options(vary)
     add_model_options(vary)
+    add_tuning_options(vary)
+    add_adapter_options(vary)
     vary.set_defaults(func=run_sdipc, method="sdipc-variation")
 
     edit = subparsers.add_parser("edit", help="edit an image with text (SD-IPC)",
@@ -159,10 +165,14 @@ def register(subparsers) -> None:
     edit.add_argument("--alpha", type=float, default=0.5, help="weight of the text at positions EOS..76 (0.5-0.6)")
     add_sampling_options(edit)
     add_model_options(edit)
+    add_tuning_options(edit)
+    add_adapter_options(edit)
     edit.set_defaults(func=run_sdipc, method="sdipc-edit")
 
 
 def run_sdipc(args) -> int:
+    from imageprompt.cli_adapter import apply_adapter_options, check_adapter_options
+    from imageprompt.cli_tune import apply_tuning_options, check_tuning_options
     from imageprompt.images import load_image, sha256_file
 
     if args.method == "sdipc-edit" and not args.prompt.strip():
@@ -171,21 +181,27 @@ def run_sdipc(args) -> int:
     image = load_image(args.image)  # validate input before loading any model
     digest = sha256_file(args.image)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
+    check_tuning_options(args)
+    check_adapter_options(args)
     pipe = load_pipeline_from_args(args)
     prompt = getattr(args, "prompt", None)
     alpha = getattr(args, "alpha", None)
     params = base_parameters(pipe, args, args.method)
     params.update(prompt=prompt, alpha=alpha, input=Path(args.image).name, input_sha256=digest)
+    params.update(apply_tuning_options(pipe, args, [image], seed))
+    adapter = apply_adapter_options(pipe, args, image)
+    params.update(adapter["parameters"])
 
     stem = Path(args.image).stem
     kind = "vary" if args.method == "sdipc-variation" else "edit"
     done = []
     for start in range(0, args.num, args.batch_size):
         count = min(args.batch_size, args.num - start)
-        result = pipe(image=image, prompt=prompt, alpha=alpha if alpha is not None else 0.5,
-                      negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                      guidance_scale=args.guidance, num_images_per_prompt=count, height=args.height,
-                      width=args.width, generator=generators(seed + start, count))
+        call = dict(image=image, prompt=prompt, alpha=alpha if alpha is not None else 0.5,
+                    negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                    guidance_scale=args.guidance, num_images_per_prompt=count, height=args.height,
+                    width=args.width, generator=generators(seed + start, count))
+        result = pipe(**{**call, **adapter["pipeline"]})
         seeds = [seed + start + i for i in range(count)]
         metas = [dict(params, seed=s, width=im.size[0], height=im.size[1]) for s, im in zip(seeds, result.images)]
         names = [f"{stem}-{kind}-{s}.png" for s in seeds]

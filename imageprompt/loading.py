@@ -114,7 +114,7 @@ def _load_error(what: str, source: str, err: Exception) -> ModelLoadError:
 
 def load_sd_components(model: str, dtype: torch.dtype, config: str | None = None) -> dict:
     """vae, text_encoder, tokenizer, unet, scheduler of an SD 1.x model (and any imageprompt parts it holds)."""
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     kind = model_kind(model)
     common = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)

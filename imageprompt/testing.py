@@ -91,6 +91,7 @@ def save_tiny_model(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
     pipe.save_pretrained(model_dir, safe_serialization=True)
     parts["clip"].save_pretrained(clip_dir, safe_serialization=True)
     size = TINY_CLIP_VISION["image_size"]
-    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(clip_dir)
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    processor.save_pretrained(clip_dir)
     parts["tokenizer"].save_pretrained(clip_dir)
     return model_dir, clip_dir

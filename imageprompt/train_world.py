@@ -47,7 +47,7 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 TEXT_HIDDEN = 128  # == projection dim (square text_projection, like ViT-L/14's 768x768)
 VISION_HIDDEN = 96
 UNET_CHANNELS = (64, 128, 128)
-VAE_CHANNELS = (32, 64, 64)
+VAE_CHANNELS = (16, 32, 64, 64)  # factor 8, as SD: 64x64 images -> 8x8x4 latents
 
 
 def log(msg: str) -> None:
@@ -109,7 +109,7 @@ def vae_config(image_size: int = world.IMAGE_SIZE) -> dict:
 
 def unet_config(image_size: int = world.IMAGE_SIZE) -> dict:
     return dict(
-        sample_size=image_size // 2 ** (len(VAE_CHANNELS) - 1),
+        sample_size=image_size // 2 ** (len(VAE_CHANNELS) - 1),  # latent side
         in_channels=4,
         out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -155,9 +155,10 @@ def to_clip_input(images_u8: torch.Tensor) -> torch.Tensor:
     return (images_u8.float() / 255.0 - mean) / std
 
 
-def tokenize(tokenizer, captions: list[str], device) -> torch.Tensor:
+def tokenize(tokenizer, captions: list[str], device, padding: str = "max_length") -> torch.Tensor:
+    """Token ids padded with EOS to 77 (as SD 1.x), or to the batch's longest with ``padding="longest"``."""
     return tokenizer(
-        captions, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+        captions, padding=padding, max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
     ).input_ids.to(device)
 
 
@@ -190,7 +191,9 @@ def train_clip(tokenizer, images, captions, *, seed, steps, batch, lr, device):
         set_lr(opt, lr_at(step, steps, lr, min(200, steps // 10 + 1)))
         idx = torch.randint(0, n, (batch,), generator=gen)
         caps = [captions[i] for i in idx.tolist()]
-        ids = tokenize(tokenizer, caps, device)
+        # The causal text tower's EOS output does not depend on the padding after it, so
+        # padding to the longest caption gives the same loss as padding to 77, for less work.
+        ids = tokenize(tokenizer, caps, device, padding="longest")
         pixels = to_clip_input(images[idx].to(device))
         out = model(input_ids=ids, pixel_values=pixels)
         # Several images in a batch can share a caption: all of them are positives.
@@ -215,7 +218,13 @@ def train_clip(tokenizer, images, captions, *, seed, steps, batch, lr, device):
     return model
 
 
-def train_vae(images, *, seed, steps, batch, lr, device, kl_weight=1e-6):
+def train_vae(images, *, seed, steps, batch, lr, device, kl_weight=1e-6, crop=32, full_fraction=0.25):
+    """Reconstruction (L1 + MSE) with SD's tiny KL weight.
+
+    Most steps see random ``crop`` x ``crop`` windows (aligned to the latent grid):
+    the network is convolutional, and crops cost a fraction of whole images. The
+    last ``full_fraction`` of the steps see whole images.
+    """
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed + 2)
@@ -228,7 +237,13 @@ def train_vae(images, *, seed, steps, batch, lr, device, kl_weight=1e-6):
     for step in range(steps):
         set_lr(opt, lr_at(step, steps, lr, min(100, steps // 10 + 1)))
         idx = torch.randint(0, n, (batch,), generator=gen)
-        x = to_vae_input(images[idx].to(device))
+        x = images[idx]
+        size = x.shape[-1]
+        if crop and crop < size and step < steps * (1 - full_fraction):
+            factor = 2 ** (len(VAE_CHANNELS) - 1)
+            oy, ox = (torch.randint(0, (size - crop) // factor + 1, (2,), generator=gen) * factor).tolist()
+            x = x[:, :, oy : oy + crop, ox : ox + crop]
+        x = to_vae_input(x.to(device))
         post = vae.encode(x).latent_dist
         z = post.sample()
         rec = vae.decode(z).sample

@@ -114,15 +114,17 @@ class StableDiffusionImagePromptPipeline(DiffusionPipeline, ImagePromptAdapterMi
         """Token ids padded to the context length; prompts that are too long are truncated with a warning."""
         n = self.model_max_length
         full = self.tokenizer(prompts, padding="longest", truncation=False).input_ids
-        for prompt, ids in zip(prompts, full):
+        for ids in full:
             if len(ids) > n:
-                kept = self.tokenizer.decode(ids[1 : n - 1])
+                dropped = self.tokenizer.decode(ids[n - 1 : -1]).strip()
                 warnings.warn(
                     f"prompt has {len(ids) - 2} tokens; only the first {n - 2} are used "
-                    f"(kept: {kept!r}, from {prompt[:40]!r}...)",
+                    f"(dropped: {dropped[:60]!r}{'...' if len(dropped) > 60 else ''})",
                     stacklevel=3,
                 )
-        return self.tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+        return self.tokenizer(
+            prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt"
+        ).input_ids
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,193 @@
+"""Command line for image adapters: ``--adapter`` on ``vary``/``edit``, and ``imageprompt train-adapter``.
+
+Kept import-light (no torch at import time) so ``imageprompt --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+SDIPC_ADAPTER = "sdipc"  # --adapter sdipc: the training-free branch (no weights)
+
+
+def adapter_scale(text: str):
+    """A number, or an InstantStyle JSON dict such as '{"up": {"block_0": [0.0, 1.0, 0.0]}}'."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a number or a JSON dict of per-block scales, got {text!r}")
+    return value
+
+
+def add_adapter_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("image adapter (IP-Adapter decoupled cross-attention)")
+    group.add_argument("--adapter", action="append", metavar="PATH_OR_ID[:WEIGHT_NAME]",
+                       help="IP-Adapter weights: a .safetensors/.bin file, HUB_ID:path/in/repo, a short name "
+                            "(sd15, sd15_light, plus, plus-face, full-face: from h94/IP-Adapter), or 'sdipc' for "
+                            "the training-free SD-IPC branch; repeat for several adapters")
+    group.add_argument("--scale", action="append", type=adapter_scale, metavar="S",
+                       help="adapter scale: a number or a JSON per-block dict (InstantStyle); one for all adapters "
+                            "or one per --adapter (default 1.0)")
+    group.add_argument("--adapter-image", action="append", default=[], metavar="IMAGE",
+                       help="extra reference image for the adapters (repeatable)")
+    group.add_argument("--negative-adapter-image", metavar="IMAGE",
+                       help="negative image prompt (default: zeros / a zero image, as IP-Adapter does)")
+    group.add_argument("--image-encoder", metavar="PATH",
+                       help="CLIP vision folder of the adapter (default: image_encoder next to the weights)")
+
+
+def check_adapter_options(args) -> None:
+    """Validate adapter options and read the weights (refusing unsafe files) before any model loads."""
+    from imageprompt.cli import CommandError
+    from imageprompt.images import load_image, sha256_file
+    from imageprompt.ip_adapter import parse_adapter_spec, read_checkpoint, resolve_weight_file
+
+    specs = getattr(args, "adapter", None) or []
+    if not specs:
+        used = [o for o, v in (("--scale", args.scale), ("--adapter-image", args.adapter_image),
+                               ("--negative-adapter-image", args.negative_adapter_image),
+                               ("--image-encoder", args.image_encoder)) if v]
+        if used:
+            raise CommandError(f"{', '.join(used)} need --adapter")
+        return
+    scales = args.scale or [1.0]
+    if len(scales) not in (1, len(specs)):
+        raise CommandError(f"{len(scales)} --scale values for {len(specs)} adapters: give one, or one per adapter")
+    if specs.count(SDIPC_ADAPTER) > 1:
+        raise CommandError("--adapter sdipc given twice")
+    if args.image_encoder and not Path(args.image_encoder).expanduser().is_dir():
+        raise CommandError(f"--image-encoder {args.image_encoder}: no such folder")
+    resolved = []
+    for spec in specs:
+        if spec == SDIPC_ADAPTER:
+            resolved.append(None)
+            continue
+        source, weight = parse_adapter_spec(spec)
+        weight_file, where = resolve_weight_file(source, weight)
+        resolved.append((source, weight, weight_file, read_checkpoint(weight_file)))
+    args._adapters = resolved
+    args._adapter_scales = scales * len(specs) if len(scales) == 1 else scales
+    args._adapter_images = [load_image(p) for p in args.adapter_image]
+    args._adapter_digests = [sha256_file(p) for p in args.adapter_image]
+    args._negative_adapter_image = load_image(args.negative_adapter_image) if args.negative_adapter_image else None
+
+
+def apply_adapter_options(pipe, args, image=None) -> dict:
+    """Load the adapters into ``pipe``; returns ``{"pipeline": extra __call__ kwargs, "parameters": metadata}``.
+
+    With adapters the reference image(s) go to the decoupled branch; the text
+    branch reads the empty prompt (``vary``) or ``--prompt`` (``edit``).
+    """
+    if not getattr(args, "_adapters", None):
+        return {"pipeline": {}, "parameters": {}}
+    from imageprompt.sdipc_branch import SDIPCBranch
+
+    pipe.unload_ip_adapter()
+    files = [a for a in args._adapters if a is not None]
+    if files:  # one call, so several adapters load together (as in diffusers)
+        pipe.load_ip_adapter([source for source, *_ in files], weight_name=[weight for _, weight, *_ in files],
+                             image_encoder=args.image_encoder)
+    order = list(args._adapters)
+    if None in order:  # the SD-IPC branch sits where it was named
+        adapters = list(pipe.image_adapters)
+        adapters.insert(order.index(None), SDIPCBranch())
+        pipe._install(adapters)
+    pipe.set_ip_adapter_scale(list(args._adapter_scales))
+
+    references = ([image] if image is not None else []) + list(args._adapter_images)
+    per_adapter = references if len(order) == 1 else [references] * len(order)
+    negatives = None
+    if args._negative_adapter_image is not None:
+        negatives = [args._negative_adapter_image] if len(order) == 1 else [[args._negative_adapter_image]] * len(order)
+    extra = {"image": None, "ip_adapter_image": per_adapter, "negative_ip_adapter_image": negatives}
+    if getattr(args, "prompt", None) is None:
+        extra["prompt"] = ""
+    parameters = {
+        "method": args.method.replace("sdipc", "ip-adapter"),
+        "alpha": None,
+        "adapters": list(args.adapter),
+        "adapter_scales": list(args._adapter_scales),
+        "adapter_images": [Path(p).name for p in args.adapter_image],
+        "adapter_images_sha256": list(args._adapter_digests),
+        "negative_adapter_image": Path(args.negative_adapter_image).name if args.negative_adapter_image else None,
+        "image_encoder": args.image_encoder,
+    }
+    return {"pipeline": extra, "parameters": parameters}
+
+
+# ------------------------------------------------------------ train-adapter
+def register(subparsers) -> None:
+    from imageprompt.cli import add_model_options, positive_int
+
+    parser = subparsers.add_parser(
+        "train-adapter", help="train an IP-Adapter on image-caption pairs",
+        description="Train an IP-Adapter (sd15 format) with the paper's recipe; runs under `accelerate launch -m "
+                    "imageprompt train-adapter ...` on several GPUs. Saves the official format.")
+    parser.add_argument("data", help="folder of images with same-name .txt captions, or a .jsonl of "
+                                     '{"image": path, "caption": text}')
+    parser.add_argument("--out", required=True, help="output weights, .safetensors or .bin")
+    parser.add_argument("--steps", type=positive_int, default=1000)
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="per process")
+    parser.add_argument("--resolution", type=positive_int, default=512)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--gradient-accumulation", type=positive_int, default=1)
+    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0: none)")
+    parser.add_argument("--resume", help="'latest' or a checkpoint folder (OUT-checkpoints/step-N)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-encoder", metavar="PATH",
+                        help="CLIP vision folder (default: the --clip model's vision tower, saved next to --out)")
+    add_model_options(parser)
+    parser.set_defaults(func=run_train)
+
+
+def run_train(args) -> int:
+    from imageprompt.cli import CommandError, load_pipeline_from_args
+    from imageprompt.train_adapter import checkpoint_dir, latest_checkpoint, read_pairs, train
+
+    out = Path(args.out)
+    if out.suffix not in (".safetensors", ".bin"):
+        raise CommandError(f"--out {args.out}: must end in .safetensors or .bin")
+    if out.is_dir():
+        raise CommandError(f"--out {args.out}: is a folder")
+    pairs = read_pairs(args.data)
+    if args.resume and args.resume != "latest" and not Path(args.resume, "state.json").exists():
+        raise CommandError(f"--resume {args.resume}: not a checkpoint folder")
+    if args.resume == "latest" and latest_checkpoint(out) is None:
+        raise CommandError(f"--resume latest: no checkpoints in {checkpoint_dir(out)}")
+    if args.image_encoder and not Path(args.image_encoder).is_dir():
+        raise CommandError(f"--image-encoder {args.image_encoder}: no such folder")
+    args.device, args.dtype = "cpu", "fp32"  # accelerate places the models; trained weights stay fp32
+    pipe = load_pipeline_from_args(args)
+    pipe.set_progress_bar_config(disable=True)
+    encoder = processor = None
+    if args.image_encoder:
+        from imageprompt.ip_adapter import load_image_encoder
+
+        encoder, processor = load_image_encoder(args.image_encoder)
+    result = train(pipe, pairs, out, steps=args.steps, batch_size=args.batch_size, resolution=args.resolution,
+                   learning_rate=args.lr, weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every,
+                   resume=args.resume, seed=args.seed, mixed_precision=args.mixed_precision,
+                   gradient_accumulation_steps=args.gradient_accumulation, image_encoder=encoder,
+                   feature_extractor=processor)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        encoder_dir = out.parent / "image_encoder"
+        if encoder is None and not encoder_dir.exists():  # so the file loads as is, here and in diffusers
+            pipe.image_encoder.save_pretrained(encoder_dir, safe_serialization=True)
+            pipe.feature_extractor.save_pretrained(encoder_dir)
+        losses = result["losses"]
+        if losses:
+            print(f"step {result['step']}: loss {losses[-1]:.4f} (first {losses[0]:.4f})")
+        print(out)
+    return 0

@@ -1,0 +1,67 @@
+"""``imageprompt batch JOBS.jsonl --out DIR``: run a manifest of variation and editing rows.
+
+Many GPUs or machines: ``accelerate launch -m imageprompt batch JOBS.jsonl --out DIR``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from imageprompt.cli import EXIT_FAILURE, add_model_options, positive_int
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "batch", help="run a JSONL job file of vary/edit/p2p/adapter rows (resumable; many GPUs with accelerate)",
+        description="Run one job a line from a JSONL file into --out. Reruns skip complete outputs; "
+                    "results.jsonl records each row's status. Under `accelerate launch -m imageprompt batch ...` "
+                    "the rows are split across processes.",
+    )
+    parser.add_argument("jobs", help="JSONL file, one row a line (relative image paths are read from its folder)")
+    parser.add_argument("--out", required=True, help="output folder (shared by all processes)")
+    rows = parser.add_argument_group("row defaults (a row's own fields win)")
+    rows.add_argument("--seed", type=int, default=0, help="seed of a row's first image; image i: seed+i (default 0)")
+    rows.add_argument("--num", type=positive_int, default=1, help="images per row (default 1)")
+    rows.add_argument("--steps", type=positive_int, default=50)
+    rows.add_argument("--guidance", type=float, default=7.5)
+    rows.add_argument("--negative-prompt", default=None)
+    rows.add_argument("--height", type=positive_int)
+    rows.add_argument("--width", type=positive_int)
+    rows.add_argument("--adapter", help="IP-Adapter checkpoint for adapter rows that name none")
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default 8)")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the UNet and the VAE decoder")
+    speed.add_argument("--channels-last", action="store_true", help="channels-last memory format for UNet and VAE")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
+    add_model_options(parser)
+    parser.set_defaults(func=run_batch)
+
+
+def run_batch(args) -> int:
+    from imageprompt.jobs import JobDefaults, JobOptions, run_job
+    from imageprompt.loading import load_pipeline
+
+    defaults = JobDefaults(seed=args.seed, num=args.num, steps=args.steps, guidance=args.guidance,
+                           negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                           model=args.model, clip=args.clip, scheduler=args.scheduler, adapter=args.adapter)
+    options = JobOptions(batch_size=args.batch_size, compile=args.compile, channels_last=args.channels_last,
+                         progress=not args.no_progress)
+
+    def load(device):
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()  # one bar: the job's
+        return load_pipeline(model=args.model, clip=args.clip, dtype=args.dtype, device=args.device or device,
+                             attention=args.attention, scheduler=args.scheduler, config=args.config)
+
+    summary = run_job(args.jobs, args.out, load_pipe=load, defaults=defaults, options=options)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0  # the main process reports for everyone
+    print(f"imageprompt: batch: {summary}", file=sys.stderr)
+    if summary.failed:
+        print(f"imageprompt: error: {summary.failed} row(s) failed; see the 'error' fields in {summary.results}",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    return 0

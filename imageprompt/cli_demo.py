@@ -1,0 +1,43 @@
+"""``imageprompt demo``: the Gradio web demo on any model the command line accepts."""
+
+from __future__ import annotations
+
+import argparse
+
+from imageprompt.cli import CommandError, add_model_options, positive_int
+
+
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 1..65535, got {value}")
+    return value
+
+
+def register(subparsers) -> None:
+    demo = subparsers.add_parser(
+        "demo", help="the web demo (Gradio)",
+        description="Serve the imageprompt web demo: variation, image + text editing and the other installed "
+                    "capabilities, one tab each. Without --model it runs on the bundled shapes-world model.",
+    )
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; "
+                                                          "0.0.0.0 for every interface)")
+    demo.add_argument("--port", type=port_number, default=7860, help="port (default 7860)")
+    demo.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
+    demo.add_argument("--max-queue", type=positive_int, default=16, help="waiting jobs before new ones are refused")
+    demo.add_argument("--max-file-size", default="10mb", help="largest upload (default 10mb)")
+    add_model_options(demo)
+    demo.set_defaults(func=run_demo)
+
+
+def run_demo(args) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise CommandError("the demo needs gradio: pip install 'imageprompt[demo]'") from None
+    from imageprompt.demo.app import launch
+
+    return launch(args)

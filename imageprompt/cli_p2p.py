@@ -1,0 +1,164 @@
+"""``imageprompt p2p``: prompt-to-prompt editing of a generated image or a real photo."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+from pathlib import Path
+
+from imageprompt.cli import (
+    CommandError,
+    add_model_options,
+    add_sampling_options,
+    base_parameters,
+    check_out_dir,
+    fraction,
+    generators,
+    load_pipeline_from_args,
+    positive_int,
+    write_outputs,
+)
+
+INVERSIONS = ("null-text", "negative-prompt", "ddim")
+
+
+def register(subparsers) -> None:
+    p2p = subparsers.add_parser(
+        "p2p", help="edit an image by editing its prompt (prompt-to-prompt)",
+        description="Prompt-to-prompt editing: the target prompt is sampled with the source's attention, so the "
+                    "layout is kept. The source is a text prompt, an SD-IPC image prompt (--image-prompt) or a "
+                    "real photo (--image, inverted first).",
+    )
+    p2p.add_argument("--source", required=True, help="source prompt (for --image: a description of the photo)")
+    p2p.add_argument("--target", help="edited prompt (not used by --mode reweight)")
+    p2p.add_argument("--mode", default="replace", help="replace (same word count), refine (add/remove words) or "
+                                                        "reweight (only --weight); default replace")
+    p2p.add_argument("--blend", nargs="+", action="extend", metavar="WORD",
+                     help="local blend: only the region of these words changes")
+    p2p.add_argument("--blend-threshold", type=fraction, default=0.3, help="mask threshold (default 0.3)")
+    p2p.add_argument("--weight", nargs="+", action="extend", metavar="WORD=VALUE",
+                     help="scale a target word's cross-attention, e.g. --weight snow=2")
+    p2p.add_argument("--cross-steps", action="append", metavar="F|WORD=F",
+                     help="fraction of the steps with cross-attention control (default 0.8); WORD=F sets one word")
+    p2p.add_argument("--self-steps", type=fraction, default=0.4,
+                     help="fraction of the steps with self-attention replacement (default 0.4)")
+    p2p.add_argument("--self-res", type=positive_int,
+                     help="replace self-attention in layers with at most this many latent rows (default 16 at 512)")
+    p2p.add_argument("--map-res", type=positive_int,
+                     help="latent rows of the layers whose attention maps are used (default 16 at 512)")
+    p2p.add_argument("--image", metavar="PHOTO", help="a real photo to edit; --source should describe it")
+    p2p.add_argument("--invert", choices=INVERSIONS, help="how to invert --image (default null-text)")
+    p2p.add_argument("--inner-steps", type=positive_int, default=10, help="null-text inner steps (default 10)")
+    p2p.add_argument("--image-prompt", metavar="IMAGE", help="SD-IPC reference: every prompt is image + text")
+    p2p.add_argument("--alpha", type=float, default=0.5, help="SD-IPC text weight with --image-prompt (default 0.5)")
+    p2p.add_argument("--save-attention", metavar="FILE.png", help="write the per-token attention maps here")
+    add_sampling_options(p2p, num=False)
+    add_model_options(p2p)
+    p2p.set_defaults(func=run_p2p, method="p2p")
+
+
+def parse_weights(items: list[str] | None) -> dict[str, float]:
+    weights = {}
+    for item in items or []:
+        word, sep, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not sep or not word.strip() or not math.isfinite(number):
+            raise CommandError(f"--weight expects WORD=NUMBER, got {item!r}")
+        weights[word.strip()] = number
+    return weights
+
+
+def parse_cross_steps(items: list[str] | None) -> tuple[float, dict[str, float]]:
+    default, per_word = 0.8, {}
+    for item in items or []:
+        word, sep, value = item.rpartition("=")
+        try:
+            number = fraction(value)
+        except argparse.ArgumentTypeError as err:
+            raise CommandError(f"--cross-steps {item!r}: {err}") from None
+        if sep:
+            if not word.strip():
+                raise CommandError(f"--cross-steps expects F or WORD=F, got {item!r}")
+            per_word[word.strip()] = number
+        else:
+            default = number
+    return default, per_word
+
+
+def run_p2p(args) -> int:
+    from imageprompt.images import load_image, save_png, sha256_file
+    from imageprompt.p2p import validate_edit
+
+    # 1. Everything about the input is checked before any model loads.
+    weights = parse_weights(args.weight)
+    cross_steps, word_cross_steps = parse_cross_steps(args.cross_steps)
+    target = validate_edit(args.source, args.target, args.mode, weights, args.blend, cross_steps, word_cross_steps,
+                           args.self_steps, args.blend_threshold)
+    if args.invert and not args.image:
+        raise CommandError("--invert needs --image PHOTO")
+    if args.image and args.image_prompt:
+        raise CommandError("give --image (a photo to edit) or --image-prompt (an SD-IPC reference), not both")
+    if args.image and args.scheduler != "ddim":
+        raise CommandError(f"inverting --image needs --scheduler ddim, not {args.scheduler}")
+    if args.save_attention and Path(args.save_attention).suffix.lower() != ".png":
+        raise CommandError(f"--save-attention must name a .png file, got {args.save_attention!r}")
+    if not math.isfinite(args.alpha):
+        raise CommandError(f"--alpha must be a finite number, got {args.alpha}")
+    out_dir = check_out_dir(args.out)
+    method = (args.invert or "null-text") if args.image else None
+    photo = load_image(args.image) if args.image else None
+    reference = load_image(args.image_prompt) if args.image_prompt else None
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+
+    # 2. Model
+    from imageprompt.pipelines import StableDiffusionPromptToPromptPipeline
+
+    base = load_pipeline_from_args(args)
+    pipe = StableDiffusionPromptToPromptPipeline(**base.components)
+    pipe.set_attention(args.attention)
+    params = base_parameters(base, args, "p2p")
+    params.update(source=args.source, target=target, mode=args.mode, weights=weights or None, blend=args.blend,
+                  blend_threshold=args.blend_threshold, cross_steps=cross_steps,
+                  word_cross_steps=word_cross_steps or None, self_steps=args.self_steps, self_res=args.self_res,
+                  map_res=args.map_res, seed=seed)
+    if photo is not None:
+        params.update(input=Path(args.image).name, input_sha256=sha256_file(args.image), invert=method,
+                      inner_steps=args.inner_steps if method == "null-text" else None)
+    if reference is not None:
+        params.update(image_prompt=Path(args.image_prompt).name, image_prompt_sha256=sha256_file(args.image_prompt),
+                      alpha=args.alpha)
+
+    # 3. Inversion of a real photo, then the edit
+    inversion = None
+    if photo is not None:
+        inversion = pipe.invert(photo, args.source, method, args.steps, args.guidance, args.height, args.width,
+                                num_inner_steps=args.inner_steps)
+    result = pipe(args.source, None if args.mode == "reweight" else target, mode=args.mode, weights=weights or None,
+                  blend_words=args.blend, blend_threshold=args.blend_threshold, cross_steps=cross_steps,
+                  word_cross_steps=word_cross_steps or None, self_steps=args.self_steps, self_res=args.self_res,
+                  map_res=args.map_res, image=reference, alpha=args.alpha, inversion=inversion,
+                  negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                  num_inference_steps=args.steps, guidance_scale=args.guidance,
+                  generator=None if inversion is not None else generators(seed, 1))
+
+    # 4. Outputs
+    stem = Path(args.image).stem if args.image else "p2p"
+    suffix = "" if inversion is not None else f"-{seed}"
+    names = [f"{stem}-source{suffix}.png", f"{stem}-edit{suffix}.png"]
+    metas = [dict(params, role=role, width=im.size[0], height=im.size[1])
+             for role, im in zip(("source", "edit"), result.images)]
+    done = write_outputs(result.images, out_dir, names, metas)
+    if args.save_attention:
+        if result.attention_maps is None:
+            raise CommandError("no attention maps were recorded: --map-res names no cross-attention layer")
+        from imageprompt.attention_maps import render_attention_maps
+
+        picture = render_attention_maps(result.attention_maps, result.tokens, result.images)
+        done.append(save_png(picture, args.save_attention, dict(params, role="attention")))
+    for path in done:
+        print(path)
+    return 0

@@ -1,0 +1,182 @@
+"""Real-image inversion for prompt-to-prompt editing of photos.
+
+- DDIM inversion (Song et al., "Denoising Diffusion Implicit Models", 2021,
+  Eq. 13 run backwards; Dhariwal & Nichol, 2021): the deterministic DDIM update
+  applied from the clean latent towards noise, with the source prompt and no
+  guidance.
+- Null-text inversion (Mokady et al., "Null-text Inversion for Editing Real
+  Images using Guided Diffusion Models", CVPR 2023, Algorithm 1): starting from
+  the DDIM trajectory, optimise one unconditional embedding per step so that
+  guided sampling retraces it (Adam, lr 1e-2 * (1 - i/100), up to 10 inner
+  steps, stop when the loss is below 1e-5 + 2e-5 * i).
+- Negative-prompt inversion (Miyake et al., "Negative-prompt Inversion: Fast
+  Image Inversion for Editing with Text-guided Diffusion Models", 2023): no
+  optimisation; the source prompt's embedding is used as the unconditional one.
+
+All functions expect a DDIM scheduler whose ``set_timesteps`` has been called
+for the run (the same steps and spacing as the edit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+METHODS = ("null-text", "negative-prompt", "ddim")
+
+
+@dataclass
+class Inversion:
+    """What an edit of a real photo starts from.
+
+    ``latents``: the inverted noise ``x_T`` ``(1, C, h, w)``; ``uncond_embeds``:
+    one unconditional embedding per step (null-text), one for all steps
+    (negative-prompt: the source embedding), or None (DDIM: the empty prompt);
+    ``trajectory``: the DDIM latents ``x_0 .. x_T``.
+    """
+
+    latents: torch.Tensor
+    uncond_embeds: list[torch.Tensor] | torch.Tensor | None
+    trajectory: list[torch.Tensor]
+    method: str
+    num_inference_steps: int
+    guidance_scale: float
+
+    def uncond_at(self, step: int) -> torch.Tensor | None:
+        if isinstance(self.uncond_embeds, list):
+            return self.uncond_embeds[step]
+        return self.uncond_embeds
+
+
+def _alpha(scheduler, t: int) -> torch.Tensor:
+    return scheduler.alphas_cumprod[t] if t >= 0 else scheduler.final_alpha_cumprod
+
+
+def _previous_timestep(scheduler, t: int) -> int:
+    # the DDIM scheduler's own rule, so that inversion and sampling use the same pairs
+    return int(t) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+
+
+def ddim_step(scheduler, noise: torch.Tensor, t: int, latents: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM update ``x_t -> x_{t-1}`` (eta 0), differentiable."""
+    a_t, a_prev = _alpha(scheduler, int(t)), _alpha(scheduler, _previous_timestep(scheduler, t))
+    x0 = (latents - (1 - a_t) ** 0.5 * noise) / a_t**0.5
+    return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * noise
+
+
+def ddim_inverse_step(scheduler, noise: torch.Tensor, t: int, latents: torch.Tensor) -> torch.Tensor:
+    """DDIM run backwards: ``x_{t-1} -> x_t`` with the noise predicted at ``t``."""
+    a_t, a_prev = _alpha(scheduler, int(t)), _alpha(scheduler, _previous_timestep(scheduler, t))
+    x0 = (latents - (1 - a_prev) ** 0.5 * noise) / a_prev**0.5
+    return a_t**0.5 * x0 + (1 - a_t) ** 0.5 * noise
+
+
+@torch.no_grad()
+def encode_image(pipe, image: PIL.Image.Image, height: int, width: int) -> torch.Tensor:
+    """The photo's VAE latent (the distribution's mean, scaled), resized to ``height x width``."""
+    pixels = pipe.image_processor.preprocess(image.convert("RGB"), height=height, width=width)
+    pixels = pixels.to(device=pipe.vae.device, dtype=pipe.vae.dtype)
+    latents = pipe.vae.encode(pixels).latent_dist.mean
+    return latents * pipe.vae.config.scaling_factor
+
+
+def _noise(pipe, latents, t, context):
+    return pipe.unet(latents, t, encoder_hidden_states=context, return_dict=False)[0]
+
+
+@torch.no_grad()
+def ddim_inversion(pipe, latents: torch.Tensor, cond: torch.Tensor, timesteps) -> list[torch.Tensor]:
+    """DDIM inversion with the conditional embedding and no guidance; returns ``[x_0, ..., x_T]``."""
+    trajectory = [latents]
+    with pipe.progress_bar(total=len(timesteps)) as bar:
+        for t in reversed(timesteps):
+            noise = _noise(pipe, latents, t, cond)
+            latents = ddim_inverse_step(pipe.scheduler, noise.float(), t, latents.float()).to(latents.dtype)
+            trajectory.append(latents)
+            bar.update()
+    return trajectory
+
+
+def null_text_inversion(pipe, trajectory: list[torch.Tensor], cond: torch.Tensor, uncond: torch.Tensor, timesteps,
+                        guidance_scale: float = 7.5, num_inner_steps: int = 10, epsilon: float = 1e-5,
+                        learning_rate: float = 1e-2) -> list[torch.Tensor]:
+    """Null-text inversion (Mokady et al. 2023, Algorithm 1): one optimised unconditional embedding per step.
+
+    ``trajectory`` is the DDIM inversion ``[x_0, ..., x_T]``. At step ``i`` the
+    null embedding (float32, initialised from the previous step's) is tuned with
+    Adam so that the guided DDIM step from the current latent lands on
+    ``trajectory[T - i - 1]``; the inner loop stops early once the loss is below
+    ``epsilon + 2e-5 * i``. The progress bar counts inner steps.
+    """
+    dtype = pipe.unet.dtype
+    null = uncond.detach().float().clone()
+    latents = trajectory[-1]
+    embeds = []
+    total = len(timesteps) * num_inner_steps
+    with pipe.progress_bar(total=total) as bar:
+        for i, t in enumerate(timesteps):
+            target = trajectory[len(trajectory) - i - 2].float()
+            with torch.no_grad():
+                noise_cond = _noise(pipe, latents, t, cond).float()
+            null = null.detach().requires_grad_(True)
+            optimizer = torch.optim.Adam([null], lr=learning_rate * (1.0 - i / 100.0))
+            done = 0
+            for _ in range(num_inner_steps):
+                with torch.enable_grad():
+                    noise_uncond = _noise(pipe, latents, t, null.to(dtype)).float()
+                    noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+                    loss = F.mse_loss(ddim_step(pipe.scheduler, noise, t, latents.float()), target)
+                    optimizer.zero_grad()
+                    loss.backward(inputs=[null])  # gradients for the embedding only, never the UNet
+                optimizer.step()
+                done += 1
+                bar.update()
+                if loss.item() < epsilon + i * 2e-5:
+                    break
+            bar.update(num_inner_steps - done)
+            null = null.detach()
+            embeds.append(null.to(dtype))
+            with torch.no_grad():
+                noise_uncond = _noise(pipe, latents, t, null.to(dtype)).float()
+                noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+                latents = ddim_step(pipe.scheduler, noise, t, latents.float()).to(latents.dtype)
+    return embeds
+
+
+def negative_prompt_inversion(cond: torch.Tensor) -> torch.Tensor:
+    """Negative-prompt inversion (Miyake et al. 2023): the source embedding replaces the null one at every step."""
+    return cond.detach().clone()
+
+
+def invert(pipe, image: PIL.Image.Image, prompt_embeds: torch.Tensor, method: str = "null-text",
+           num_inference_steps: int = 50, guidance_scale: float = 7.5, height: int | None = None,
+           width: int | None = None, num_inner_steps: int = 10, early_stop_epsilon: float = 1e-5) -> Inversion:
+    """Invert a photo described by ``prompt_embeds`` ``(1, 77, D)`` with ``method`` (see :data:`METHODS`)."""
+    from diffusers import DDIMScheduler
+
+    if method not in METHODS:
+        raise ValueError(f"unknown inversion {method!r}; choose from {', '.join(METHODS)}")
+    if not isinstance(pipe.scheduler, DDIMScheduler):
+        raise ValueError(f"inversion needs the DDIM scheduler, the pipeline has {type(pipe.scheduler).__name__}")
+    if not isinstance(num_inner_steps, int) or num_inner_steps < 1:
+        raise ValueError(f"`num_inner_steps` must be a positive integer, got {num_inner_steps!r}")
+    device = pipe._execution_device
+    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pipe.scheduler.set_timesteps(num_inference_steps, device=device)
+    timesteps = pipe.scheduler.timesteps
+    cond = prompt_embeds.to(device=device, dtype=pipe.unet.dtype)
+    latents = encode_image(pipe, image, height, width).to(pipe.unet.dtype)
+    trajectory = ddim_inversion(pipe, latents, cond, timesteps)
+    if method == "null-text":
+        empty, _ = pipe.encode_text([""], device)
+        uncond = null_text_inversion(pipe, trajectory, cond, empty, timesteps, guidance_scale, num_inner_steps,
+                                     early_stop_epsilon)
+    elif method == "negative-prompt":
+        uncond = negative_prompt_inversion(cond)
+    else:
+        uncond = None
+    return Inversion(trajectory[-1], uncond, trajectory, method, num_inference_steps, guidance_scale)

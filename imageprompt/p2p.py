@@ -1,0 +1,443 @@
+"""Prompt-to-prompt attention control on fused attention kernels.
+
+Hertz et al., "Prompt-to-Prompt Image Editing with Cross Attention Control"
+(2022). The source prompt and the edited (target) prompts run in one batch; the
+target rows reuse the source's attention:
+
+- cross-attention (Sec. 3.2): word swap ``M_t* = M_t @ mapper`` (replace),
+  aligned tokens ``M_t*[..., j] = M_t[..., a(j)]`` with new tokens kept
+  (refine), per-token multipliers (reweight, Sec. 3.2 "attention
+  re-weighting"); blended with the target's own maps by a per-step, per-token
+  weight (``cross_steps``);
+- self-attention: for the first ``self_steps`` of the steps, at the layers up
+  to ``self_res`` latent rows, the target uses the source's probabilities;
+- local blend (Sec. 3.3 and the authors' code): the chosen words' cross maps
+  at ``map_res`` are summed over steps, max-pooled 3x3, upsampled, normalised,
+  thresholded, and ``x_t = x_src + mask * (x_t - x_src)`` after each step.
+
+The fast path: ``P_src @ V_tgt == SDPA(Q_src, K_src, V_tgt)``, so self-attention
+replacement only swaps the target rows' queries and keys and stays on the fused
+kernel. Cross-attention probabilities (77 keys: small) are formed explicitly
+only for the conditional rows, and only in the steps that edit or the layers
+that record maps. Every other layer runs the fused kernel unchanged.
+
+The controller is an ``editor`` hook of :mod:`imageprompt.attention`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import string
+
+import torch
+import torch.nn.functional as F
+
+from imageprompt.attention import attend, imageprompt_processors
+
+MODES = ("replace", "refine", "reweight")
+BLEND_THRESHOLD = 0.3
+
+
+# ------------------------------------------------------------- text checks
+def normalize_word(word: str) -> str:
+    return word.lower().strip(string.punctuation)
+
+
+def prompt_words(prompt: str) -> list[str]:
+    """Whitespace-separated words, lower-cased and stripped of punctuation (how words are matched)."""
+    return [normalize_word(w) for w in prompt.split()]
+
+
+def step_window(steps, name: str) -> tuple[float, float]:
+    """A fraction ``f`` (meaning ``(0, f)``) or a ``(start, end)`` pair, each in [0, 1]."""
+    if isinstance(steps, (int, float)) and not isinstance(steps, bool):
+        window = (0.0, float(steps))
+    elif isinstance(steps, (tuple, list)) and len(steps) == 2:
+        window = (float(steps[0]), float(steps[1]))
+    else:
+        raise TypeError(f"`{name}` must be a fraction in [0, 1] or a (start, end) pair, got {steps!r}")
+    if not all(0.0 <= x <= 1.0 for x in window) or window[0] > window[1]:
+        raise ValueError(f"`{name}` must lie in [0, 1] with start <= end, got {steps!r}")
+    return window
+
+
+def validate_edit(source: str, target: str | None, mode: str, weights: dict | None = None,
+                  blend_words=None, cross_steps=0.8, word_cross_steps: dict | None = None, self_steps=0.4,
+                  blend_threshold: float = BLEND_THRESHOLD) -> str:
+    """Check an edit on the text alone (no model needed); returns the target prompt.
+
+    Raises ``ValueError``/``TypeError`` naming the problem: an unknown mode,
+    replace with different word counts, a weight/blend/per-word-steps word that
+    is not in the prompt, or steps outside [0, 1].
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError("the source prompt is empty")
+    if mode == "reweight":
+        if target is not None and target.split() != source.split():
+            raise ValueError("reweight edits the source prompt's own attention: leave the target out "
+                             "(or use mode replace/refine with weights to change words too)")
+        if not weights:
+            raise ValueError("reweight needs at least one word weight")
+        target = source
+    elif target is None or not target.strip():
+        raise ValueError(f"mode {mode} needs a target prompt")
+    if mode == "replace" and len(source.split()) != len(target.split()):
+        raise ValueError(f"replace swaps words one for one, but the source has {len(source.split())} words "
+                         f"and the target {len(target.split())}; use mode refine to add or remove words")
+    step_window(cross_steps, "cross_steps")
+    step_window(self_steps, "self_steps")
+    src_words, tgt_words = set(prompt_words(source)), set(prompt_words(target))
+    for word, value in (weights or {}).items():
+        if normalize_word(word) not in tgt_words:
+            raise ValueError(f"weight word {word!r} is not in the target prompt {target!r}")
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"weight of {word!r} must be a finite number, got {value!r}")
+    for word, steps in (word_cross_steps or {}).items():
+        if normalize_word(word) not in tgt_words:
+            raise ValueError(f"cross-steps word {word!r} is not in the target prompt {target!r}")
+        step_window(steps, f"cross_steps of {word!r}")
+    for word in blend_words or ():
+        if normalize_word(word) not in src_words | tgt_words:
+            raise ValueError(f"blend word {word!r} is in neither the source nor the target prompt")
+    if not 0.0 <= blend_threshold <= 1.0:
+        raise ValueError(f"`blend_threshold` must be in [0, 1], got {blend_threshold}")
+    return target
+
+
+# --------------------------------------------------------- token alignment
+def word_token_spans(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
+    """``(word, token positions)`` for each word; position 0 is BOS. CLIP's BPE splits on whitespace first."""
+    spans, position = [], 1
+    for word in prompt.split():
+        count = len(tokenizer.encode(word, add_special_tokens=False))
+        spans.append((normalize_word(word), list(range(position, position + count))))
+        position += count
+    return spans
+
+
+def word_positions(tokenizer, prompt: str, word: str, length: int) -> list[int]:
+    """Token positions of every occurrence of ``word`` in ``prompt`` (within the context length)."""
+    word = normalize_word(word)
+    return [p for w, span in word_token_spans(tokenizer, prompt) if w == word for p in span if p < length - 1]
+
+
+def replacement_mapper(tokenizer, source: str, target: str, length: int) -> torch.Tensor:
+    """``(length, length)`` matrix ``M`` with ``target_probs = source_probs @ M`` (word swap).
+
+    Words correspond one for one; a word whose token count differs spreads the
+    source tokens' attention evenly over its target tokens. After the words,
+    EOS and padding map in order.
+    """
+    mapper = torch.zeros(length, length)
+    mapper[0, 0] = 1.0
+    end_s = end_t = 1
+    for (_, src), (_, tgt) in zip(word_token_spans(tokenizer, source), word_token_spans(tokenizer, target)):
+        src, tgt = [p for p in src if p < length], [p for p in tgt if p < length]
+        if src and tgt:
+            if len(src) == len(tgt):
+                mapper[src, tgt] = 1.0
+            else:
+                mapper[torch.tensor(src)[:, None], torch.tensor(tgt)[None, :]] = 1.0 / len(tgt)
+        end_s, end_t = end_s + len(src), end_t + len(tgt)
+    i, j = end_s, end_t
+    while j < length:
+        mapper[min(i, length - 1), j] = 1.0
+        i, j = i + 1, j + 1
+    return mapper
+
+
+def global_alignment(x: list[int], y: list[int]) -> list[int]:
+    """Needleman-Wunsch alignment (gap 0, match 1, mismatch -1): for each ``y`` index, its ``x`` index or -1.
+
+    Tie-breaking follows the authors' ``seq_aligner``: insertion, deletion, then diagonal.
+    """
+    n, m = len(x), len(y)
+    score = [[0] * (m + 1) for _ in range(n + 1)]
+    trace = [[0] * (m + 1) for _ in range(n + 1)]
+    for j in range(1, m + 1):
+        trace[0][j] = 1
+    for i in range(1, n + 1):
+        trace[i][0] = 2
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            left, up = score[i][j - 1], score[i - 1][j]
+            diag = score[i - 1][j - 1] + (1 if x[i - 1] == y[j - 1] else -1)
+            best = max(left, up, diag)
+            score[i][j] = best
+            trace[i][j] = 1 if best == left else 2 if best == up else 3
+    mapping = [-1] * m
+    i, j = n, m
+    while i > 0 or j > 0:
+        if trace[i][j] == 3:
+            i, j = i - 1, j - 1
+            mapping[j] = i
+        elif trace[i][j] == 1:
+            j -= 1
+        else:
+            i -= 1
+    return mapping
+
+
+def refinement_mapper(tokenizer, source: str, target: str, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index, keep)``: target position ``j`` takes source position ``index[j]`` where ``keep[j]`` is 1.
+
+    New tokens of the target (``keep`` 0) keep their own attention. Padding after
+    EOS maps in order.
+    """
+    x = tokenizer.encode(source)[:length]
+    y = tokenizer.encode(target)[:length]
+    mapping = global_alignment(x, y)
+    index = torch.zeros(length, dtype=torch.long)
+    keep = torch.ones(length)
+    for j, i in enumerate(mapping):
+        index[j], keep[j] = max(i, 0), float(i >= 0)
+    for j in range(len(y), length):
+        index[j] = min(len(x) + j - len(y), length - 1)
+    return index, keep
+
+
+def token_weights(tokenizer, prompt: str, weights: dict, length: int) -> torch.Tensor:
+    """``(length,)`` multipliers: 1, and ``value`` at the tokens of each weighted word."""
+    vector = torch.ones(length)
+    for word, value in weights.items():
+        vector[word_positions(tokenizer, prompt, word, length)] = float(value)
+    return vector
+
+
+def step_alphas(tokenizer, prompt: str, num_steps: int, cross_steps, word_cross_steps, length: int) -> torch.Tensor:
+    """``(num_steps, length)``: 1 where the target's cross-attention is replaced at that step and token."""
+    def window(steps, name):
+        start, end = step_window(steps, name)
+        alpha = torch.zeros(num_steps)
+        alpha[int(start * num_steps):int(end * num_steps)] = 1.0
+        return alpha
+
+    alphas = window(cross_steps, "cross_steps")[:, None].repeat(1, length)
+    for word, steps in (word_cross_steps or {}).items():
+        positions = word_positions(tokenizer, prompt, word, length)
+        alphas[:, positions] = window(steps, f"cross_steps of {word!r}")[:, None]
+    return alphas
+
+
+def attention_heights(unet_config, latent_height: int) -> list[int]:
+    """Latent rows of the UNet's cross-attention layers, largest first (from the block types)."""
+    heights, height = set(), latent_height
+    for block in unet_config.down_block_types:
+        if "CrossAttn" in block:
+            heights.add(height)
+        height = (height + 1) // 2
+    heights.add((latent_height + 2 ** (len(unet_config.down_block_types) - 1) - 1)
+                // 2 ** (len(unet_config.down_block_types) - 1))  # the mid block
+    return sorted(heights, reverse=True)
+
+
+def default_resolution(unet_config, latent_height: int) -> int:
+    """The cross-attention level nearest to a quarter of the latent height (16 rows at 512x512)."""
+    return min(attention_heights(unet_config, latent_height), key=lambda h: (abs(h - latent_height / 4), -h))
+
+
+# -------------------------------------------------------------- local blend
+class LocalBlend:
+    """The mask of local blending, from the summed cross-attention maps of the blend words.
+
+    ``token_masks`` is ``(prompts, length)``: 1 at the blend words' tokens of each
+    prompt. A target's mask is the union of its own and the source's.
+    """
+
+    def __init__(self, token_masks: torch.Tensor, threshold: float = BLEND_THRESHOLD, pool: int = 3):
+        self.token_masks = token_masks
+        self.threshold = threshold
+        self.pool = pool
+
+    def mask(self, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """``maps`` ``(prompts, h, w, length)`` -> boolean ``(targets, 1, H, W)``."""
+        word_maps = (maps * self.token_masks.to(maps)[:, None, None, :]).sum(-1)[:, None]
+        word_maps = F.max_pool2d(word_maps, self.pool, stride=1, padding=self.pool // 2)
+        word_maps = F.interpolate(word_maps, size=size)
+        word_maps = word_maps / word_maps.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
+        above = word_maps > self.threshold
+        return above[:1] | above[1:]
+
+    def __call__(self, latents: torch.Tensor, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x_t = x_src + mask * (x_t - x_src)`` for every target row; the source row is unchanged."""
+        mask = self.mask(maps, tuple(latents.shape[-2:]))
+        edited = torch.where(mask, latents[1:], latents[:1])
+        return torch.cat([latents[:1], edited]), mask
+
+
+# --------------------------------------------------------------- controller
+class PromptToPromptController:
+    """The prompt-to-prompt ``editor`` for every attention layer of a UNet.
+
+    Args:
+        tokenizer: the pipeline's CLIP tokenizer (token positions of words).
+        source: the source prompt (batch row 0 of the conditional half).
+        targets: the edited prompt(s), rows 1.. (for ``reweight``: the source).
+        mode: ``"replace"``, ``"refine"`` or ``"reweight"``.
+        weights: ``{word: multiplier}`` on the target's cross-attention (any mode).
+        blend_words: words whose maps form the local-blend mask (None: no blend).
+        cross_steps: fraction ``f`` or ``(start, end)`` of the steps with cross-attention control.
+        word_cross_steps: ``{word: fraction or (start, end)}`` overriding ``cross_steps`` per word.
+        self_steps: fraction or ``(start, end)`` of the steps with self-attention replacement.
+        self_res: self-attention is replaced in layers with at most this many latent rows
+            (None: ``default_res`` of :meth:`setup`).
+        map_res: latent rows of the layers whose cross maps are recorded (blend, maps; None: ``default_res``).
+    """
+
+    def __init__(self, tokenizer, source: str, targets: str | list[str] | None, mode: str = "replace",
+                 weights: dict | None = None, blend_words=None, blend_threshold: float = BLEND_THRESHOLD,
+                 cross_steps=0.8, word_cross_steps: dict | None = None, self_steps=0.4,
+                 self_res: int | None = None, map_res: int | None = None, length: int | None = None):
+        targets = [targets] if targets is None or isinstance(targets, str) else list(targets)
+        if not targets:
+            raise ValueError("give at least one target prompt")
+        targets = [validate_edit(source, t, mode, weights, blend_words, cross_steps, word_cross_steps, self_steps,
+                                 blend_threshold) for t in targets]
+        for name, res in (("self_res", self_res), ("map_res", map_res)):
+            if res is not None and (not isinstance(res, int) or res < 1):
+                raise ValueError(f"`{name}` must be a positive number of latent rows, got {res!r}")
+        self.tokenizer, self.source, self.targets, self.mode = tokenizer, source, targets, mode
+        self.length = length or tokenizer.model_max_length
+        self.cross_steps, self.word_cross_steps, self.self_steps = cross_steps, word_cross_steps, self_steps
+        self.self_res_arg, self.map_res_arg = self_res, map_res
+        L = self.length
+        if mode == "replace":
+            self.mapper = torch.stack([replacement_mapper(tokenizer, source, t, L) for t in targets])
+        elif mode == "refine":
+            pairs = [refinement_mapper(tokenizer, source, t, L) for t in targets]
+            self.index = torch.stack([p[0] for p in pairs])
+            self.keep = torch.stack([p[1] for p in pairs])
+        self.weights = torch.stack([token_weights(tokenizer, t, weights, L) for t in targets]) if weights else None
+        self.blend = None
+        if blend_words:
+            masks = torch.zeros(len(targets) + 1, L)
+            for row, prompt in enumerate([source, *targets]):
+                for word in blend_words:
+                    masks[row, word_positions(tokenizer, prompt, word, L)] = 1.0
+            self.blend = LocalBlend(masks, blend_threshold)
+        self.num_prompts = len(targets) + 1
+        self.setup(1, (64, 64))
+
+    # ------------------------------------------------------------ schedule
+    def setup(self, num_steps: int, latent_size: tuple[int, int], device=None, default_res: int | None = None) -> None:
+        """Prepare a run of ``num_steps`` on latents of ``latent_size`` (rows, columns); resets the maps.
+
+        ``default_res`` (None: a quarter of the latent rows) stands in for ``self_res``/``map_res`` not given.
+        """
+        self.num_steps, self.latent_size = num_steps, tuple(latent_size)
+        default_res = default_res or max(latent_size[0] // 4, 1)
+        self.self_res = self.self_res_arg or default_res
+        self.map_res = self.map_res_arg or default_res
+        self.alphas = torch.stack([step_alphas(self.tokenizer, t, num_steps, self.cross_steps, self.word_cross_steps,
+                                               self.length) for t in self.targets], dim=1)  # (steps, T, L)
+        start, end = step_window(self.self_steps, "self_steps")
+        self.self_window = (int(start * num_steps), int(end * num_steps))
+        self._device_tensors(device)
+        self.maps_sum, self.maps_count = None, 0
+        self.blend_mask = None
+        self.set_step(0)
+
+    def _device_tensors(self, device) -> None:
+        for name in ("mapper", "index", "keep", "weights", "alphas"):
+            value = getattr(self, name, None)
+            if value is not None and device is not None:
+                setattr(self, name, value.to(device))
+        if self.blend is not None and device is not None:
+            self.blend.token_masks = self.blend.token_masks.to(device)
+
+    def set_step(self, step: int) -> None:
+        self.step = step
+        self.cross_active = step < self.num_steps and bool(self.alphas[min(step, self.num_steps - 1)].any())
+        self.self_active = self.self_window[0] <= step < self.self_window[1]
+
+    def end_step(self, latents: torch.Tensor) -> torch.Tensor:
+        """After a sampling step: local blend on the ``(prompts, C, H, W)`` latents, then advance the step."""
+        if self.blend is not None and self.maps_sum is not None:
+            latents, self.blend_mask = self.blend(latents, self.maps_sum)
+        self.set_step(self.step + 1)
+        return latents
+
+    def attention_maps(self) -> torch.Tensor | None:
+        """Cross-attention maps at ``map_res`` averaged over steps, layers and heads: ``(prompts, h, w, length)``."""
+        return None if self.maps_sum is None else self.maps_sum / self.maps_count
+
+    def layer_size(self, tokens: int) -> tuple[int, int]:
+        """Latent ``(rows, columns)`` of a layer with ``tokens`` query positions."""
+        rows, cols = self.latent_size
+        factor = math.sqrt(rows * cols / tokens)
+        height = max(int(round(rows / factor)), 1)
+        return height, tokens // height
+
+    def record(self, probs: torch.Tensor) -> None:
+        """Add the conditional rows' ``(prompts, heads, tokens, length)`` probabilities to the map sum."""
+        height, width = self.layer_size(probs.shape[2])
+        maps = probs.float().mean(1).reshape(probs.shape[0], height, width, -1)
+        self.maps_sum = maps if self.maps_sum is None else self.maps_sum + maps
+        self.maps_count += 1
+
+    # --------------------------------------------------------------- edits
+    def edit_cross(self, base: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        """Targets' cross-attention probabilities from the source's ``base`` ``(heads, n, L)`` and their ``own``."""
+        if self.mode == "replace":
+            edited = base[None] @ self.mapper[:, None].to(base)
+        elif self.mode == "refine":
+            index = self.index[:, None, None, :].expand(own.shape)
+            keep = self.keep[:, None, None, :].to(base)
+            edited = base[None].expand(own.shape).gather(-1, index) * keep + own * (1 - keep)
+        else:
+            edited = base[None].expand(own.shape)
+        if self.weights is not None:
+            edited = edited * self.weights[:, None, None, :].to(base)
+        alpha = self.alphas[min(self.step, self.num_steps - 1)][:, None, None, :].to(base)
+        return edited * alpha + own * (1 - alpha)
+
+    def __call__(self, processor, query, key, value, attention_mask=None):
+        prompts, rows = self.num_prompts, query.shape[0]
+        if rows not in (prompts, 2 * prompts):
+            raise RuntimeError(f"prompt-to-prompt expects {prompts} or {2 * prompts} batch rows, got {rows}")
+        first = rows - prompts  # conditional rows come last, source first
+        height = self.layer_size(query.shape[2])[0]
+        if processor.is_cross_attention:
+            record = height == self.map_res
+            if self.cross_active or record:
+                return self._explicit_cross(processor, query, key, value, attention_mask, first, record)
+        elif self.self_active and height <= self.self_res:
+            # P_src @ V_tgt == softmax(Q_src K_src^T) V_tgt: the target rows borrow the source's Q and K.
+            source = slice(first, first + 1)
+            shared = (prompts - 1, -1, -1, -1)
+            query = torch.cat([query[:first + 1], query[source].expand(shared)])
+            key = torch.cat([key[:first + 1], key[source].expand(shared)])
+        return attend(query, key, value, attention_mask, processor.backend)
+
+    def _explicit_cross(self, processor, query, key, value, attention_mask, first, record):
+        """Cross-attention with explicit probabilities for the conditional rows (float32), fused for the rest."""
+        mask = None if attention_mask is None else attention_mask[first:].float()
+        scores = query[first:].float() @ key[first:].float().transpose(-1, -2) * query.shape[-1] ** -0.5
+        probs = (scores if mask is None else scores + mask).softmax(-1)
+        if record:
+            self.record(probs)
+        if self.cross_active:
+            probs = torch.cat([probs[:1], self.edit_cross(probs[0], probs[1:])])
+        out = (probs @ value[first:].float()).to(query.dtype)
+        if first == 0:
+            return out
+        uncond_mask = None if attention_mask is None else attention_mask[:first]
+        uncond = attend(query[:first], key[:first], value[:first], uncond_mask, processor.backend)
+        return torch.cat([uncond, out])
+
+    # ---------------------------------------------------------- attaching
+    @contextlib.contextmanager
+    def attached(self, unet):
+        """Install this controller as the ``editor`` of every attention layer for the ``with`` block."""
+        processors = imageprompt_processors(unet).values()
+        previous = [p.editor for p in processors]
+        try:
+            for p in processors:
+                p.editor = self
+            yield self
+        finally:
+            for p, editor in zip(processors, previous):
+                p.editor = editor

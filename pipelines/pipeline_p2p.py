@@ -1,0 +1,212 @@
+"""Prompt-to-prompt editing (Hertz et al. 2022) on imageprompt's attention processors.
+
+The source and the target prompt(s) are sampled in one batch from the same
+noise; a :class:`~imageprompt.p2p.PromptToPromptController` installed as the
+``editor`` of every attention layer makes the targets reuse the source's
+attention. The source may be
+
+- a text prompt,
+- an SD-IPC image + text conditioning (``image`` with ``alpha``: "this image,
+  on a beach" -> "this image, in the snow"), or
+- a real photo inverted with :meth:`invert` (null-text, negative-prompt or DDIM
+  inversion), passed as ``inversion``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import PIL.Image
+import torch
+from diffusers.utils import BaseOutput
+from imageprompt.pipelines.pipeline_sdipc import StableDiffusionImagePromptPipeline
+
+from imageprompt.attention_maps import token_labels
+from imageprompt.conversion import edit_embeds, eos_positions
+from imageprompt.inversion import METHODS, Inversion, invert
+from imageprompt.p2p import (
+    BLEND_THRESHOLD,
+    PromptToPromptController,
+    attention_heights,
+    default_resolution,
+    validate_edit,
+)
+
+
+@dataclass
+class PromptToPromptPipelineOutput(BaseOutput):
+    """Results of an edit.
+
+    ``images``: the source image first, then one edited image per target.
+    ``attention_maps``: ``(prompts, h, w, 77)`` cross-attention maps averaged over
+    steps, layers and heads (render with :func:`imageprompt.attention_maps.render_attention_maps`).
+    ``tokens``: each prompt's word tokens (labels of map positions 1..n).
+    ``blend_mask``: the final local-blend mask ``(targets, 1, h, w)`` on the latent grid, or None.
+    """
+
+    images: list[PIL.Image.Image] | torch.Tensor
+    attention_maps: torch.Tensor | None
+    tokens: list[list[str]]
+    blend_mask: torch.Tensor | None = None
+
+
+class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
+    def invert(self, image: PIL.Image.Image, prompt: str, method: str = "null-text", num_inference_steps: int = 50,
+               guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
+               num_inner_steps: int = 10, early_stop_epsilon: float = 1e-5) -> Inversion:
+        """Invert a real photo described by ``prompt`` so that it can be edited (see :mod:`imageprompt.inversion`)."""
+        if method not in METHODS:
+            raise ValueError(f"unknown inversion {method!r}; choose from {', '.join(METHODS)}")
+        if not isinstance(image, PIL.Image.Image):
+            raise TypeError("`image` must be a PIL image")
+        cond, _ = self.encode_text([prompt], self._execution_device)
+        return invert(self, image, cond, method, num_inference_steps, guidance_scale, height, width,
+                      num_inner_steps, early_stop_epsilon)
+
+    def check_p2p_inputs(self, source_prompt, target_prompt, mode, weights, blend_words, blend_threshold,
+                         cross_steps, word_cross_steps, self_steps, image, inversion, num_inference_steps,
+                         guidance_scale, latents):
+        if not isinstance(source_prompt, str):
+            raise TypeError("`source_prompt` must be a string")
+        targets = [target_prompt] if target_prompt is None or isinstance(target_prompt, str) else list(target_prompt)
+        for target in targets:
+            validate_edit(source_prompt, target, mode, weights, blend_words, cross_steps, word_cross_steps,
+                          self_steps, blend_threshold)
+        if image is not None and not isinstance(image, PIL.Image.Image):
+            raise TypeError("`image` (the SD-IPC reference) must be one PIL image")
+        if inversion is not None:
+            if image is not None:
+                raise ValueError("give either an SD-IPC `image` or an `inversion`, not both")
+            if latents is not None:
+                raise ValueError("`inversion` already fixes the starting latents")
+            if inversion.num_inference_steps != num_inference_steps:
+                raise ValueError(f"the inversion ran {inversion.num_inference_steps} steps; "
+                                 f"edit with the same num_inference_steps, not {num_inference_steps}")
+            if inversion.method == "null-text" and inversion.guidance_scale != guidance_scale:
+                raise ValueError(f"null-text inversion was tuned for guidance {inversion.guidance_scale}; "
+                                 f"edit with the same guidance_scale, not {guidance_scale}")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        source_prompt: str,
+        target_prompt: str | list[str] | None = None,
+        mode: str = "replace",
+        weights: dict[str, float] | None = None,
+        blend_words: list[str] | None = None,
+        blend_threshold: float = BLEND_THRESHOLD,
+        cross_steps: float | tuple[float, float] = 0.8,
+        word_cross_steps: dict[str, float | tuple[float, float]] | None = None,
+        self_steps: float | tuple[float, float] = 0.4,
+        self_res: int | None = None,
+        map_res: int | None = None,
+        image: PIL.Image.Image | None = None,
+        alpha: float = 0.5,
+        inversion: Inversion | None = None,
+        negative_prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+    ):
+        r"""Sample the source and its edit(s) together.
+
+        Args:
+            source_prompt: the source text (with ``image``: the SD-IPC edit text of the source).
+            target_prompt: the edited text, or a list of them (``reweight``: leave out).
+            mode: ``"replace"`` (same word count), ``"refine"`` (words added/removed) or ``"reweight"``.
+            weights: ``{word: multiplier}`` of the target's cross-attention, in any mode.
+            blend_words: words whose cross-attention maps form the local-blend mask.
+            blend_threshold: mask threshold on the normalised maps (0.3).
+            cross_steps: fraction ``f`` (the first ``f`` of the steps) or ``(start, end)`` of cross-attention control.
+            word_cross_steps: per-word override of ``cross_steps``.
+            self_steps: fraction or ``(start, end)`` of self-attention replacement.
+            self_res: self-attention is replaced in layers with at most this many latent rows
+                (default: the cross-attention level nearest a quarter of the latent height, 16 at 512x512; 32 allowed).
+            map_res: latent rows of the layers whose maps are recorded for blending and output (same default).
+            image: SD-IPC reference image: every prompt is conditioned as image + text with ``alpha``.
+            inversion: a real photo inverted with :meth:`invert` (its prompt should be ``source_prompt``).
+            latents: starting noise ``(1, C, h, w)``, shared by all prompts.
+
+        Returns:
+            :class:`PromptToPromptPipelineOutput` (or a tuple ``(images, attention_maps)``).
+        """
+        # 0. Defaults
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+
+        # 1. Check inputs
+        self.check_p2p_inputs(source_prompt, target_prompt, mode, weights, blend_words, blend_threshold, cross_steps,
+                              word_cross_steps, self_steps, image, inversion, num_inference_steps, guidance_scale,
+                              latents)
+        self.check_inputs(None, source_prompt, negative_prompt, height, width, 1, guidance_scale, num_inference_steps,
+                          alpha, None, callback_on_step_end_tensor_inputs)
+        heights = attention_heights(self.unet.config, height // self.vae_scale_factor)
+        if map_res is not None and map_res not in heights:
+            raise ValueError(f"`map_res` {map_res} names no cross-attention layer; this UNet has {heights} latent rows")
+        if latents is not None and latents.shape[0] != 1:
+            raise ValueError("`latents` must hold one starting noise (batch 1); all prompts share it")
+        controller = PromptToPromptController(
+            self.tokenizer, source_prompt, target_prompt, mode, weights, blend_words, blend_threshold, cross_steps,
+            word_cross_steps, self_steps, self_res, map_res, length=self.model_max_length,
+        )
+        prompts = [controller.source, *controller.targets]
+        rows = len(prompts)
+        device = self._execution_device
+
+        # 2. Conditioning: text, or SD-IPC image + text, one row per prompt
+        cond, ids = self.encode_text(prompts, device)
+        if image is not None:
+            h = self.convert_images([image], device).expand(rows, -1)
+            cond = edit_embeds(h, cond, eos_positions(ids, self.tokenizer.eos_token_id), alpha)
+
+        # 3. Unconditional branch: inversion's per-step embeddings, the negative prompt or the empty prompt
+        uncond, _ = self.encode_text([negative_prompt or ""] * rows, device)
+        if inversion is not None and inversion.uncond_embeds is not None:
+            uncond = inversion.uncond_at(0).to(device=device, dtype=cond.dtype).expand(rows, -1, -1)
+
+        # 4. Timesteps and latents: one starting noise for every prompt
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        if inversion is not None:
+            latents = inversion.latents.to(device=device, dtype=cond.dtype) / self.scheduler.init_noise_sigma
+        latents = self.prepare_latents(1, height, width, cond.dtype, device, generator, latents)
+        latents = latents.expand(rows, -1, -1, -1).clone()
+
+        # 5. Controller
+        latent_size = tuple(latents.shape[-2:])
+        controller.setup(num_inference_steps, latent_size, device, default_resolution(self.unet.config, latent_size[0]))
+
+        def on_step_end(pipe, step, timestep, tensors):
+            tensors["latents"] = controller.end_step(tensors["latents"])
+            if inversion is not None and isinstance(inversion.uncond_embeds, list) and step + 1 < len(timesteps):
+                null = inversion.uncond_at(step + 1).to(device=device, dtype=cond.dtype)
+                tensors["negative_prompt_embeds"] = null.expand(rows, -1, -1)
+            if callback_on_step_end is not None:
+                tensors.update(callback_on_step_end(pipe, step, timestep, tensors) or {})
+            return tensors
+
+        inputs = sorted({"latents", "negative_prompt_embeds", *callback_on_step_end_tensor_inputs})
+
+        # 6. Denoising loop with the controller as every layer's editor
+        with controller.attached(self.unet):
+            latents = self.denoise(latents, cond, uncond, timesteps, guidance_scale,
+                                   self.extra_step_kwargs(generator, eta), None, on_step_end, inputs)
+
+        # 7. Decode
+        images = self.decode(latents, output_type)
+        maps = controller.attention_maps()
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, maps
+        tokens = [token_labels(self.tokenizer, p) for p in prompts]
+        return PromptToPromptPipelineOutput(images=images, attention_maps=maps, tokens=tokens,
+                                            blend_mask=controller.blend_mask)

@@ -1,0 +1,277 @@
+"""Batch jobs: good and bad rows, reruns, a SIGKILL part-way, two processes under accelerate."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from imageprompt.images import read_parameters
+from imageprompt.jobs import RESULTS, JobDefaults, JobOptions, is_complete, read_manifest, run_job, validate_rows
+
+FAST = dict(steps=2, height=32, width=32)  # the tiny VAE has 2 blocks: 32 px images from 16 px latents
+
+
+def write_jobs(path: Path, rows: list) -> Path:
+    lines = [row if isinstance(row, str) else json.dumps(row) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def results(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / RESULTS).read_text().splitlines()]
+
+
+@pytest.fixture
+def images(tmp_path):
+    """Two good inputs, one file that is not an image."""
+    Image.new("RGB", (40, 40), (220, 30, 30)).save(tmp_path / "red.png")
+    Image.new("RGB", (48, 32), (30, 30, 220)).save(tmp_path / "blue.jpg")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return tmp_path
+
+
+@pytest.fixture
+def fake_load(monkeypatch, tiny_pipe):
+    """The CLI's model loading answers with the session's tiny pipeline and counts its calls."""
+    calls = []
+
+    def load_pipeline(**kwargs):
+        calls.append(kwargs)
+        return tiny_pipe
+
+    monkeypatch.setattr("imageprompt.loading.load_pipeline", load_pipeline)
+    return calls
+
+
+def cli(*args) -> int:
+    from imageprompt.cli import main
+
+    return main(["batch", *map(str, args), "--steps", "2", "--height", "32", "--width", "32", "--no-progress"])
+
+
+def test_good_and_bad_rows(images, fake_load, capsys):
+    jobs = write_jobs(images / "jobs.jsonl", [
+        {"kind": "vary", "image": "red.png", "num": 2, "seed": 5},
+        {"kind": "edit", "image": "blue.jpg", "prompt": "a dog on the beach", "alpha": 0.6, "id": "dog/1"},
+        {"kind": "edit", "image": "blue.jpg", "prompt": "   "},
+        {"kind": "vary", "image": "missing.png"},
+        {"kind": "morph", "image": "red.png"},
+        {"kind": "vary", "image": "broken.png"},  # passes the checks, fails to decode inside a batch
+        "{not json",
+        {"kind": "vary", "image": "red.png", "promt": "typo"},
+        {"kind": "vary", "image": "blue.jpg", "steps": "many"},
+    ])
+    out = images / "out"
+    assert cli(jobs, "--out", out, "--batch-size", "4") == 1
+    assert "2 done, 0 skipped" in capsys.readouterr().err and len(fake_load) == 1
+
+    records = results(out)
+    assert [r["line"] for r in records] == list(range(1, 10))  # every row once, in manifest order
+    status = {r["line"]: r["status"] for r in records}
+    assert [line for line, s in status.items() if s == "done"] == [1, 2]
+    errors = {r["line"]: r["error"] for r in records}
+    assert "empty" in errors[3]
+    assert "missing.png: no such file" in errors[4]
+    assert "unknown kind 'morph'" in errors[5]
+    assert "not an image file" in errors[6]
+    assert "not valid JSON" in errors[7]
+    assert "unknown field(s) 'promt'" in errors[8]
+    assert "'steps' must be an integer" in errors[9]
+
+    vary, edit = records[0], records[1]
+    assert len(vary["outputs"]) == 2 and vary["images"] == 2 and vary["seconds"] > 0
+    for name, seed in zip(vary["outputs"], (5, 6)):
+        params = read_parameters(out / name)
+        assert params["method"] == "sdipc-variation" and params["seed"] == seed and params["steps"] == 2
+        assert params["job_key"] == vary["key"] and params["input"] == "red.png"
+        with Image.open(out / name) as im:
+            assert im.size == (32, 32)
+    params = read_parameters(out / edit["outputs"][0])
+    assert (params["method"], params["prompt"], params["alpha"]) == ("sdipc-edit", "a dog on the beach", 0.6)
+    assert edit["outputs"][0].startswith("dog_1-edit-")
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".png") == sorted(vary["outputs"] + edit["outputs"])
+    assert not list(out.glob(".*.tmp")) and not list(out.glob(".imageprompt-parts/*"))
+
+
+def test_all_rows_bad_loads_no_model(images, fake_load, capsys):
+    jobs = write_jobs(images / "jobs.jsonl", [{"kind": "vary", "image": "nope.png"}])
+    assert cli(jobs, "--out", images / "out") == 1
+    assert fake_load == [] and "1 failed" in capsys.readouterr().err
+
+
+def test_job_file_errors_before_anything(images, fake_load, capsys):
+    assert cli(images / "absent.jsonl", "--out", images / "out") == 1
+    assert "absent.jsonl: no such job file" in capsys.readouterr().err
+    write_jobs(images / "empty.jsonl", ["", "  "])
+    assert cli(images / "empty.jsonl", "--out", images / "out") == 1
+    assert "no rows" in capsys.readouterr().err
+    assert fake_load == [] and not (images / "out").exists()
+
+
+def test_rerun_skips_complete_rows_and_samples_only_what_is_missing(images, tiny_pipe):
+    rows = [{"kind": "vary", "image": "red.png", "num": 2}, {"kind": "edit", "image": "blue.jpg", "prompt": "a cat"}]
+    jobs, out = write_jobs(images / "jobs.jsonl", rows), images / "out"
+    options = JobOptions(batch_size=3, progress=False)
+    first = run_job(jobs, out, pipe=tiny_pipe, defaults=JobDefaults(**FAST), options=options)
+    assert (first.done, first.skipped, first.images) == (2, 0, 3)
+    names = [n for r in results(out) for n in r["outputs"]]
+    stamps = {n: (out / n).stat().st_mtime_ns for n in names}
+
+    again = run_job(jobs, out, pipe=tiny_pipe, defaults=JobDefaults(**FAST), options=options)
+    assert (again.done, again.skipped, again.images) == (0, 2, 0)
+    assert {n: (out / n).stat().st_mtime_ns for n in names} == stamps
+    records = results(out)
+    assert all(r["skipped"] and r["status"] == "done" and r["seconds"] > 0 for r in records)  # first run's seconds
+
+    # one more image for row 1 and a deleted output for row 2: only those two are sampled
+    rows[0]["num"] = 3
+    write_jobs(jobs, rows)
+    (out / names[2]).unlink()
+    third = run_job(jobs, out, pipe=tiny_pipe, defaults=JobDefaults(**FAST), options=options)
+    assert (third.done, third.images) == (2, 2)
+    assert (out / names[0]).stat().st_mtime_ns == stamps[names[0]]
+    assert len(results(out)[0]["outputs"]) == 3 and (out / names[2]).exists()
+
+    # other settings are other outputs: a changed step count is not taken as complete
+    fourth = run_job(jobs, out, pipe=tiny_pipe, defaults=JobDefaults(**{**FAST, "steps": 3}), options=options)
+    assert (fourth.done, fourth.images) == (2, 4)
+
+
+def test_output_names_follow_content(images):
+    rows = [{"kind": "vary", "image": "red.png"}, {"kind": "vary", "image": "red.png", "id": "x"},
+            {"kind": "vary", "image": "red.png", "seed": 1}]
+    jobs = write_jobs(images / "jobs.jsonl", rows)
+    first = validate_rows(read_manifest(jobs), JobDefaults(), images)
+    assert first[0].key == first[1].key != first[2].key  # the id names the file, it does not change the image
+    assert first[1].output_names()[0].startswith("x-vary-")
+    Image.new("RGB", (40, 40), (220, 30, 31)).save(images / "red.png")  # one channel of one colour changed
+    second = validate_rows(read_manifest(jobs), JobDefaults(), images)
+    assert second[0].key != first[0].key
+    other_model = validate_rows(read_manifest(jobs), JobDefaults(model="other/model"), images)
+    assert other_model[0].key != second[0].key
+
+
+def test_is_complete_rejects_truncated_and_foreign_pngs(tmp_path):
+    from imageprompt.images import save_png
+
+    path = save_png(Image.new("RGB", (32, 32), (1, 2, 3)), tmp_path / "a.png", {"job_key": "k"})
+    assert is_complete(path, "k") and not is_complete(path, "other")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 20])
+    assert not is_complete(path, "k")
+    assert not is_complete(tmp_path / "missing.png", "k")
+
+
+# --------------------------------------------------------------- killed part-way
+def _run_in_child(jobs, out, pipe, defaults):
+    run_job(jobs, out, pipe=pipe, defaults=defaults, options=JobOptions(batch_size=1, progress=False))
+    os._exit(0)
+
+
+def test_sigkill_part_way_then_rerun_does_every_row_once(images, tiny_pipe):
+    rows = [{"kind": "vary", "image": "red.png" if i % 2 else "blue.jpg", "seed": i} for i in range(24)]
+    jobs, out = write_jobs(images / "jobs.jsonl", rows), images / "out"
+    defaults = JobDefaults(**{**FAST, "steps": 3})
+    # a forked child shares the loaded tiny pipeline, so the test spends its time sampling, not importing
+    child = multiprocessing.get_context("fork").Process(target=_run_in_child, args=(jobs, out, tiny_pipe, defaults))
+    child.start()
+    deadline = time.monotonic() + 60
+    while not list(out.glob("*.png")) and time.monotonic() < deadline and child.is_alive():
+        time.sleep(0.005)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    assert child.exitcode == -signal.SIGKILL
+    written = len(list(out.glob("*.png")))
+    assert 0 < written < len(rows) and not (out / RESULTS).exists()  # really killed part-way
+
+    summary = run_job(jobs, out, pipe=tiny_pipe, defaults=defaults, options=JobOptions(batch_size=4, progress=False))
+    records = results(out)
+    assert sorted(r["line"] for r in records) == list(range(1, 25))
+    assert all(r["status"] == "done" for r in records)
+    assert summary.skipped >= written - 1 and summary.done + summary.skipped == 24
+    pngs = sorted(out.glob("*.png"))
+    assert sorted(p.name for p in pngs) == sorted(n for r in records for n in r["outputs"])
+    for path, record in ((out / r["outputs"][0], r) for r in records):
+        assert is_complete(path, record["key"])
+        with Image.open(path) as im:
+            im.load()  # decodes: not truncated
+    assert not list(out.glob(".*")) or [p.name for p in out.glob(".*")] == [".imageprompt-parts"]
+    assert not list((out / ".imageprompt-parts").glob("*"))
+
+
+# --------------------------------------------------------------- p2p and adapter rows
+def _tiny_sd15_adapter(pipe, folder: Path) -> Path:
+    """An official-format sd15 IP-Adapter for the tiny UNet, with a tiny image encoder next to it."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=48, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=40)
+    CLIPVisionModelWithProjection(config).save_pretrained(folder / "image_encoder")
+    cross = pipe.unet.config.cross_attention_dim
+    state = {"image_proj.proj.weight": torch.randn(4 * cross, 40) * 0.2, "image_proj.proj.bias": torch.zeros(4 * cross),
+             "image_proj.norm.weight": torch.ones(cross), "image_proj.norm.bias": torch.zeros(cross)}
+    for key_id, name in enumerate(n for n in pipe.unet.attn_processors if not n.startswith("encoder_hid_proj.")):
+        if name.endswith("attn2.processor"):
+            inner = pipe.unet.get_submodule(name[: -len(".processor")]).to_k.out_features
+            state[f"ip_adapter.{key_id}.to_k_ip.weight"] = torch.randn(inner, cross) * 0.2
+            state[f"ip_adapter.{key_id}.to_v_ip.weight"] = torch.randn(inner, cross) * 0.2
+    save_file(state, str(folder / "ip-adapter.safetensors"))
+    return folder / "ip-adapter.safetensors"
+
+
+def test_p2p_and_adapter_rows(images, tiny_pipe):
+    (images / "adapter").mkdir()
+    _tiny_sd15_adapter(tiny_pipe, images / "adapter")
+    jobs = write_jobs(images / "jobs.jsonl", [
+        {"kind": "p2p", "prompt": "a red circle", "target": "a blue circle", "blend": ["circle"]},
+        {"kind": "p2p", "prompt": "a red circle", "target": "a big blue circle"},  # replace needs equal word counts
+        {"kind": "p2p", "prompt": "a photo of a cat", "target": "a photo of a dog", "image": "red.png",
+         "invert": "negative-prompt"},
+        {"kind": "adapter", "image": "red.png", "adapter": "adapter/ip-adapter.safetensors", "prompt": "a cat"},
+        {"kind": "adapter", "image": "blue.jpg", "adapter": "adapter/ip-adapter.safetensors", "scale": 0.5},
+        {"kind": "adapter", "image": "blue.jpg", "adapter": "adapter/absent.safetensors"},
+        {"kind": "vary", "image": "red.png"},  # after the adapter rows in the file: the adapter must be unloaded
+    ])
+    out = images / "out"
+    summary = run_job(jobs, out, pipe=tiny_pipe, defaults=JobDefaults(**FAST),
+                      options=JobOptions(batch_size=4, progress=False))
+    records = {r["line"]: r for r in results(out)}
+    assert {line for line, r in records.items() if r["status"] == "done"} == {1, 3, 4, 5, 7}, records
+    assert "same number of words" in records[2]["error"] or "word" in records[2]["error"]
+    assert "absent.safetensors" in records[6]["error"]
+    assert summary.failed == 2
+    assert read_parameters(out / records[1]["outputs"][0])["target"] == "a blue circle"
+    assert read_parameters(out / records[5]["outputs"][0])["scale"] == 0.5
+    assert tiny_pipe.image_adapters == []  # the pipeline is handed back without the adapter
+
+
+# --------------------------------------------------------------- two processes
+def test_two_processes_with_accelerate(images, tiny_model, tmp_path):
+    model_dir, clip_dir = tiny_model
+    rows = [{"kind": "vary", "image": "red.png", "seed": i} for i in range(5)] + [{"kind": "vary", "image": "no.png"}]
+    jobs, out = write_jobs(images / "jobs.jsonl", rows), images / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+               "-m", "imageprompt", "batch", str(jobs), "--out", str(out), "--model", str(model_dir),
+               "--clip", str(clip_dir), "--steps", "2", "--height", "32", "--width", "32", "--batch-size", "2"]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0  # the bad row fails the job
+    assert "6 rows: 5 done, 0 skipped (already complete), 1 failed" in proc.stderr, proc.stderr[-3000:]
+    records = results(out)
+    assert [r["line"] for r in records] == list(range(1, 7))
+    assert [r["status"] for r in records] == ["done"] * 5 + ["failed"]
+    assert len(list(out.glob("*.png"))) == 5
+    assert {r["process"] for r in records} == {0, 1}  # the rows were split
