@@ -35,6 +35,7 @@ class Result:
     peak_gib: float | None
     images: int = 1
     note: str = ""
+    baseline: str | None = None  # row to compare with (default: the plain row with the same image count)
 
 
 @dataclass
@@ -191,7 +192,7 @@ def format_table(ctx: Context, results: list[tuple[str, Result]]) -> str:
     ]
     plain = {r.images: r for n, r in results if n.startswith("plain")}
     for name, r in results:
-        base = plain.get(r.images)
+        base = dict(results).get(r.baseline) if r.baseline else plain.get(r.images)
         t_ratio = f"{r.seconds_per_image / base.seconds_per_image:.3f}" if base else "-"
         peak = f"{r.peak_gib:.2f}" if r.peak_gib is not None else "-"
         m_ratio = f"{r.peak_gib / base.peak_gib:.3f}" if base and r.peak_gib and base.peak_gib else "-"
@@ -224,7 +225,11 @@ def run(args) -> int:
 
 
 # Modules that register more rows when imported (added by later features).
-EXTRA_ROW_MODULES: list[str] = []
+EXTRA_ROW_MODULES: list[str] = [
+    "imageprompt.bench_tune",  # SD-IPC online tuning
+    "imageprompt.bench_adapter",  # IP-Adapter sd15 / plus
+    "imageprompt.bench_p2p",  # prompt-to-prompt edit, inversions
+]
 
 
 def _load_extra_rows() -> None:

@@ -51,10 +51,11 @@ def run_batch(args) -> int:
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()  # one bar: the job's
-        return load_pipeline(model=args.model, clip=args.clip, dtype=args.dtype, device=args.device or device,
+        return load_pipeline(model=args.model, clip=args.clip, dtype=args.dtype, device=device,
                              attention=args.attention, scheduler=args.scheduler, config=args.config)
 
-    summary = run_job(args.jobs, args.out, load_pipe=load, defaults=defaults, options=options)
+    summary = run_job(args.jobs, args.out, load_pipe=load, defaults=defaults, options=options,
+                      device=args.device)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:

@@ -29,6 +29,12 @@ def register(subparsers) -> None:
     demo.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
     demo.add_argument("--max-queue", type=positive_int, default=16, help="waiting jobs before new ones are refused")
     demo.add_argument("--max-file-size", default="10mb", help="largest upload (default 10mb)")
+    demo.add_argument("--adapter", action="append", metavar="PATH_OR_ID[:WEIGHT_NAME]",
+                      help="IP-Adapter weights for the IP-Adapter tab: a .safetensors/.bin file, HUB_ID:path/in/repo, "
+                           "a short name (sd15, sd15_light, plus, plus-face, full-face), or 'sdipc' for the "
+                           "training-free SD-IPC branch; repeatable. Without it the tab is not shown.")
+    demo.add_argument("--image-encoder", metavar="PATH",
+                      help="CLIP vision folder of the adapter (default: image_encoder next to the weights)")
     add_model_options(demo)
     demo.set_defaults(func=run_demo)
 
@@ -38,6 +44,14 @@ def run_demo(args) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise CommandError("the demo needs gradio: pip install 'imageprompt[demo]'") from None
+    if args.image_encoder and not args.adapter:
+        raise CommandError("--image-encoder needs --adapter")
+    if args.adapter:  # find the weights before the model loads
+        from imageprompt.ip_adapter import parse_adapter_spec, resolve_weight_file
+
+        for spec in args.adapter:
+            if spec != "sdipc":
+                resolve_weight_file(*parse_adapter_spec(spec))
     from imageprompt.demo.app import launch
 
     return launch(args)

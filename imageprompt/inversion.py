@@ -138,7 +138,7 @@ def null_text_inversion(pipe, trajectory: list[torch.Tensor], cond: torch.Tensor
                     break
             bar.update(num_inner_steps - done)
             null = null.detach()
-            embeds.append(null.to(dtype))
+            embeds.append(null.to(dtype, copy=True))  # the next step optimises `null` in place
             with torch.no_grad():
                 noise_uncond = _noise(pipe, latents, t, null.to(dtype)).float()
                 noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)

@@ -631,17 +631,18 @@ class JobSummary:
     skipped: int = 0
     failed: int = 0
     images: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole run, model loading included
+    sampling_seconds: float = 0.0  # from the first batch to the end
     results: Path | None = None
 
     @property
     def images_per_second(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
+        return self.images / self.sampling_seconds if self.sampling_seconds > 0 else 0.0
 
     def __str__(self) -> str:
         return (f"{self.rows} rows: {self.done} done, {self.skipped} skipped (already complete), "
-                f"{self.failed} failed; {self.images} images in {self.seconds:.1f} s "
-                f"({self.images_per_second:.2f} images/s); results in {self.results}")
+                f"{self.failed} failed; {self.images} images, {self.images_per_second:.2f} images/s while sampling, "
+                f"{self.seconds:.1f} s in all; results in {self.results}")
 
 
 class _Progress:
@@ -695,6 +696,7 @@ def run_job(
     load_pipe: Callable[[object], object] | None = None,
     defaults: JobDefaults | None = None,
     options: JobOptions | None = None,
+    device: str | None = None,
 ) -> JobSummary:
     """Run the rows of ``jobs`` (JSONL) into ``out``; returns the summary (on every process).
 
@@ -703,6 +705,8 @@ def run_job(
         load_pipe: ``fn(device) -> pipe``, called only when this process has images to sample.
         defaults: values for fields rows leave out, and the model identity hashed into output names.
         options: batch size, speed options, progress bar.
+        device: where to sample (default: this process's accelerator; ``"cpu"`` makes a multi-process
+            launch use gloo on the CPU).
 
     Under ``accelerate launch`` the rows are split across processes
     (:meth:`accelerate.PartialState.split_between_processes`); the summary's
@@ -715,7 +719,7 @@ def run_job(
         raise JobError(f"batch size must be at least 1, got {options.batch_size}")
     jobs, out = Path(jobs), Path(out)
     entries = read_manifest(jobs)  # every process reads the whole file; it is small next to the images
-    state = PartialState()
+    state = PartialState(cpu=_cpu_run(device))
     history: dict[str, dict] = {}
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -736,13 +740,14 @@ def run_job(
                 if pipe is None:
                     if load_pipe is None:
                         raise JobError("run_job needs `pipe` or `load_pipe`")
-                    pipe = load_pipe(state.device)
+                    pipe = load_pipe(device or state.device)
                 apply_speed_options(pipe, options.compile, options.channels_last)
                 progress.start = time.perf_counter()  # images/s of sampling, not of loading
                 _sample(pipe, pending, out, writer, summary, options, progress)
     finally:
         writer.close()
     summary.seconds = time.perf_counter() - start
+    summary.sampling_seconds = time.perf_counter() - progress.start
     if state.is_main_process:
         while progress.refresh() < len(entries) and state.num_processes > 1:
             time.sleep(0.5)  # other processes still working: keep the bar moving
@@ -756,8 +761,22 @@ def run_job(
         summary.done = sum(r["status"] == "done" for r in merged) - summary.skipped
         summary.images = sum(r.get("images", 0) for r in merged if r["status"] == "done" and not r.get("skipped"))
         summary.seconds = time.perf_counter() - start
+        summary.sampling_seconds = time.perf_counter() - progress.start
     state.wait_for_everyone()  # results.jsonl exists before any process returns
     return summary
+
+
+def _cpu_run(device: str | None) -> bool:
+    """Whether processes run on the CPU: accelerate then joins them with gloo instead of an accelerator backend."""
+    import torch
+
+    from imageprompt.loading import default_device
+
+    if device is not None:
+        return torch.device(device).type == "cpu"
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return True
+    return default_device().type == "cpu"
 
 
 def _record(row: Row, status: str, outputs=(), images=0, seconds=None, error=None, skipped=False) -> dict:

@@ -47,7 +47,7 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 TEXT_HIDDEN = 128  # == projection dim (square text_projection, like ViT-L/14's 768x768)
 VISION_HIDDEN = 96
 UNET_CHANNELS = (64, 128, 128)
-VAE_CHANNELS = (16, 32, 64, 64)  # factor 8, as SD: 64x64 images -> 8x8x4 latents
+VAE_CHANNELS = (8, 16, 32, 64)  # factor 8, as SD: 64x64 images -> 8x8x4 latents
 
 
 def log(msg: str) -> None:
@@ -58,10 +58,35 @@ def log(msg: str) -> None:
 
 
 def build_tokenizer(folder: Path):
+    """The world's CLIP tokenizer: every vocabulary word is one token.
+
+    ``write_clip_tokenizer`` writes the vocabulary; its merges are then re-ranked
+    here, because BPE applies the best-ranked merge anywhere in a word, so one
+    word's merge can break another's chain (``ar`` of "are" inside "square").
+    Longer words go first, and words that still split move to the front until
+    none does. Token ids (``vocab.json``) are not changed.
+    """
     from transformers import CLIPTokenizer
 
-    write_clip_tokenizer(world.vocabulary(), folder, max_length=MAX_LENGTH)
-    return CLIPTokenizer.from_pretrained(folder)
+    from imageprompt.tokenizer import _word_merges
+
+    words = world.vocabulary()
+    write_clip_tokenizer(words, folder, max_length=MAX_LENGTH)
+    order = sorted({w.lower() for w in words if len(w) >= 2}, key=lambda w: (-len(w), w))
+    for _ in range(len(order)):
+        merges, seen = [], set()
+        for word in order:
+            for m in _word_merges(word):
+                if m not in seen:
+                    seen.add(m)
+                    merges.append(m)
+        (folder / "merges.txt").write_text("\n".join(["#version: 0.2"] + [f"{a} {b}" for a, b in merges]) + "\n")
+        tokenizer = CLIPTokenizer.from_pretrained(folder)
+        split = [w for w in order if len(tokenizer.tokenize(w)) != 1]
+        if not split:
+            return tokenizer
+        order = split + [w for w in order if w not in split]
+    raise RuntimeError(f"could not make single tokens of {split}")
 
 
 def clip_config(tokenizer, image_size: int = world.IMAGE_SIZE):
@@ -102,7 +127,7 @@ def vae_config(image_size: int = world.IMAGE_SIZE) -> dict:
         block_out_channels=VAE_CHANNELS,
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=16,
+        norm_num_groups=8,
         sample_size=image_size,
     )
 
@@ -259,7 +284,7 @@ def train_vae(images, *, seed, steps, batch, lr, device, kl_weight=1e-6, crop=32
     vae.eval()
     # Scale latents to unit variance as SD does (its 0.18215).
     with torch.no_grad():
-        z = torch.cat([vae.encode(to_vae_input(images[i : i + 256].to(device))).latent_dist.mean for i in range(0, 2048, 256)])
+        z = torch.cat([vae.encode(to_vae_input(images[i : i + 256].to(device))).latent_dist.mean for i in range(0, min(len(images), 2048), 256)])
     vae.register_to_config(scaling_factor=float(1.0 / z.flatten().std()))
     log(f"vae scaling_factor {vae.config.scaling_factor:.5f}")
     return vae
@@ -356,7 +381,8 @@ def text_tower(clip_model):
     from transformers import CLIPTextModel
 
     te = CLIPTextModel(clip_model.config.text_config)
-    te.text_model.load_state_dict(clip_model.text_model.state_dict())
+    inner = te.text_model if hasattr(te, "text_model") else te  # transformers 4 wraps the tower
+    inner.load_state_dict(clip_model.text_model.state_dict())
     return te.eval()
 
 

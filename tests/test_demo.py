@@ -23,10 +23,11 @@ FAST = dict(num_images=1, steps=2, guidance=2.0, seed=5, width=SIZE, height=SIZE
 
 @pytest.fixture(scope="module")
 def app(tiny_pipe, tmp_path_factory):
-    from imageprompt.demo.app import build_demo, serve
+    from imageprompt.demo.app import build_demo, load_adapters, serve
 
+    adapters = load_adapters(tiny_pipe, ["sdipc"])  # the training-free branch: an adapter with no weights
     demo = build_demo(tiny_pipe, scheduler="ddim", output_dir=tmp_path_factory.mktemp("demo-out"), max_steps=20,
-                      default_steps=2)
+                      default_steps=2, adapters=adapters, adapter_names=["sdipc"])
     serve(demo, port=None, block=False, quiet=True, max_file_size="200kb")
     yield demo
     demo.close()
@@ -61,14 +62,23 @@ def test_page_shows_model_and_tabs(app, tiny_model):
     text = json.dumps(config)
     assert str(tiny_model[0]) in text  # the loaded model's name is on the page
     labels = {c["props"].get("label") for c in config["components"] if c["type"] == "tabitem"}
-    assert {"Variation", "Image + text"} <= labels
+    assert labels == {"Variation", "Image + text", "IP-Adapter", "Prompt-to-prompt", "Real-image edit"}
     assert "Advanced options" in text
     assert config["max_file_size"] == 200 * 1024
 
 
+def test_one_job_at_a_time_and_a_bounded_queue(app):
+    from imageprompt.demo.app import QUEUE_SIZE
+
+    jobs = [fn for fn in app.fns.values() if fn.api_name in ("variation", "edit", "ip_adapter", "p2p", "real_edit")]
+    assert len(jobs) == 5
+    assert {(fn.concurrency_limit, fn.concurrency_id) for fn in jobs} == {(1, "gpu")}  # one group: one GPU
+    assert app._queue.max_size == QUEUE_SIZE
+
+
 def test_every_endpoint_is_listed(client):
     endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/variation", "/edit"} <= endpoints
+    assert {"/variation", "/edit", "/ip_adapter", "/p2p", "/real_edit"} <= endpoints
 
 
 def test_variation_returns_pngs_of_requested_size_with_parameters(client, files):
@@ -81,6 +91,7 @@ def test_variation_returns_pngs_of_requested_size_with_parameters(client, files)
             assert image.format == "PNG" and image.size == (40, 24)
     seeds = sorted(read_parameters(p)["seed"] for p in downloads)
     assert seeds == [5, 6]  # image i uses seed + i
+    assert not np.array_equal(np.asarray(Image.open(downloads[0])), np.asarray(Image.open(downloads[1])))
     params = read_parameters(downloads[0])
     assert params["method"] == "sdipc-variation" and params["steps"] == 2 and params["input"] == "red.png"
     assert len(params["input_sha256"]) == 64
@@ -89,11 +100,7 @@ def test_variation_returns_pngs_of_requested_size_with_parameters(client, files)
 def test_variation_is_reproducible_from_the_seed(client, files):
     first = result_paths(client.predict(handle_file(files / "red.png"), **FAST, api_name="/variation"))[1][0]
     again = result_paths(client.predict(handle_file(files / "red.png"), **FAST, api_name="/variation"))[1][0]
-    other = result_paths(client.predict(handle_file(files / "red.png"), **dict(FAST, seed=6),
-                                        api_name="/variation"))[1][0]
-    pixels = [np.asarray(Image.open(p)) for p in (first, again, other)]
-    assert np.array_equal(pixels[0], pixels[1])
-    assert not np.array_equal(pixels[0], pixels[2])
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
 
 
 def test_edit_records_prompt_and_alpha(client, files):
@@ -103,6 +110,62 @@ def test_edit_records_prompt_and_alpha(client, files):
         assert image.size == (SIZE, SIZE)
     params = read_parameters(downloads[0])
     assert params["method"] == "sdipc-edit" and params["prompt"] == "a blue circle" and params["alpha"] == 0.6
+
+
+def test_ip_adapter_with_and_without_text(client, files, tiny_pipe):
+    for prompt, method in (("", "ip-adapter-variation"), ("a blue circle", "ip-adapter-edit")):
+        shown, downloads = result_paths(client.predict(handle_file(files / "red.png"), prompt, 0.7, **FAST,
+                                                       api_name="/ip_adapter"))
+        with Image.open(shown[0]) as image:
+            assert image.size == (SIZE, SIZE)
+        params = read_parameters(downloads[0])
+        assert params["method"] == method and params["adapters"] == ["sdipc"] and params["adapter_scales"] == [0.7]
+    assert tiny_pipe.image_adapters == []  # installed for the job only: the SD-IPC tabs see a plain UNet
+
+
+P2P = dict(source="a red cat on the beach", target="a red dog on the beach", mode="replace", blend="dog",
+           weights="", cross_steps=0.8, self_steps=0.4, blend_threshold=0.3)
+SAMPLE = dict(steps=2, guidance=2.0, width=SIZE, height=SIZE, negative_prompt="")
+
+
+def test_p2p_returns_source_edit_and_attention_maps(client):
+    gallery, maps, downloads = client.predict(**P2P, **SAMPLE, seed=3, api_name="/p2p")
+    assert [item["caption"] for item in gallery] == ["source", "edit"]
+    for item in gallery:
+        with Image.open(item["image"]) as image:
+            assert image.size == (SIZE, SIZE)
+    with Image.open(maps) as picture:  # one row per prompt, one map per word
+        assert picture.size[0] > picture.size[1] > SIZE
+    roles = [read_parameters(p)["role"] for p in downloads]
+    assert roles == ["source", "edit", "attention"]
+    params = read_parameters(downloads[1])
+    assert params["target_prompt"] == P2P["target"] and params["blend_words"] == ["dog"] and params["seed"] == 3
+
+
+def test_real_image_edit_inverts_then_edits(client, files, method="null-text"):
+    settings = dict(P2P, source="a red circle", target="a blue circle", blend="")
+    gallery, maps, downloads = client.predict(handle_file(files / "red.png"), **settings, method=method,
+                                              inner_steps=2, **SAMPLE, api_name="/real_edit")
+    assert len(gallery) == 2 and maps is not None
+    params = read_parameters(downloads[1])
+    assert params["invert"] == method and params["input"] == "red.png" and params["scheduler"] == "ddim"
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(target="a red dog on a beach today"), "source has 6 words and the target 7"),
+        (dict(source="  "), "source prompt"),
+        (dict(target=""), "target prompt"),
+        (dict(weights="snow=2"), "weight word 'snow' is not in the target"),
+        (dict(weights="dog"), "WORD=NUMBER"),
+        (dict(blend="tree"), "blend word 'tree' is in neither"),
+        (dict(mode="reweight", weights=""), "reweight needs at least one word weight"),
+    ],
+)
+def test_p2p_settings_that_do_not_fit_are_readable_errors(client, settings, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(**dict(P2P, **settings), **SAMPLE, seed=0, api_name="/p2p")
 
 
 @pytest.mark.parametrize(
@@ -117,15 +180,24 @@ def test_edit_records_prompt_and_alpha(client, files):
         ("/variation", "red.png", {"num_images": 0}, "less than minimum|Number of images"),
     ],
 )
-def test_bad_input_is_a_readable_error_and_the_app_keeps_serving(client, files, api_name, image, extra, message):
+def test_bad_input_is_a_readable_error(client, files, api_name, image, extra, message):
     kwargs = dict(FAST)
     if api_name == "/edit":
         kwargs.update(prompt="a red circle", alpha=0.5)
     kwargs.update(extra)
     with pytest.raises(AppError, match=message):
         client.predict(handle_file(files / image) if image else None, **kwargs, api_name=api_name)
+
+
+def test_the_app_keeps_serving_after_errors(client, files):
+    for _ in range(2):
+        with pytest.raises(AppError):
+            client.predict(handle_file(files / "notes.png"), **FAST, api_name="/variation")
+        with pytest.raises(AppError):
+            client.predict(**dict(P2P, blend="tree"), **SAMPLE, seed=0, api_name="/p2p")
     shown, _ = result_paths(client.predict(handle_file(files / "red.png"), **FAST, api_name="/variation"))
-    assert len(shown) == 1
+    gallery, _, _ = client.predict(**P2P, **SAMPLE, seed=0, api_name="/p2p")
+    assert len(shown) == 1 and len(gallery) == 2
 
 
 def test_upload_size_limit(client, files):
@@ -139,14 +211,14 @@ def test_reads_no_file_that_was_not_uploaded(app, tmp_path):
     """A request naming a server path instead of uploading a file is refused, and the file's content never leaks."""
     secret = tmp_path / "secret.png"
     Image.new("RGB", (32, 32), (1, 2, 3)).save(secret)
+    runs_before = sorted(app.imageprompt_context.output_dir.iterdir())
     payload = {"data": [{"path": str(secret), "meta": {"_type": "gradio.FileData"}}, 1, 2, 2.0, 5, SIZE, SIZE, ""]}
     request = urllib.request.Request(app.local_url + "gradio_api/call/variation", json.dumps(payload).encode(),
                                      {"Content-Type": "application/json"})
     event = json.loads(urllib.request.urlopen(request, timeout=30).read())["event_id"]
     stream = urllib.request.urlopen(f"{app.local_url}gradio_api/call/variation/{event}", timeout=60).read().decode()
     assert "event: error" in stream and "event: complete" not in stream
-    assert not any(app.imageprompt_context.output_dir.rglob("*.png")) or all(
-        read_parameters(p).get("input") != "secret.png" for p in app.imageprompt_context.output_dir.rglob("*.png"))
+    assert sorted(app.imageprompt_context.output_dir.iterdir()) == runs_before  # the handler never ran
 
 
 def test_cli_registers_demo_command():
@@ -156,3 +228,15 @@ def test_cli_registers_demo_command():
     assert (args.port, args.model, args.max_queue, args.host, args.share) == (7861, "m", 3, "127.0.0.1", False)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", "--port", "70000"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image-encoder", "enc"], "--image-encoder needs --adapter"),
+    (["--adapter", "/nowhere/ip-adapter.safetensors"], "no such IP-Adapter file"),
+])
+def test_cli_demo_errors_before_loading(tmp_path, capsys, args, message):
+    from imageprompt.cli import main
+
+    code = main(["demo", *args, "--model", str(tmp_path / "missing")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and message in err and err.startswith("imageprompt: error:") and len(err.splitlines()) == 1

@@ -312,3 +312,63 @@ def test_sdipc_branch_composes_with_ip_adapter(adapter_repo, pipe, red_image):
     assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
     pipe.load_ip_adapter(str(adapter_repo / "models" / "ip-plus.safetensors"))  # replaces sd15, keeps the branch
     assert [x.kind for x in pipe.image_adapters] == ["plus", "sdipc"]
+
+
+# ------------------------------------------------------------ command line
+def test_cli_vary_and_edit_with_adapters(tiny_model, adapter_repo, tmp_path, red_image):
+    from imageprompt.cli import main
+    from imageprompt.images import read_parameters
+
+    model = ["--model", str(tiny_model[0]), "--clip", str(tiny_model[1]), "--steps", "2", "--height", "32",
+             "--width", "32", "--seed", "5"]
+    red_image.save(tmp_path / "ref.png")
+    two_images()[1].save(tmp_path / "extra.png")
+    weights = str(adapter_repo / "models" / "ip-sd15.safetensors")
+    assert main(["vary", str(tmp_path / "ref.png"), "--adapter", weights, "--scale", "0.7",
+                 "--adapter-image", str(tmp_path / "extra.png"), "--out", str(tmp_path / "v"), *model]) == 0
+    params = read_parameters(tmp_path / "v" / "ref-vary-5.png")
+    assert params["method"] == "ip-adapter-variation" and params["adapters"] == [weights]
+    assert params["adapter_scales"] == [0.7] and params["adapter_images"] == ["extra.png"]
+
+    style = '{"up": {"block_1": [0.0, 1.0]}}'
+    assert main(["edit", str(tmp_path / "ref.png"), "--prompt", "a cat", "--adapter", weights, "--adapter", "sdipc",
+                 "--scale", style, "--scale", "0.5", "--out", str(tmp_path / "e"), *model]) == 0
+    params = read_parameters(tmp_path / "e" / "ref-edit-5.png")
+    assert params["method"] == "ip-adapter-edit" and params["adapter_scales"] == [json_loads(style), 0.5]
+
+
+def json_loads(text):
+    import json
+
+    return json.loads(text)
+
+
+def test_cli_adapter_errors_before_sampling(tiny_model, adapter_repo, tmp_path, red_image, capsys):
+    from imageprompt.cli import main
+
+    red_image.save(tmp_path / "ref.png")
+    model = ["--model", str(tiny_model[0]), "--clip", str(tiny_model[1]), "--steps", "2"]
+    bad = tmp_path / "evil.bin"
+    with open(bad, "wb") as f:
+        pickle.dump({"image_proj": print}, f)
+    cases = [
+        (["--adapter", str(bad)], "refused: not a plain tensor archive"),
+        (["--scale", "0.5"], "--scale need --adapter"),
+        (["--adapter", "sdipc", "--scale", "0.5", "--scale", "1", "--scale", "2"], "3 --scale values for 1"),
+        (["--adapter", str(tmp_path / "nope.safetensors")], "no such IP-Adapter file"),
+    ]
+    for extra, message in cases:
+        assert main(["vary", str(tmp_path / "ref.png"), "--out", str(tmp_path / "o"), *model, *extra]) == 1
+        assert message in capsys.readouterr().err
+    # a checkpoint for another UNet: fails after the model loads, before any image is written
+    from transformers import CLIPVisionConfig
+
+    from imageprompt.testing import TINY_UNET, build_components
+
+    other = build_components(tmp_path / "tok")["unet"].__class__(**{**TINY_UNET, "cross_attention_dim": 48})
+    path = write_official(official_state_dict(other, "sd15", CLIPVisionConfig(**TINY_ENCODER)),
+                          adapter_repo / "models" / "other-base.safetensors")
+    assert main(["vary", str(tmp_path / "ref.png"), "--out", str(tmp_path / "o"), *model,
+                 "--adapter", str(path)]) == 1
+    assert "is 32x48, this UNet expects 32x32" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

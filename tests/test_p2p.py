@@ -150,8 +150,9 @@ def test_no_control_steps_give_plain_sampling_of_target(p2p_pipe, tiny_pipe, noi
 
 
 def test_local_blend_keeps_latents_outside_the_mask(p2p_pipe, noise):
+    # random weights give flat maps (normalised 0.82-0.97): a high threshold leaves a partial mask
     out = latents_of(p2p_pipe, noise, source_prompt=SOURCE, target_prompt=TARGET, blend_words=["cat", "dog"],
-                     blend_threshold=0.8, map_res=16, cross_steps=0.5)
+                     blend_threshold=0.93, map_res=16, cross_steps=0.5)
     mask = out.blend_mask
     assert mask.shape == (1, 1, 16, 16) and 0 < mask.float().mean() < 1
     source, target = out.images[:1], out.images[1:]

@@ -1,0 +1,124 @@
+"""Benchmark rows for IP-Adapter (sd15 and plus formats): diffusers' own support and imageprompt's, vs plain.
+
+Random weights in the official layout for the benchmark's UNet, and a random
+image encoder with ViT-H/14's shapes (tiny shapes with ``--tiny``): speed and
+memory do not depend on weight values. Both implementations run the same text
+prompt plus one image prompt; the diffusers rows show what an adapter costs
+anyway (the image encoder's weights, the extra attention), the imageprompt rows
+what imageprompt's attention layer adds on top.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from imageprompt.bench import _generator, measure, row
+
+VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+             image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu")
+TINY_ENCODER = dict(hidden_size=48, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                    image_size=32, patch_size=8, projection_dim=40)
+
+
+def random_official_state(unet, kind: str, encoder_config, seed: int = 0) -> dict:
+    """Random tensors under the official key names and shapes (sd15 or plus) for ``unet``."""
+    from imageprompt.ip_adapter import _attention_module, unet_layers
+
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g) * 0.02
+
+    cross = unet.config.cross_attention_dim
+    if kind == "sd15":
+        emb = encoder_config.projection_dim
+        proj = {"proj.weight": rand(4 * cross, emb), "proj.bias": rand(4 * cross),
+                "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
+    else:  # plus: Resampler with 16 queries, depth 4, heads of 64 (SD 1.5: 12 heads, width 768)
+        hid, dim = encoder_config.hidden_size, cross if cross % 64 == 0 else 64
+        heads = dim // 64
+        proj = {"latents": rand(1, 16, dim), "proj_in.weight": rand(dim, hid), "proj_in.bias": rand(dim),
+                "proj_out.weight": rand(cross, dim), "proj_out.bias": rand(cross),
+                "norm_out.weight": torch.ones(cross), "norm_out.bias": torch.zeros(cross)}
+        for i in range(4):
+            proj.update({f"layers.{i}.0.norm1.weight": torch.ones(dim), f"layers.{i}.0.norm1.bias": rand(dim),
+                         f"layers.{i}.0.norm2.weight": torch.ones(dim), f"layers.{i}.0.norm2.bias": rand(dim),
+                         f"layers.{i}.0.to_q.weight": rand(heads * 64, dim),
+                         f"layers.{i}.0.to_kv.weight": rand(2 * heads * 64, dim),
+                         f"layers.{i}.0.to_out.weight": rand(dim, heads * 64),
+                         f"layers.{i}.1.0.weight": torch.ones(dim), f"layers.{i}.1.0.bias": rand(dim),
+                         f"layers.{i}.1.1.weight": rand(4 * dim, dim), f"layers.{i}.1.3.weight": rand(dim, 4 * dim)})
+    ip = {}
+    for name, key_id in unet_layers(unet).items():
+        inner = _attention_module(unet, name).to_k.out_features
+        ip[f"{key_id}.to_k_ip.weight"] = rand(inner, cross)
+        ip[f"{key_id}.to_v_ip.weight"] = rand(inner, cross)
+    return {"image_proj": proj, "ip_adapter": ip}
+
+
+def _adapter_parts(ctx, kind: str):
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    if "ip_encoder" not in ctx.cache:
+        torch.manual_seed(0)
+        config = CLIPVisionConfig(**(TINY_ENCODER if ctx.tiny else VIT_H))
+        encoder = CLIPVisionModelWithProjection(config).to(ctx.device, ctx.dtype).eval()
+        size = config.image_size
+        ctx.cache["ip_encoder"] = (encoder, CLIPImageProcessor(size=size, crop_size=size))
+    key = f"ip_state_{kind}"
+    if key not in ctx.cache:
+        unet = ctx.parts["unet"]
+        unet.encoder_hid_proj = None
+        ctx.cache[key] = random_official_state(unet, kind, ctx.cache["ip_encoder"][0].config)
+    return ctx.cache[key], ctx.cache["ip_encoder"]
+
+
+def _kwargs(ctx):
+    return dict(num_inference_steps=ctx.steps, guidance_scale=7.5, height=ctx.size, width=ctx.size)
+
+
+def _diffusers(kind: str):
+    def run(ctx):
+        from diffusers import StableDiffusionPipeline
+
+        state, (encoder, processor) = _adapter_parts(ctx, kind)
+        plain = ctx.plain_pipeline()
+        p = ctx.parts
+        pipe = StableDiffusionPipeline(vae=p["vae"], text_encoder=p["text_encoder"], tokenizer=p["tokenizer"],
+                                       unet=p["unet"], scheduler=p["scheduler"], safety_checker=None,
+                                       feature_extractor=processor, image_encoder=encoder,
+                                       requires_safety_checker=False).to(ctx.device)
+        del plain
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_ip_adapter({k: {n: t.clone() for n, t in v.items()} for k, v in state.items()}, subfolder=None,
+                             weight_name="random.safetensors", image_encoder_folder=None)
+        image = ctx.reference_image()
+        try:
+            return measure(ctx, lambda: pipe("a photo of a cat", ip_adapter_image=image,
+                                             generator=_generator(ctx, 1), **_kwargs(ctx)), 1)
+        finally:
+            pipe.unload_ip_adapter()
+
+    return run
+
+
+def _imageprompt(kind: str):
+    def run(ctx):
+        state, (encoder, _) = _adapter_parts(ctx, kind)
+        pipe = ctx.imageprompt_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_ip_adapter(state, image_encoder=encoder)
+        image = ctx.reference_image()
+        try:
+            return measure(ctx, lambda: pipe(prompt="a photo of a cat", ip_adapter_image=image,
+                                             generator=_generator(ctx, 1), **_kwargs(ctx)), 1)
+        finally:
+            pipe.unload_ip_adapter()
+
+    return run
+
+
+row("ip-adapter sd15 (diffusers), batch 1")(_diffusers("sd15"))
+row("ip-adapter sd15 (imageprompt), batch 1")(_imageprompt("sd15"))
+row("ip-adapter plus (diffusers), batch 1")(_diffusers("plus"))
+row("ip-adapter plus (imageprompt), batch 1")(_imageprompt("plus"))

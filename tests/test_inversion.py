@@ -1,0 +1,157 @@
+"""Real-image inversion: DDIM, null-text and negative-prompt inversion on the tiny model."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from imageprompt import inversion as inv
+
+SOURCE, TARGET = "a red cat on the beach", "a red dog on the beach"
+
+
+@pytest.fixture(scope="module")
+def p2p_pipe(tiny_pipe):
+    from imageprompt.pipelines import StableDiffusionPromptToPromptPipeline
+
+    pipe = StableDiffusionPromptToPromptPipeline(**tiny_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def photo(noise_image):
+    return noise_image.resize((32, 32))
+
+
+def test_ddim_step_inverts_ddim_inverse_step_and_matches_scheduler(p2p_pipe):
+    scheduler = p2p_pipe.scheduler
+    scheduler.set_timesteps(5)
+    gen = torch.Generator().manual_seed(0)
+    x, noise = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 4, 8, 8, generator=gen)
+    for t in scheduler.timesteps:
+        up = inv.ddim_inverse_step(scheduler, noise, t, x)
+        assert not torch.allclose(up, x, atol=1e-3)
+        assert torch.allclose(inv.ddim_step(scheduler, noise, t, up), x, atol=1e-5)
+        assert torch.allclose(scheduler.step(noise, t, up).prev_sample, inv.ddim_step(scheduler, noise, t, up),
+                              atol=1e-6)
+
+
+def fixed_noise_unet(sample, timestep, encoder_hidden_states=None, return_dict=True, **kwargs):
+    """A 'UNet' whose prediction depends on the timestep only: then DDIM inversion is exact."""
+    t = float(timestep)
+    grid = torch.arange(sample[0].numel(), dtype=sample.dtype).reshape(sample.shape[1:])
+    noise = torch.sin(grid * 0.37 + t / 100.0).expand_as(sample)
+    return (noise,) if not return_dict else type("Out", (), {"sample": noise})()
+
+
+@pytest.mark.parametrize("method", ["ddim", "negative-prompt"])
+def test_inversion_then_edit_reconstructs_photo_exactly_for_a_latent_free_model(p2p_pipe, photo, method,
+                                                                                 monkeypatch):
+    monkeypatch.setattr(p2p_pipe.unet, "forward", fixed_noise_unet)
+    result = p2p_pipe.invert(photo, SOURCE, method, num_inference_steps=5)
+    assert len(result.trajectory) == 6 and result.latents is result.trajectory[-1]
+    assert (result.latents - result.trajectory[0]).abs().max() > 0.1  # it did move towards noise
+    out = p2p_pipe(SOURCE, TARGET, inversion=result, num_inference_steps=5, output_type="latent")
+    expected = inv.encode_image(p2p_pipe, photo, 32, 32)
+    assert (out.images - expected).abs().max().item() < 1e-4
+
+
+def test_negative_prompt_inversion_uses_source_embedding(p2p_pipe, photo):
+    result = p2p_pipe.invert(photo, SOURCE, "negative-prompt", num_inference_steps=2)
+    cond, _ = p2p_pipe.encode_text([SOURCE], "cpu")
+    assert torch.equal(result.uncond_embeds, cond)
+    assert torch.equal(result.uncond_at(0), result.uncond_at(1))
+
+
+def test_null_text_lowers_the_step_error(p2p_pipe, photo):
+    scheduler, unet = p2p_pipe.scheduler, p2p_pipe.unet
+    scheduler.set_timesteps(3)
+    timesteps = scheduler.timesteps
+    cond, _ = p2p_pipe.encode_text([SOURCE], "cpu")
+    empty, _ = p2p_pipe.encode_text([""], "cpu")
+    trajectory = inv.ddim_inversion(p2p_pipe, inv.encode_image(p2p_pipe, photo, 32, 32), cond, timesteps)
+    nulls = inv.null_text_inversion(p2p_pipe, trajectory, cond, empty, timesteps, 7.5, num_inner_steps=10,
+                                    epsilon=0.0)
+    assert len(nulls) == 3 and nulls[0].shape == empty.shape and not nulls[0].requires_grad
+    assert all(p.grad is None for p in unet.parameters())  # only the embedding was optimised
+
+    @torch.no_grad()
+    def step_error(null):
+        t, x = timesteps[0], trajectory[-1]
+        u, c = (unet(x, t, encoder_hidden_states=e).sample for e in (null, cond))
+        return F.mse_loss(inv.ddim_step(scheduler, u + 7.5 * (c - u), t, x), trajectory[-2]).item()
+
+    assert step_error(nulls[0]) < 0.97 * step_error(empty)
+
+
+class BarRecorder:
+    def __init__(self):
+        self.bars = []
+
+    @contextlib.contextmanager
+    def __call__(self, total=None, **kwargs):
+        bar = {"total": total, "n": 0}
+        self.bars.append(bar)
+
+        class Bar:
+            def update(self, n=1):
+                bar["n"] += n
+
+        yield Bar()
+
+
+@pytest.mark.parametrize("epsilon, calls_per_step", [(1e6, 3), (0.0, 5)])
+def test_null_text_stops_early_and_completes_its_progress_bar(p2p_pipe, photo, monkeypatch, epsilon,
+                                                              calls_per_step):
+    recorder, calls = BarRecorder(), []
+    monkeypatch.setattr(p2p_pipe, "progress_bar", recorder)
+    handle = p2p_pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        p2p_pipe.invert(photo, SOURCE, "null-text", num_inference_steps=2, num_inner_steps=3,
+                        early_stop_epsilon=epsilon)
+    finally:
+        handle.remove()
+    ddim_bar, null_bar = recorder.bars
+    assert null_bar == {"total": 6, "n": 6}  # steps x inner steps, filled even when stopping early
+    assert len(calls) == 2 + 2 * calls_per_step  # DDIM inversion, then cond + inner + final per step
+
+
+def test_edit_uses_the_null_embedding_of_each_step(p2p_pipe, photo):
+    result = p2p_pipe.invert(photo, SOURCE, "null-text", num_inference_steps=3, num_inner_steps=2)
+    seen = []
+    handle = p2p_pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"][:2].clone()), with_kwargs=True)
+    try:
+        p2p_pipe(SOURCE, TARGET, inversion=result, num_inference_steps=3, output_type="latent")
+    finally:
+        handle.remove()
+    assert len(seen) == 3
+    for step, context in enumerate(seen):
+        assert torch.equal(context, result.uncond_embeds[step].expand(2, -1, -1))
+    assert not torch.equal(result.uncond_embeds[0], result.uncond_embeds[2])
+
+
+def test_inversion_errors(p2p_pipe, photo):
+    from diffusers import EulerDiscreteScheduler
+
+    with pytest.raises(ValueError, match="unknown inversion 'edict'"):
+        p2p_pipe.invert(photo, SOURCE, "edict", num_inference_steps=2)
+    result = p2p_pipe.invert(photo, SOURCE, "negative-prompt", num_inference_steps=2)
+    with pytest.raises(ValueError, match="the inversion ran 2 steps"):
+        p2p_pipe(SOURCE, TARGET, inversion=result, num_inference_steps=3)
+    with pytest.raises(ValueError, match="already fixes the starting latents"):
+        p2p_pipe(SOURCE, TARGET, inversion=result, num_inference_steps=2, latents=result.latents)
+    nulls = inv.Inversion(result.latents, [result.uncond_embeds] * 2, result.trajectory, "null-text", 2, 7.5)
+    with pytest.raises(ValueError, match="tuned for guidance 7.5"):
+        p2p_pipe(SOURCE, TARGET, inversion=nulls, num_inference_steps=2, guidance_scale=5.0)
+    ddim = p2p_pipe.scheduler
+    try:
+        p2p_pipe.scheduler = EulerDiscreteScheduler.from_config(ddim.config)
+        with pytest.raises(ValueError, match="needs the DDIM scheduler"):
+            p2p_pipe.invert(photo, SOURCE, "ddim", num_inference_steps=2)
+    finally:
+        p2p_pipe.scheduler = ddim
