@@ -23,6 +23,7 @@ Start it with ``imageprompt demo`` or, in Python::
 from __future__ import annotations
 
 import functools
+import html
 import importlib.util
 import logging
 import random
@@ -133,6 +134,16 @@ class SamplingControls:
 
 
 # ---------------------------------------------------------- input handling
+def escape(message: str) -> str:
+    """Gradio renders alert messages as HTML; they quote user text (prompts, file names), so escape it."""
+    return html.escape(message, quote=False)
+
+
+def page_error(message: str) -> gr.Error:
+    """A readable error in the page (``gr.Error``), with the message shown as text."""
+    return gr.Error(escape(message))
+
+
 def readable_upload_errors(preprocess: Callable) -> Callable:
     """Wrap ``gr.Image.preprocess`` so a bad upload (not an image, a decompression bomb) is a readable ``gr.Error``.
 
@@ -146,9 +157,9 @@ def readable_upload_errors(preprocess: Callable) -> Callable:
         except gr.Error:
             raise
         except Image.DecompressionBombError:
-            raise gr.Error("The image has too many pixels to open safely.") from None
+            raise page_error("The image has too many pixels to open safely.") from None
         except Exception:
-            raise gr.Error("The upload is not an image that can be read; use PNG, JPEG or WebP.") from None
+            raise page_error("The upload is not an image that can be read; use PNG, JPEG or WebP.") from None
 
     return wrapper
 
@@ -164,32 +175,32 @@ def image_input(label: str = "Image", elem_id: str | None = None) -> gr.Image:
 def read_image(ctx: DemoContext, path: str | None, what: str = "an image") -> tuple[Image.Image, dict]:
     """The uploaded image, checked and decoded, and what its PNGs record about it."""
     if not path:
-        raise gr.Error(f"Upload {what} first.")
+        raise page_error(f"Upload {what} first.")
     name = Path(path).name
     try:
         with Image.open(path) as probe:  # reads the header only
             width, height = probe.size
     except Image.DecompressionBombError:
-        raise gr.Error(f"{name}: the image has too many pixels to open safely.") from None
+        raise page_error(f"{name}: the image has too many pixels to open safely.") from None
     except Exception:
-        raise gr.Error(f"{name}: not an image that can be read; use PNG, JPEG or WebP.") from None
+        raise page_error(f"{name}: not an image that can be read; use PNG, JPEG or WebP.") from None
     if width * height > MAX_INPUT_PIXELS:
-        raise gr.Error(f"{name}: {width}x{height} is too large; the demo takes up to "
+        raise page_error(f"{name}: {width}x{height} is too large; the demo takes up to "
                        f"{MAX_INPUT_PIXELS / 1e6:.1f} megapixels.")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             image = load_image(path, max_side=ctx.max_side)
         except ImageInputError as err:
-            raise gr.Error(str(err).replace(str(path), name)) from None
+            raise page_error(str(err).replace(str(path), name)) from None
     for warning in caught:
-        gr.Info(str(warning.message))  # e.g. "input image 3000x2000 resized to 2048x1365"
+        gr.Info(escape(str(warning.message)))  # e.g. "input image 3000x2000 resized to 2048x1365"
     return image, {"input": name, "input_sha256": sha256_file(path)}
 
 
 def check_prompt(prompt: str | None, what: str = "a prompt") -> str:
     if prompt is None or not str(prompt).strip():
-        raise gr.Error(f"Write {what} first.")
+        raise page_error(f"Write {what} first.")
     return str(prompt).strip()
 
 
@@ -201,16 +212,16 @@ def check_sampling(ctx: DemoContext, *, steps, guidance, width, height, negative
         try:
             value = cast(value)
         except (TypeError, ValueError):
-            raise gr.Error(f"{name} must be a number, got {value!r}") from None
+            raise page_error(f"{name} must be a number, got {value!r}") from None
         if not low <= value <= high:
-            raise gr.Error(f"{name} must be between {low} and {high}, got {value}")
+            raise page_error(f"{name} must be between {low} and {high}, got {value}")
         return value
 
     low, high = ctx.size_range
     sampling = Sampling(
         num_images=number("Number of images", num_images, int, 1, ctx.max_images),
         steps=number("Steps", steps, int, 1, ctx.max_steps),
-        guidance=number("Guidance", guidance, float, 0.0, 30.0),
+        guidance=number("Guidance", guidance, float, 0.0, 20.0),
         seed=number("Seed", seed if seed is not None else 0, int, 0, SEED_MAX),
         width=number("Width", width, int, low, high),
         height=number("Height", height, int, low, high),
@@ -219,7 +230,7 @@ def check_sampling(ctx: DemoContext, *, steps, guidance, width, height, negative
     factor = ctx.pipe.vae_scale_factor
     for name, value in (("Width", sampling.width), ("Height", sampling.height)):
         if value % factor:
-            raise gr.Error(f"{name} must be a multiple of {factor}, got {value}")
+            raise page_error(f"{name} must be a multiple of {factor}, got {value}")
     return sampling
 
 
@@ -243,12 +254,12 @@ def shows_errors(fn: Callable) -> Callable:
             raise
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
-            raise gr.Error("Out of GPU memory: try fewer images or a smaller size.") from None
+            raise page_error("Out of GPU memory: try fewer images or a smaller size.") from None
         except user_errors() as err:
-            raise gr.Error(str(err)) from None
+            raise page_error(str(err)) from None
         except Exception as err:
             logger.exception("demo request failed")
-            raise gr.Error(f"Unexpected {type(err).__name__}: {err}") from None
+            raise page_error(f"Unexpected {type(err).__name__}: {err}") from None
 
     return wrapper
 
@@ -289,7 +300,7 @@ def sample(ctx: DemoContext, method: str, inputs: dict, sampling: Sampling, para
         )
     for warning in caught:
         if issubclass(warning.category, UserWarning):
-            gr.Warning(str(warning.message))  # e.g. a prompt truncated to 77 tokens
+            gr.Warning(escape(str(warning.message)))  # e.g. a prompt truncated to 77 tokens
     seeds = [sampling.seed + i for i in range(sampling.num_images)]
     return write_results(ctx, result.images, method, seeds, params)
 
@@ -308,7 +319,7 @@ def sampling_controls(ctx: DemoContext, guidance: float = 7.5, num: bool = True,
         with gr.Row(equal_height=True):
             seed_box = gr.Number(value=0, precision=0, minimum=0, maximum=SEED_MAX,
                                  label="Seed (image i uses seed + i)", scale=3)
-            dice = gr.Button("🎲 Random seed", scale=1, size="sm")
+            dice = gr.Button("Random seed", scale=1, size="sm")
         dice.click(lambda: random.randint(0, SEED_MAX), None, seed_box, queue=False, api_visibility="private")
     with gr.Row():
         width = gr.Slider(low, high, value=native, step=ctx.size_step, label="Width")
@@ -613,7 +624,7 @@ def real_edit_tab(ctx: DemoContext) -> None:
         photo, about = read_image(ctx, image, "a photo")
         settings = check_edit(source, target, mode, weights, blend, cross_steps, self_steps, blend_threshold)
         if method not in METHODS:
-            raise gr.Error(f"Inversion must be one of {', '.join(METHODS)}, got {method!r}")
+            raise page_error(f"Inversion must be one of {', '.join(METHODS)}, got {method!r}")
         sampling = check_sampling(ctx, steps=steps, guidance=guidance, width=width, height=height,
                                   negative_prompt=negative_prompt)
         inner_steps = int(inner_steps)

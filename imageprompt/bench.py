@@ -229,6 +229,7 @@ EXTRA_ROW_MODULES: list[str] = [
     "imageprompt.bench_tune",  # SD-IPC online tuning
     "imageprompt.bench_adapter",  # IP-Adapter sd15 / plus
     "imageprompt.bench_p2p",  # prompt-to-prompt edit, inversions
+    "imageprompt.bench_batch",  # batch jobs against a loop of single calls
 ]
 
 

@@ -6,6 +6,7 @@ Many GPUs or machines: ``accelerate launch -m imageprompt batch JOBS.jsonl --out
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from imageprompt.cli import EXIT_FAILURE, add_model_options, positive_int
 
@@ -38,12 +39,14 @@ def register(subparsers) -> None:
 
 
 def run_batch(args) -> int:
-    from imageprompt.jobs import JobDefaults, JobOptions, run_job
-    from imageprompt.loading import load_pipeline
+    from imageprompt.jobs import JobDefaults, JobOptions, resolve_adapter, run_job
+    from imageprompt.loading import load_pipeline, resolve_model
 
+    model, clip, _ = resolve_model(args.model, args.clip)  # the names that go into every row's hash
+    adapter = resolve_adapter(args.adapter, Path.cwd()) if args.adapter else None
     defaults = JobDefaults(seed=args.seed, num=args.num, steps=args.steps, guidance=args.guidance,
                            negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                           model=args.model, clip=args.clip, scheduler=args.scheduler, adapter=args.adapter)
+                           model=model, clip=clip, scheduler=args.scheduler, adapter=adapter)
     options = JobOptions(batch_size=args.batch_size, compile=args.compile, channels_last=args.channels_last,
                          progress=not args.no_progress)
 

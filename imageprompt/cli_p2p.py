@@ -104,6 +104,8 @@ def run_p2p(args) -> int:
         raise CommandError("give --image (a photo to edit) or --image-prompt (an SD-IPC reference), not both")
     if args.image and args.scheduler != "ddim":
         raise CommandError(f"inverting --image needs --scheduler ddim, not {args.scheduler}")
+    if args.image and (args.invert or "null-text") != "ddim" and args.negative_prompt:
+        raise CommandError(f"--negative-prompt is replaced by the {args.invert or 'null-text'} inversion; leave it out")
     if args.save_attention and Path(args.save_attention).suffix.lower() != ".png":
         raise CommandError(f"--save-attention must name a .png file, got {args.save_attention!r}")
     if not math.isfinite(args.alpha):

@@ -98,10 +98,15 @@ def caption_set() -> list[list[ObjectSpec]]:
     """The fixed captions of the text-to-image measurement: 15 single, 10 pairs, interleaved."""
     singles = [[s] for s in single_object_specs()]
     rng = np.random.default_rng(1234)
-    pairs = []
-    for i in range(10):
-        layout = world.PAIR_LAYOUTS[i % len(world.PAIR_LAYOUTS)]
-        pairs.append([ObjectSpec(str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), p) for p in layout])
+    pairs, seen = [], set()
+    while len(pairs) < 10:  # distinct captions; the two objects differ in colour and shape
+        layout = world.PAIR_LAYOUTS[len(pairs) % len(world.PAIR_LAYOUTS)]
+        shapes = rng.choice(SHAPES, 2, replace=False)
+        colors = rng.choice(list(COLORS), 2, replace=False)
+        pair = [ObjectSpec(str(s), str(c), p) for s, c, p in zip(shapes, colors, layout)]
+        if world.caption_for(pair) not in seen:
+            seen.add(world.caption_for(pair))
+            pairs.append(pair)
     out = []
     for i in range(max(len(singles), len(pairs))):
         if i < len(singles):

@@ -87,6 +87,7 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict) -> P
     info.add_text("parameters", json.dumps(parameters, sort_keys=True))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         with os.fdopen(fd, "wb") as handle:
             image.save(handle, format="PNG", pnginfo=info)
             handle.flush()
@@ -96,6 +97,12 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict) -> P
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_parameters(path: str | os.PathLike) -> dict:

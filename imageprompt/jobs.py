@@ -105,8 +105,8 @@ class Row:
 
     @property
     def label(self) -> str:
-        text = self.id or (self.image.stem if self.image else "row")
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:60] or "row"
+        text = self.id or (self.image.stem if self.image else self.params.get("target") or self.params.get("prompt"))
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", text or "").strip("._")[:60] or "row"
 
     def output_names(self) -> list[str]:
         return [f"{self.label}-{self.kind}-{self.key[:12]}-{self.seed + i}.png" for i in range(self.num)]
@@ -139,7 +139,7 @@ def validate_row(line: int, data, defaults: JobDefaults, base: Path) -> Row:
     row = Row(line)
     try:
         _validate(row, data, defaults, base)
-    except (ValueError, OSError) as err:
+    except (ValueError, TypeError, OSError) as err:
         row.error = str(err)
     return row
 
@@ -196,13 +196,13 @@ def _validate(row: Row, data, defaults: JobDefaults, base: Path) -> None:
             raise ValueError(f"{row.image}: no such file")
         row.image_sha256 = sha256_file(row.image)
     if values.get("adapter"):
-        values["adapter"] = _resolve_adapter(values["adapter"], base)
+        values["adapter"] = resolve_adapter(values["adapter"], base)
     row.params = values
     row.key = row_key(row, defaults)
 
 
-def _resolve_adapter(spec: str, base: Path) -> str:
-    """An adapter ``PATH`` or ``PATH:WEIGHT_NAME`` relative to the job file's folder, made absolute."""
+def resolve_adapter(spec: str, base: Path) -> str:
+    """An adapter ``PATH`` or ``PATH:WEIGHT_NAME`` relative to ``base`` made absolute; other specs as they are."""
     source, sep, weight = spec.rpartition(":") if not (base / spec).exists() else (spec, "", "")
     if sep and (base / source).exists():
         return f"{(base / source).resolve()}:{weight}"
@@ -327,6 +327,8 @@ def _check_p2p(values: dict) -> None:
     from imageprompt.inversion import METHODS
     from imageprompt.p2p import validate_edit
 
+    if not all(isinstance(word, str) for word in values.get("blend") or ()):
+        raise ValueError(f"field 'blend' must be a list of words, got {json.dumps(values['blend'])}")
     values["target"] = validate_edit(values["prompt"], values.get("target"), values["mode"], values.get("weights"),
                                      values.get("blend"), values["cross_steps"], None, values["self_steps"],
                                      **({"blend_threshold": values["blend_threshold"]}
@@ -442,13 +444,17 @@ class PartWriter:
         self.handle.close()
 
 
+# a record that sampled the row beats one that found it complete, which beats a failure
+_PREFERENCE = {("done", False): 3, ("done", True): 2, ("failed", False): 1, ("failed", True): 1}
+
+
+def _score(record: dict) -> int:
+    return _PREFERENCE.get((record.get("status"), bool(record.get("skipped"))), 0)
+
+
 def _better(old: dict | None, new: dict) -> dict:
-    """Which of two records of the same row key to keep: done beats failed, a sampled one beats a skip."""
-    if old is None:
-        return new
-    rank = {("done", False): 3, ("done", True): 2, ("failed", False): 1, ("failed", True): 1}
-    score = lambda r: rank.get((r.get("status"), bool(r.get("skipped"))), 0)  # noqa: E731
-    return new if score(new) >= score(old) else old
+    """Which of two records of the same row to keep: done beats failed, a sampled one beats a skip, newer wins ties."""
+    return new if old is None or _score(new) >= _score(old) else old
 
 
 def fold_parts(out: Path) -> dict[str, dict]:
@@ -698,7 +704,7 @@ def run_job(
     options: JobOptions | None = None,
     device: str | None = None,
 ) -> JobSummary:
-    """Run the rows of ``jobs`` (JSONL) into ``out``; returns the summary (on every process).
+    """Run the rows of ``jobs`` (JSONL) into ``out`` and return the summary.
 
     Args:
         pipe: a loaded :class:`~imageprompt.pipelines.StableDiffusionImagePromptPipeline`, or
@@ -709,8 +715,11 @@ def run_job(
             launch use gloo on the CPU).
 
     Under ``accelerate launch`` the rows are split across processes
-    (:meth:`accelerate.PartialState.split_between_processes`); the summary's
-    counts cover all processes on the main one, and this process's rows elsewhere.
+    (:meth:`accelerate.PartialState.split_between_processes`); every process
+    appends its records to its own part file in ``out``, which must be one folder
+    shared by all of them. The main process waits for every row's record, merges
+    them into ``results.jsonl`` and returns counts for the whole job; the others
+    return their own share's counts as soon as they are done.
     """
     from accelerate import PartialState
 
@@ -740,7 +749,7 @@ def run_job(
                 if pipe is None:
                     if load_pipe is None:
                         raise JobError("run_job needs `pipe` or `load_pipe`")
-                    pipe = load_pipe(device or state.device)
+                    pipe = load_pipe(_process_device(device, state))
                 apply_speed_options(pipe, options.compile, options.channels_last)
                 progress.start = time.perf_counter()  # images/s of sampling, not of loading
                 _sample(pipe, pending, out, writer, summary, options, progress)
@@ -748,21 +757,19 @@ def run_job(
         writer.close()
     summary.seconds = time.perf_counter() - start
     summary.sampling_seconds = time.perf_counter() - progress.start
-    if state.is_main_process:
-        while progress.refresh() < len(entries) and state.num_processes > 1:
-            time.sleep(0.5)  # other processes still working: keep the bar moving
-    state.wait_for_everyone()
-    if state.is_main_process:
-        progress.close()
-        merged = merge_results(out, history)
-        summary.rows = len(merged)
-        summary.failed = sum(r["status"] == "failed" for r in merged)
-        summary.skipped = sum(r["status"] == "done" and bool(r.get("skipped")) for r in merged)
-        summary.done = sum(r["status"] == "done" for r in merged) - summary.skipped
-        summary.images = sum(r.get("images", 0) for r in merged if r["status"] == "done" and not r.get("skipped"))
-        summary.seconds = time.perf_counter() - start
-        summary.sampling_seconds = time.perf_counter() - progress.start
-    state.wait_for_everyone()  # results.jsonl exists before any process returns
+    if not state.is_main_process:
+        return summary  # no barrier: the main process knows from the part files when everyone is done
+    while state.num_processes > 1 and progress.refresh() < len(entries):
+        time.sleep(0.5)  # the others are still sampling: keep the bar moving
+    progress.close()
+    merged = merge_results(out, history)
+    summary.rows = len(merged)
+    summary.failed = sum(r["status"] == "failed" for r in merged)
+    summary.skipped = sum(r["status"] == "done" and bool(r.get("skipped")) for r in merged)
+    summary.done = sum(r["status"] == "done" for r in merged) - summary.skipped
+    summary.images = sum(r.get("images", 0) for r in merged if r["status"] == "done" and not r.get("skipped"))
+    summary.seconds = time.perf_counter() - start
+    summary.sampling_seconds = time.perf_counter() - progress.start
     return summary
 
 
@@ -777,6 +784,16 @@ def _cpu_run(device: str | None) -> bool:
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
         return True
     return default_device().type == "cpu"
+
+
+def _process_device(device: str | None, state):
+    """This process's device: accelerate's, unless an explicit one is given (``cuda`` means this process's GPU)."""
+    import torch
+
+    chosen = torch.device(device) if device is not None else state.device
+    if chosen.index is None and chosen.type == state.device.type:
+        chosen = state.device
+    return chosen
 
 
 def _record(row: Row, status: str, outputs=(), images=0, seconds=None, error=None, skipped=False) -> dict:
@@ -821,7 +838,6 @@ def _sample(pipe, pending: list[Item], out: Path, writer: PartWriter, summary: J
     def finish(row: Row, error: str | None = None) -> None:
         if row.line in finished:
             return
-        finished.add(row.line)
         runner.forget(row)
         took = round(seconds.get(row.line, 0.0), 3)
         if error is not None:
@@ -830,6 +846,7 @@ def _sample(pipe, pending: list[Item], out: Path, writer: PartWriter, summary: J
         else:
             writer.write(_record(row, "done", row.output_names(), images=new_images.get(row.line, 0), seconds=took))
             summary.done += 1
+        finished.add(row.line)  # only once recorded: every row of the share must end up in the part file
 
     def attempt(batch: list[Item]) -> None:
         batch = [item for item in batch if (item.row.line, item.index) not in saved]

@@ -47,7 +47,7 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 TEXT_HIDDEN = 128  # == projection dim (square text_projection, like ViT-L/14's 768x768)
 VISION_HIDDEN = 96
 UNET_CHANNELS = (64, 128, 128)
-VAE_CHANNELS = (8, 16, 32, 64)  # factor 8, as SD: 64x64 images -> 8x8x4 latents
+VAE_CHANNELS = (16, 32, 64, 64)  # factor 8, as SD: 64x64 images -> 8x8x4 latents
 
 
 def log(msg: str) -> None:
@@ -96,7 +96,7 @@ def clip_config(tokenizer, image_size: int = world.IMAGE_SIZE):
         vocab_size=len(tokenizer),
         hidden_size=TEXT_HIDDEN,
         intermediate_size=4 * TEXT_HIDDEN,
-        num_hidden_layers=4,
+        num_hidden_layers=3,
         num_attention_heads=4,
         max_position_embeddings=MAX_LENGTH,
         hidden_act="quick_gelu",
@@ -111,7 +111,7 @@ def clip_config(tokenizer, image_size: int = world.IMAGE_SIZE):
         num_hidden_layers=4,
         num_attention_heads=4,
         image_size=image_size,
-        patch_size=8,
+        patch_size=16,  # 4x4 patches: enough for five positions, cheap on a CPU
         hidden_act="quick_gelu",
         projection_dim=TEXT_HIDDEN,
     )
@@ -127,7 +127,8 @@ def vae_config(image_size: int = world.IMAGE_SIZE) -> dict:
         block_out_channels=VAE_CHANNELS,
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=8,
+        norm_num_groups=4,  # >= 4 channels per group: per-channel norms would erase colour
+        mid_block_add_attention=False,  # local only, so crops train it as well as whole images
         sample_size=image_size,
     )
 
@@ -213,7 +214,7 @@ def train_clip(tokenizer, images, captions, *, seed, steps, batch, lr, device):
     n = len(captions)
     t0, running = time.time(), None
     for step in range(steps):
-        set_lr(opt, lr_at(step, steps, lr, min(200, steps // 10 + 1)))
+        set_lr(opt, lr_at(step, steps, lr, min(50, steps // 10 + 1)))
         idx = torch.randint(0, n, (batch,), generator=gen)
         caps = [captions[i] for i in idx.tolist()]
         # The causal text tower's EOS output does not depend on the padding after it, so
@@ -243,7 +244,7 @@ def train_clip(tokenizer, images, captions, *, seed, steps, batch, lr, device):
     return model
 
 
-def train_vae(images, *, seed, steps, batch, lr, device, kl_weight=1e-6, crop=32, full_fraction=0.25):
+def train_vae(images, *, seed, steps, batch, lr, device, kl_weight=1e-6, crop=32, full_fraction=0.2):
     """Reconstruction (L1 + MSE) with SD's tiny KL weight.
 
     Most steps see random ``crop`` x ``crop`` windows (aligned to the latent grid):
@@ -253,7 +254,7 @@ def train_vae(images, *, seed, steps, batch, lr, device, kl_weight=1e-6, crop=32
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed + 2)
-    vae = AutoencoderKL(**vae_config()).to(device)
+    vae = AutoencoderKL(**vae_config()).to(device).to(memory_format=torch.channels_last)
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed + 12)
@@ -268,7 +269,9 @@ def train_vae(images, *, seed, steps, batch, lr, device, kl_weight=1e-6, crop=32
             factor = 2 ** (len(VAE_CHANNELS) - 1)
             oy, ox = (torch.randint(0, (size - crop) // factor + 1, (2,), generator=gen) * factor).tolist()
             x = x[:, :, oy : oy + crop, ox : ox + crop]
-        x = to_vae_input(x.to(device))
+        x = to_vae_input(x.to(device)).contiguous(memory_format=torch.channels_last)
+        if step >= steps * (1 - full_fraction):
+            x = x[: max(1, batch // 2)]  # whole images cost 4x a crop: half the batch
         post = vae.encode(x).latent_dist
         z = post.sample()
         rec = vae.decode(z).sample
@@ -287,7 +290,28 @@ def train_vae(images, *, seed, steps, batch, lr, device, kl_weight=1e-6, crop=32
         z = torch.cat([vae.encode(to_vae_input(images[i : i + 256].to(device))).latent_dist.mean for i in range(0, min(len(images), 2048), 256)])
     vae.register_to_config(scaling_factor=float(1.0 / z.flatten().std()))
     log(f"vae scaling_factor {vae.config.scaling_factor:.5f}")
+    vae = vae.to(memory_format=torch.contiguous_format)
+    log(f"vae check: {check_vae(vae, seed, device)}")
     return vae
+
+
+@torch.no_grad()
+def check_vae(vae, seed: int, device, count: int = 64, save: Path | None = None) -> str:
+    """Reconstruct held-out scenes; how often do the read-back objects keep shape and colour?"""
+    scenes = world.sample_scenes(seed + 999_983, 0, count)
+    x = torch.from_numpy(np.stack([s.array for s in scenes])).permute(0, 3, 1, 2)
+    rec = vae.decode(vae.encode(to_vae_input(x.to(device))).latent_dist.mean).sample
+    rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    same = sum(
+        [(o.shape, o.color) for o in world.detect_objects(s.array)] == [(o.shape, o.color) for o in world.detect_objects(r)]
+        for s, r in zip(scenes, rec)
+    )
+    err = float(np.abs(rec.astype(np.float32) - x.permute(0, 2, 3, 1).numpy()).mean())
+    if save is not None:
+        from PIL import Image
+
+        world.grid([s.image for s in scenes[:16]] + [Image.fromarray(r) for r in rec[:16]], 16).save(save)
+    return f"objects kept {same}/{count}, mean abs error {err:.1f}/255"
 
 
 @torch.no_grad()
@@ -300,7 +324,7 @@ def encode_prompts(text_encoder, tokenizer, prompts: list[str], device, batch: i
 
 
 def train_unet(text_encoder, tokenizer, vae, images, captions, *, seed, steps, batch, lr, device,
-               dropout=0.1, ema_decay=0.999):
+               dropout=0.1, ema_decay=0.995):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     # Frozen inputs, computed once: text states per unique caption, VAE posteriors per image.
@@ -330,7 +354,7 @@ def train_unet(text_encoder, tokenizer, vae, images, captions, *, seed, steps, b
     n = len(images)
     t0, running = time.time(), None
     for step in range(steps):
-        set_lr(opt, lr_at(step, steps, lr, min(300, steps // 10 + 1)))
+        set_lr(opt, lr_at(step, steps, lr, min(150, steps // 10 + 1)))
         idx = torch.randint(0, n, (batch,), generator=gen)
         eps_z = torch.randn(means[idx].shape, generator=gen).to(device)
         latents = (means[idx] + stds[idx] * eps_z) * sf
@@ -367,6 +391,7 @@ def save_clip(model, tokenizer, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
+    copy_slow_tokenizer_files(tokenizer, folder)
     size = model.config.vision_config.image_size
     CLIPImageProcessor(
         size={"shortest_edge": size},
@@ -391,13 +416,22 @@ def save_pipeline(unet, vae, text_encoder, tokenizer, folder: Path, dtype=torch.
 
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=PNDMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        scheduler=PNDMScheduler.from_config(SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.to(dtype=dtype)
     if folder.exists():
         shutil.rmtree(folder)
     pipe.save_pretrained(folder, safe_serialization=True)
+    copy_slow_tokenizer_files(tokenizer, folder / "tokenizer")
+
+
+def copy_slow_tokenizer_files(tokenizer, folder: Path) -> None:
+    """Also ship vocab.json/merges.txt (transformers 5 saves only tokenizer.json)."""
+    src = Path(tokenizer.name_or_path)
+    for name in ("vocab.json", "merges.txt"):
+        if (src / name).is_file() and not (folder / name).exists():
+            shutil.copy(src / name, folder / name)
 
 
 def folder_mb(folder: Path) -> float:
@@ -413,19 +447,23 @@ def main(argv=None) -> None:
     ap.add_argument("--work", default=None, help="folder for intermediate stage outputs (default: a folder in the temp dir)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1 is fastest on a small shared CPU; 0: torch's default)")
     ap.add_argument("--stages", default="clip,vae,unet", help="comma list; earlier stages are loaded from --work")
-    ap.add_argument("--scenes", type=int, default=30000, help="training scenes (world indices 0..N-1)")
-    ap.add_argument("--clip-steps", type=int, default=1500)
-    ap.add_argument("--clip-batch", type=int, default=128)
-    ap.add_argument("--clip-lr", type=float, default=5e-4)
-    ap.add_argument("--vae-steps", type=int, default=1200)
+    ap.add_argument("--scenes", type=int, default=20000, help="training scenes (world indices 0..N-1)")
+    ap.add_argument("--clip-steps", type=int, default=500)
+    ap.add_argument("--clip-batch", type=int, default=96)
+    ap.add_argument("--clip-lr", type=float, default=1e-3)
+    ap.add_argument("--vae-steps", type=int, default=900)
     ap.add_argument("--vae-batch", type=int, default=32)
     ap.add_argument("--vae-lr", type=float, default=1e-3)
-    ap.add_argument("--unet-steps", type=int, default=4000)
-    ap.add_argument("--unet-batch", type=int, default=64)
-    ap.add_argument("--unet-lr", type=float, default=5e-4)
+    ap.add_argument("--unet-steps", type=int, default=1500)
+    ap.add_argument("--unet-batch", type=int, default=32)
+    ap.add_argument("--unet-lr", type=float, default=6e-4)
     ap.add_argument("--fp16", action="store_true", help="save the pipeline weights in float16")
+    ap.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=True,
+                    help="train the VAE in a second process while the CLIP trains (default: on)")
+    ap.add_argument("--vae-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -440,25 +478,41 @@ def main(argv=None) -> None:
 
     images, captions = make_dataset(args.seed, args.scenes)
     log(f"dataset: {len(images)} scenes, {len(set(captions))} distinct captions ({time.time() - t_start:.0f}s)")
-    tokenizer = build_tokenizer(work / "tokenizer")
+    tokenizer = None if args.vae_only else build_tokenizer(work / "tokenizer")
 
     from diffusers import AutoencoderKL
     from transformers import CLIPModel
 
     clip_dir, vae_dir = out / "shapes-clip", work / "vae"
+    helper = None
+    if args.parallel and "clip" in stages and "vae" in stages:
+        # The stages are seeded separately, so training the VAE in a second process
+        # gives the same weights as training it after the CLIP, in less wall time.
+        import subprocess
+        import sys
+
+        cmd = [sys.executable, "-m", "imageprompt.train_world", *(argv if argv is not None else sys.argv[1:]),
+               "--stages", "vae", "--no-parallel", "--vae-only"]
+        log(f"vae stage in a second process: {' '.join(cmd[1:])}")
+        helper = subprocess.Popen(cmd)
+        stages.discard("vae")
     if "clip" in stages:
         t = time.time()
         clip = train_clip(tokenizer, images, captions, seed=args.seed, steps=args.clip_steps,
                           batch=args.clip_batch, lr=args.clip_lr, device=device)
         save_clip(clip.to("cpu"), tokenizer, clip_dir)
         log(f"clip done in {time.time() - t:.0f}s -> {clip_dir}")
-    clip = CLIPModel.from_pretrained(clip_dir).to(device).eval()
     if "vae" in stages:
         t = time.time()
         vae = train_vae(images, seed=args.seed, steps=args.vae_steps, batch=args.vae_batch,
                         lr=args.vae_lr, device=device)
         vae.to("cpu").save_pretrained(vae_dir, safe_serialization=True)
         log(f"vae done in {time.time() - t:.0f}s -> {vae_dir}")
+    if args.vae_only:
+        return
+    if helper is not None and helper.wait() != 0:
+        raise SystemExit("the vae stage failed")
+    clip = CLIPModel.from_pretrained(clip_dir).to(device).eval()
     vae = AutoencoderKL.from_pretrained(vae_dir).to(device).eval()
     text_encoder = text_tower(clip).to(device)
     if "unet" in stages:

@@ -68,6 +68,13 @@ def test_variation_from_the_browser(browser, app, tmp_path):
     assert page.locator("#variation-gallery img").count() >= 1
     assert ".png" in page.locator("#variation-files").inner_text()
 
+    # The seed's randomise button (in the closed "Advanced options" accordion) picks a new seed.
+    page.get_by_text("Advanced options").first.click()
+    seed = page.get_by_label("Seed (image i uses seed + i)")
+    assert seed.input_value() == "0"
+    page.get_by_role("button", name="Random seed").first.click()
+    page.wait_for_function("el => el.value !== '0'", arg=seed.element_handle(), timeout=10_000)
+
     screenshot = tmp_path / "demo-variation.png"
     page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 10_000

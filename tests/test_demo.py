@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 
 import numpy as np
@@ -103,6 +104,20 @@ def test_variation_is_reproducible_from_the_seed(client, files):
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
 
 
+def test_progress_follows_the_sampling_steps(client, files, tiny_pipe):
+    tiny_pipe.set_progress_bar_config(disable=False)  # the fixture silences it; the demo's progress reads it
+    try:
+        job = client.submit(handle_file(files / "red.png"), **dict(FAST, steps=20), api_name="/variation")
+        seen = set()
+        while not job.done():
+            seen.update((p.length, p.unit) for p in job.status().progress_data or [])
+            time.sleep(0.02)
+        job.result()
+    finally:
+        tiny_pipe.set_progress_bar_config(disable=True)
+    assert (20, "steps") in seen
+
+
 def test_edit_records_prompt_and_alpha(client, files):
     result = client.predict(handle_file(files / "red.png"), "a blue circle", 0.6, **FAST, api_name="/edit")
     shown, downloads = result_paths(result)
@@ -160,6 +175,7 @@ def test_real_image_edit_inverts_then_edits(client, files, method="null-text"):
         (dict(weights="snow=2"), "weight word 'snow' is not in the target"),
         (dict(weights="dog"), "WORD=NUMBER"),
         (dict(blend="tree"), "blend word 'tree' is in neither"),
+        (dict(blend="<b>tree</b>"), "blend word '&lt;b&gt;tree&lt;/b&gt;'"),  # shown as text, not HTML
         (dict(mode="reweight", weights=""), "reweight needs at least one word weight"),
     ],
 )

@@ -117,7 +117,7 @@ def test_job_file_errors_before_anything(images, fake_load, capsys):
     assert fake_load == [] and not (images / "out").exists()
 
 
-def test_rerun_skips_complete_rows_and_samples_only_what_is_missing(images, tiny_pipe):
+def test_rerun_skips_complete_rows_and_samples_only_what_is_missing(images, tiny_pipe, capsys):
     rows = [{"kind": "vary", "image": "red.png", "num": 2}, {"kind": "edit", "image": "blue.jpg", "prompt": "a cat"}]
     jobs, out = write_jobs(images / "jobs.jsonl", rows), images / "out"
     options = JobOptions(batch_size=3, progress=False)
@@ -126,8 +126,9 @@ def test_rerun_skips_complete_rows_and_samples_only_what_is_missing(images, tiny
     names = [n for r in results(out) for n in r["outputs"]]
     stamps = {n: (out / n).stat().st_mtime_ns for n in names}
 
-    again = run_job(jobs, out, pipe=tiny_pipe, defaults=JobDefaults(**FAST), options=options)
+    again = run_job(jobs, out, pipe=tiny_pipe, defaults=JobDefaults(**FAST), options=JobOptions(progress=True))
     assert (again.done, again.skipped, again.images) == (0, 2, 0)
+    assert "2/2" in capsys.readouterr().err  # the one bar counts rows
     assert {n: (out / n).stat().st_mtime_ns for n in names} == stamps
     records = results(out)
     assert all(r["skipped"] and r["status"] == "done" and r["seconds"] > 0 for r in records)  # first run's seconds
@@ -158,6 +159,23 @@ def test_output_names_follow_content(images):
     assert second[0].key != first[0].key
     other_model = validate_rows(read_manifest(jobs), JobDefaults(model="other/model"), images)
     assert other_model[0].key != second[0].key
+
+
+def test_rows_with_equal_settings_share_batches(images):
+    from imageprompt.jobs import Item, plan_batches
+
+    jobs = write_jobs(images / "jobs.jsonl", [
+        {"kind": "vary", "image": "red.png", "num": 2},
+        {"kind": "edit", "image": "red.png", "prompt": "a cat"},
+        {"kind": "vary", "image": "blue.jpg"},
+        {"kind": "edit", "image": "blue.jpg", "prompt": "a dog", "alpha": 0.6},
+        {"kind": "edit", "image": "blue.jpg", "prompt": "a tree"},
+        {"kind": "vary", "image": "blue.jpg", "steps": 3},
+    ])
+    rows = validate_rows(read_manifest(jobs), JobDefaults(), images)
+    items = [Item(row, i) for row in rows for i in range(row.num)]
+    batches = [[(item.row.line, item.index) for item in batch] for batch in plan_batches(items, 2)]
+    assert batches == [[(1, 0), (1, 1)], [(3, 0)], [(2, 0), (5, 0)], [(4, 0)], [(6, 0)]]
 
 
 def test_is_complete_rejects_truncated_and_foreign_pngs(tmp_path):

@@ -10,6 +10,7 @@ import torch
 from imageprompt.attention_maps import render_attention_maps, token_labels
 from imageprompt.cli import main
 from imageprompt.images import read_parameters
+from imageprompt.loading import load_pipeline
 from imageprompt.p2p import (
     PromptToPromptController,
     global_alignment,
@@ -131,6 +132,18 @@ def test_editor_runs_in_half_precision(p2p_pipe, dtype):
         half = ctl(Proc(cross), q.to(dtype), k.to(dtype), v.to(dtype))
         assert half.dtype == dtype and torch.isfinite(half).all()
         assert torch.allclose(half.float(), full, atol=0.05)
+
+
+def test_pipeline_runs_in_bfloat16(tiny_model, noise):
+    from imageprompt.pipelines import StableDiffusionPromptToPromptPipeline
+
+    base = load_pipeline(*map(str, tiny_model), device="cpu", dtype="bf16")
+    pipe = StableDiffusionPromptToPromptPipeline(**base.components)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(SOURCE, TARGET, blend_words=["cat", "dog"], weights={"dog": 2.0}, self_res=16, map_res=16,
+               latents=noise, num_inference_steps=2, output_type="latent")
+    assert out.images.dtype == torch.bfloat16 and torch.isfinite(out.images).all()
+    assert torch.isfinite(out.attention_maps).all()
 
 
 # ---------------------------------------------------------- edit behaviour

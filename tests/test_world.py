@@ -81,6 +81,7 @@ def test_world_tokenizer_makes_one_token_per_word(tmp_path):
 def test_measuring_functions_recover_ground_truth():
     scenes = world.sample_scenes(5, 0, 120)
     n = ok = 0
+    ious = []
     for scene in scenes:
         found = world.detect_objects(scene.image)
         assert len(found) == len(scene.objects)
@@ -91,9 +92,10 @@ def test_measuring_functions_recover_ground_truth():
             assert world.dominant_color(scene.image, obj.mask) == obj.color
             assert world.classify_shape(obj.mask) == obj.shape
             assert world.classify_position(obj.mask) == obj.position
-        best = max(world.mask_iou(d.mask, scene.objects[0].mask) for d in found)
-        assert best > 0.85
+        for obj in scene.objects:  # the segmentation finds each object's mask
+            ious.append(max(world.mask_iou(d.mask, obj.mask) for d in found))
     assert ok == n
+    assert min(ious) > 0.7 and np.mean(ious) > 0.93
 
 
 def test_measuring_functions_notice_wrong_images():
@@ -163,3 +165,198 @@ def test_registry_is_import_light():
     code = "import sys, imageprompt.checkpoints; print('torch' in sys.modules, 'diffusers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+# ----------------------------------------------------------------------------- the measurements
+
+
+class _FakeOutput:
+    def __init__(self, images):
+        self.images = images
+
+
+class _OraclePipe:
+    """Draws exactly what it is asked for: every measurement must read 100% on it."""
+
+    image_encoder = converter = object()
+
+    def __init__(self, broken: bool = False):
+        self.broken = broken
+        self.calls = 0
+
+    def __call__(self, prompt=None, image=None, num_images_per_prompt=1, generator=None, **kwargs):
+        self.calls += 1
+        n = len(prompt if prompt is not None else image)
+        out = []
+        for i in range(n):
+            if self.broken:
+                img = Image.new("RGB", (64, 64), (240, 240, 240))
+            elif image is None:
+                img = world.scene_from_caption(prompt[i], seed=i).image
+            elif prompt is None:
+                img = image[i]
+            else:  # edit: the prompt's colour and shape, the reference's position
+                ref = world.detect_objects(image[i])[0]
+                words = prompt[i].split()
+                spec = ObjectSpec(next(w for w in words if w in world.SHAPES),
+                                  next(w for w in words if w in world.COLORS), ref.position, "large")
+                img = world.render([spec], "white", i).image
+            out.extend([img] * num_images_per_prompt)
+        assert len(generator) == len(out)
+        return _FakeOutput(out)
+
+
+def test_measurements_read_full_marks_on_an_oracle():
+    from imageprompt import evaluate
+
+    settings = evaluate.EvalSettings(samples=8, images_per_sample=2, batch=6)
+    rows = evaluate.run_suite(_OraclePipe(), settings)
+    assert {r.measurement for r in rows} >= {"text-to-image", "SD-IPC variation", "SD-IPC edit"}
+    assert all(r.value == 1.0 for r in rows), evaluate.format_table(rows)
+    assert all(r.n >= 8 for r in rows)
+    table = evaluate.format_table(rows)
+    assert "keeps colour" in table and "100%" in table
+
+
+def test_measurements_read_zero_on_blank_images():
+    from imageprompt import evaluate
+
+    rows = evaluate.run_suite(_OraclePipe(broken=True), evaluate.EvalSettings(samples=4, images_per_sample=1))
+    assert rows and all(r.value == 0.0 for r in rows)
+    assert "MISSED" in evaluate.format_table(rows)
+
+
+def test_measurement_sets_are_fixed_and_cover_the_world():
+    from imageprompt import evaluate
+
+    captions = [world.caption_for(s) for s in evaluate.caption_set()]
+    assert captions == [world.caption_for(s) for s in evaluate.caption_set()]
+    assert len(set(captions)) == len(captions) == 25
+    objs = [o for s in evaluate.caption_set() for o in s]
+    assert {o.color for o in objs} == set(world.COLORS) and {o.shape for o in objs} == set(world.SHAPES)
+    cases = evaluate.edit_cases(evaluate.reference_scenes(10))
+    for ref, attr, new, prompt in cases:
+        old = ref.objects[0].color if attr == "colour" else ref.objects[0].shape
+        assert new != old and new in prompt.split()
+    assert {c[1] for c in cases} == {"colour", "shape"}
+
+
+def test_added_measurements_join_the_table():
+    from imageprompt import evaluate
+
+    @evaluate.register_measurement("test-only row")
+    def _row(pipe, settings):
+        return [evaluate.Row("test-only row", "always", 0.5, 2, aim=0.4)]
+
+    try:
+        rows = evaluate.run_suite(None, names=["test-only row"])
+        assert "test-only row" in evaluate.format_table(rows) and rows[0].meets_aim
+    finally:
+        evaluate.MEASUREMENTS.pop("test-only row")
+
+
+# ----------------------------------------------------------------------------- the bundled model
+
+
+def _bundled():
+    from imageprompt.checkpoints import BUNDLED_CLIP, BUNDLED_MODEL
+
+    assert (BUNDLED_MODEL / "model_index.json").is_file(), "run python -m imageprompt.train_world --out checkpoints"
+    return BUNDLED_MODEL, BUNDLED_CLIP
+
+
+def test_bundled_folders_are_small_safetensors_in_sd_layout():
+    model, clip = _bundled()
+    files = [p for folder in (model, clip) for p in folder.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".ckpt", ".pkl")]
+    assert sum(p.stat().st_size for p in files) <= 50 * 2**20
+    index = json.loads((model / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert index["safety_checker"] == [None, None]
+    for part in ("unet", "vae"):
+        assert (model / part / "diffusion_pytorch_model.safetensors").is_file()
+    assert (model / "text_encoder" / "model.safetensors").is_file() and (clip / "model.safetensors").is_file()
+    sched = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    assert (sched["beta_schedule"], sched["beta_start"], sched["beta_end"]) == ("scaled_linear", 0.00085, 0.012)
+
+
+def test_bundled_model_generates_through_plain_diffusers():
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    model, _ = _bundled()
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    unet, te = pipe.unet.config, pipe.text_encoder.config
+    assert unet.in_channels == pipe.vae.config.latent_channels == 4
+    assert unet.cross_attention_dim == te.hidden_size and te.max_position_embeddings == 77
+    assert pipe.tokenizer.model_max_length == 77
+    out = pipe(["a red circle in the center", "a blue square on the left"], num_inference_steps=4,
+               generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert out.shape == (2, 64, 64, 3)
+    assert np.isfinite(out).all() and out.std() > 0.02
+    assert np.abs(out[0] - out[1]).mean() > 0.01  # the prompt matters
+
+
+def test_bundled_clip_is_the_text_encoder_and_aligns_images_with_captions():
+    import torch
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPTokenizer
+
+    model, clip_dir = _bundled()
+    clip = CLIPModel.from_pretrained(clip_dir).eval()
+    te = CLIPTextModel.from_pretrained(model / "text_encoder").eval()
+    tok = CLIPTokenizer.from_pretrained(clip_dir)
+    proc = CLIPImageProcessor.from_pretrained(clip_dir)
+    tc, vc = clip.config.text_config, clip.config.vision_config
+    assert tuple(clip.text_projection.weight.shape) == (tc.hidden_size, tc.hidden_size)  # square, as ViT-L/14
+    assert vc.hidden_size != tc.hidden_size and clip.visual_projection.weight.shape[0] == tc.hidden_size
+    ids = tok(["a red circle in the center"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(te(ids).last_hidden_state, clip.text_model(ids).last_hidden_state)
+    scenes = [world.render([ObjectSpec(s, c, p, "large")], "white", i) for i, (s, c, p) in enumerate(
+        [("circle", "red", "left"), ("square", "blue", "right"), ("triangle", "green", "center"),
+         ("circle", "yellow", "top"), ("square", "purple", "bottom"), ("triangle", "red", "right")])]
+    captions = [world.caption_for(world.specs_of(s)) for s in scenes]
+    pixels = proc(images=[s.image for s in scenes], return_tensors="pt").pixel_values
+    assert tuple(pixels.shape) == (6, 3, 64, 64)
+    with torch.no_grad():
+        logits = clip(input_ids=tok(captions, padding=True, return_tensors="pt").input_ids,
+                      pixel_values=pixels).logits_per_image
+    assert (logits.argmax(1) == torch.arange(6)).float().mean() >= 0.8
+
+
+@pytest.fixture(scope="module")
+def bundled_pipe():
+    from imageprompt.evaluate import load_bundled
+
+    _bundled()
+    return load_bundled("cpu")
+
+
+def test_bundled_model_meaning_quick(bundled_pipe):
+    """The fast subset of the measurement table, with thresholds."""
+    from imageprompt import evaluate
+
+    settings = evaluate.EvalSettings.quick()
+    rows = {(r.measurement, r.metric): r for r in evaluate.run_suite(bundled_pipe, settings)}
+    print(evaluate.format_table(list(rows.values())))
+    assert rows["text-to-image", "colour"].value >= THRESHOLDS["t2i colour"]
+    assert rows["text-to-image", "shape"].value >= THRESHOLDS["t2i shape"]
+    assert rows["SD-IPC variation", "keeps colour"].value >= THRESHOLDS["variation colour"]
+    assert rows["SD-IPC edit", "named attribute changed"].value >= THRESHOLDS["edit changed"]
+
+
+THRESHOLDS = {"t2i colour": 0.75, "t2i shape": 0.6, "variation colour": 0.5, "edit changed": 0.3}
+
+
+@pytest.mark.slow
+def test_bundled_model_full_table(bundled_pipe):
+    from imageprompt import evaluate
+
+    rows = evaluate.run_suite(bundled_pipe, evaluate.EvalSettings())
+    print(evaluate.format_table(rows))
+    by = {(r.measurement, r.metric): r.value for r in rows}
+    assert by["text-to-image", "colour"] >= 0.9 and by["text-to-image", "shape"] >= 0.8
