@@ -21,7 +21,8 @@ def register(subparsers) -> None:
     demo = subparsers.add_parser(
         "demo", help="the web demo (Gradio)",
         description="Serve the imageprompt web demo: variation, image + text editing and the other installed "
-                    "capabilities, one tab each. Without --model it runs on the bundled shapes-world model.",
+                    "capabilities, one tab each. Without --model: SD 1.5 if it is in the local Hugging Face cache, "
+                    "else the bundled shapes-world model.",
     )
     demo.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; "
                                                           "0.0.0.0 for every interface)")

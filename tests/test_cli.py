@@ -198,8 +198,13 @@ def test_unreachable_weights_give_one_clear_message(tmp_path, image_path, tiny_m
 
 def test_save_png_is_atomic(tmp_path, monkeypatch):
     image = Image.new("RGB", (8, 8))
-    save_png(image, tmp_path / "a.png", {"seed": 1})
+    old_mask = os.umask(0o022)
+    try:
+        save_png(image, tmp_path / "a.png", {"seed": 1})
+    finally:
+        os.umask(old_mask)
     assert read_parameters(tmp_path / "a.png") == {"seed": 1}
+    assert (tmp_path / "a.png").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
 
     def broken_save(self, fp, *args, **kwargs):
         fp.write(b"\x89PNG partial")

@@ -256,3 +256,14 @@ def test_cli_demo_errors_before_loading(tmp_path, capsys, args, message):
     code = main(["demo", *args, "--model", str(tmp_path / "missing")])
     err = capsys.readouterr().err.strip()
     assert code == 1 and message in err and err.startswith("imageprompt: error:") and len(err.splitlines()) == 1
+
+
+def test_examples_are_small_shapes_world_pictures():
+    from imageprompt.demo.app import EXAMPLES_DIR
+
+    pictures = sorted(EXAMPLES_DIR.glob("*.png"))
+    assert [p.name for p in pictures] == ["blue-square.png", "green-triangle-yellow-circle.png", "red-circle.png"]
+    for path in pictures:
+        assert path.stat().st_size < 2048
+        with Image.open(path) as image:
+            assert image.size == (64, 64)  # the bundled model's size

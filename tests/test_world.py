@@ -360,3 +360,30 @@ def test_bundled_model_full_table(bundled_pipe):
     print(evaluate.format_table(rows))
     by = {(r.measurement, r.metric): r.value for r in rows}
     assert by["text-to-image", "colour"] >= 0.9 and by["text-to-image", "shape"] >= 0.8
+
+
+# ----------------------------------------------------------------------------- the training script
+
+
+def test_training_stages_are_reproducible_from_seed(tmp_path):
+    """Each stage of train_world is a function of its seed (tiny runs of the real stages)."""
+    import torch
+
+    from imageprompt import train_world as T
+
+    images, captions = T.make_dataset(0, 16)
+    assert images.shape == (16, 3, world.IMAGE_SIZE, world.IMAGE_SIZE) and images.dtype == torch.uint8
+    tok = T.build_tokenizer(tmp_path / "tok")
+
+    def run(seed):
+        clip = T.train_clip(tok, images, captions, seed=seed, steps=2, batch=4, lr=1e-3, device="cpu")
+        vae = T.train_vae(images, seed=seed, steps=2, batch=2, lr=1e-3, device="cpu")
+        unet = T.train_unet(T.text_tower(clip), tok, vae, images[:4], captions[:4], seed=seed, steps=2,
+                            batch=2, lr=1e-3, device="cpu")
+        return [m.state_dict() for m in (clip, vae, unet)], vae.config.scaling_factor
+
+    (a, sa), (b, sb), (c, _) = run(0), run(0), run(1)
+    assert sa == sb
+    for sd_a, sd_b, sd_c in zip(a, b, c):
+        assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+        assert any(not torch.equal(sd_a[k], sd_c[k]) for k in sd_a if sd_a[k].is_floating_point())
