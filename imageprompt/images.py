@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 MAX_SIDE = 2048  # larger inputs are downscaled (CLIP sees 224 px anyway)
 
@@ -61,7 +61,7 @@ def load_image(path: str | os.PathLike, max_side: int = MAX_SIDE) -> Image.Image
         with Image.open(path) as image:
             image.draft("RGB", (max_side, max_side))  # JPEG: decode big files at reduced size
             image.load()
-            image = to_rgb(image)
+            image = to_rgb(ImageOps.exif_transpose(image))  # camera photos: apply the EXIF rotation
     except UnidentifiedImageError:
         raise ImageInputError(f"{path}: not an image file (or a format Pillow cannot read)") from None
     except Image.DecompressionBombError as err:

@@ -231,3 +231,14 @@ def test_console_script_end_to_end(tmp_path, image_path, tiny_model):
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 1
     assert bad.stderr.strip() == f"imageprompt: error: {tmp_path / 'nope.png'}: no such file"
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    from imageprompt.images import load_image
+
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif)
+    assert load_image(path).size == (20, 40)
