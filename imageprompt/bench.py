@@ -94,11 +94,10 @@ class Context:
         return Image.fromarray(rng.integers(0, 255, (self.size, self.size, 3), dtype=np.uint8))
 
 
-def measure(ctx: Context, call: Callable[[], object], images: int) -> Result:
-    """Seconds per image and peak memory of ``call`` after one warm-up run."""
+def timed(ctx: Context, call: Callable[[], object]) -> tuple[float, float | None]:
+    """Seconds and peak GiB (CUDA only) of one ``call()``."""
     import torch
 
-    call()  # warm-up: kernels, allocator
     cuda = ctx.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -107,8 +106,13 @@ def measure(ctx: Context, call: Callable[[], object], images: int) -> Result:
     call()
     if cuda:
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+
+
+def measure(ctx: Context, call: Callable[[], object], images: int) -> Result:
+    """Seconds per image and peak memory of ``call`` after one warm-up run."""
+    call()  # warm-up: kernels, allocator
+    seconds, peak = timed(ctx, call)
     return Result(seconds / images, peak, images)
 
 

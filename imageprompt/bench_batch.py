@@ -10,28 +10,12 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from pathlib import Path
 
-from imageprompt.bench import Result, row
+from imageprompt.bench import Result, row, timed
 
 ROWS = 64
 BATCH_SIZE = 16
-
-
-def _timed(ctx, call) -> tuple[float, float | None]:
-    """Seconds and peak GiB of ``call()`` (no warm-up: callers warm up with their own, smaller, work)."""
-    import torch
-
-    cuda = ctx.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    call()
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30 if cuda else None
 
 
 @row(f"plain diffusers, loop of {ROWS} single images")
@@ -47,7 +31,7 @@ def plain_loop(ctx) -> Result:
             pipe("a photo of a cat", generator=torch.Generator("cpu").manual_seed(i), **kw)
 
     loop(1)  # warm-up
-    seconds, peak = _timed(ctx, lambda: loop(ROWS))
+    seconds, peak = timed(ctx, lambda: loop(ROWS))
     return Result(seconds / ROWS, peak, ROWS)
 
 
@@ -82,7 +66,7 @@ def _job(compile: bool):
                 warm = write_variation_job(tmp, BATCH_SIZE, 256)  # one full batch: same shapes as the timed job
                 run_job(warm, tmp / "warm", pipe=pipe, defaults=defaults, options=options)
                 jobs = write_variation_job(tmp, ROWS, 256)
-                seconds, peak = _timed(ctx, lambda: run_job(jobs, tmp / "out", pipe=pipe, defaults=defaults,
+                seconds, peak = timed(ctx, lambda: run_job(jobs, tmp / "out", pipe=pipe, defaults=defaults,
                                                              options=options))
                 done = sum(1 for _ in (tmp / "out").glob("*.png"))
                 if done != ROWS:

@@ -79,17 +79,18 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict) -> Path:
-    """Write ``image`` to ``path`` atomically, with ``parameters`` as JSON in the ``parameters`` text chunk."""
+def atomic_write(path: str | os.PathLike, write, mode: str = "wb") -> Path:
+    """Call ``write(handle)`` on a temporary file beside ``path``, then rename it into place.
+
+    Readers never see a partial file, and a failure leaves nothing behind.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", json.dumps(parameters, sort_keys=True))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG", pnginfo=info)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -97,6 +98,13 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict) -> P
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict) -> Path:
+    """Write ``image`` to ``path`` atomically, with ``parameters`` as JSON in the ``parameters`` text chunk."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", json.dumps(parameters, sort_keys=True))
+    return atomic_write(path, lambda handle: image.save(handle, format="PNG", pnginfo=info))
 
 
 def _umask() -> int:

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -398,17 +397,9 @@ def remove_temporaries(out: Path) -> int:
 
 
 def _atomic_write_lines(path: Path, records: list[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from imageprompt.images import atomic_write
+
+    atomic_write(path, lambda handle: handle.writelines(json.dumps(r) + "\n" for r in records), mode="w")
 
 
 def read_records(path: Path) -> list[dict]:

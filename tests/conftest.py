@@ -35,6 +35,16 @@ def tiny_pipe(tiny_model):
     return pipe
 
 
+@pytest.fixture(scope="session")
+def p2p_pipe(tiny_pipe):
+    """The prompt-to-prompt pipeline on the tiny model's components."""
+    from imageprompt.pipelines import StableDiffusionPromptToPromptPipeline
+
+    pipe = StableDiffusionPromptToPromptPipeline(**tiny_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture
 def red_image():
     return Image.new("RGB", (48, 40), (220, 30, 30))

@@ -13,15 +13,6 @@ from imageprompt import inversion as inv
 SOURCE, TARGET = "a red cat on the beach", "a red dog on the beach"
 
 
-@pytest.fixture(scope="module")
-def p2p_pipe(tiny_pipe):
-    from imageprompt.pipelines import StableDiffusionPromptToPromptPipeline
-
-    pipe = StableDiffusionPromptToPromptPipeline(**tiny_pipe.components)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture
 def photo(noise_image):
     return noise_image.resize((32, 32))

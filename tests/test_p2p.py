@@ -25,15 +25,6 @@ SOURCE, TARGET = "a red cat on the beach", "a red dog on the beach"
 STEPS = 4
 
 
-@pytest.fixture(scope="module")
-def p2p_pipe(tiny_pipe):
-    from imageprompt.pipelines import StableDiffusionPromptToPromptPipeline
-
-    pipe = StableDiffusionPromptToPromptPipeline(**tiny_pipe.components)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture
 def noise():
     return torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
