@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "imageprompt.cli_demo",
     "imageprompt.cli_batch",
     "imageprompt.cli_tune",  # tune domain|online
+    "imageprompt.evaluate",  # eval --suite world
 ]
 
 
