@@ -289,6 +289,8 @@ def sdipc_edit(pipe, settings: EvalSettings) -> list[Row]:
 
 def run_suite(pipe, settings: EvalSettings | None = None, names: list[str] | None = None,
               progress: Callable[[str], None] | None = None) -> list[Row]:
+    import imageprompt.evaluate_edits  # noqa: F401  (registers "p2p replace" and "IP-Adapter (world)")
+
     settings = settings or EvalSettings()
     rows: list[Row] = []
     for name in names or list(MEASUREMENTS):

@@ -1,0 +1,104 @@
+"""The p2p-replace and world IP-Adapter rows of the shapes-world table: cases, counts, values, files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from imageprompt.checkpoints import BUNDLED_CLIP, BUNDLED_MODEL
+
+from imageprompt import evaluate, evaluate_edits, world
+from imageprompt.evaluate import EvalSettings
+
+BUNDLED = (BUNDLED_MODEL / "model_index.json").is_file() and (BUNDLED_CLIP / "config.json").is_file()
+needs_bundled = pytest.mark.skipif(not BUNDLED, reason="the bundled shapes-world model is not in checkpoints/")
+
+
+def check_rows(rows, measurement: str, metrics: list[str], n: int) -> None:
+    assert [r.metric for r in rows] == metrics
+    for row in rows:
+        assert row.measurement == measurement
+        assert row.n == n
+        assert 0.0 <= row.value <= 1.0
+
+
+P2P_METRICS = ["source has the named colour", "colour changed to the target", "object mask kept (IoU >= 0.7)",
+               "mean mask IoU", "changed and mask kept"]
+IPA_METRICS = ["keeps colour", "keeps shape", "keeps position", "keeps all three"]
+
+
+def test_rows_are_in_the_suite():
+    # a fresh interpreter, so that only evaluate.py's own registration line can add the rows
+    code = ("from imageprompt import evaluate\n"
+            "try:\n    evaluate.run_suite(None, names=['?'])\nexcept ValueError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "p2p replace" in out and "IP-Adapter (world)" in out and "text-to-image" in out
+
+
+def test_p2p_cases_swap_only_the_colour():
+    cases = evaluate_edits.p2p_replace_cases(32)
+    assert len(cases) == 32
+    assert len({c[0] for c in cases}) == 15  # every (shape, colour) once per 15
+    for source, target, old, new in cases:
+        assert old != new
+        (src,), _ = world.parse_caption(source)
+        (tgt,), _ = world.parse_caption(target)
+        assert (src.color, tgt.color) == (old, new)
+        assert (src.shape, src.position) == (tgt.shape, tgt.position)
+        assert len(source.split()) == len(target.split())  # replace needs equal word counts
+    assert len({c[3] for c in cases[:15]}) > 1  # target colours vary
+
+
+def test_write_adapter_data(tmp_path):
+    from imageprompt.train_adapter import read_pairs
+
+    evaluate_edits.write_adapter_data(tmp_path, 4, seed=1)
+    pairs = read_pairs(tmp_path)
+    assert [p.name for p, _ in pairs] == ["00000.png", "00001.png", "00002.png", "00003.png"]
+    assert [c == "" for _, c in pairs] == [True, False, True, False]
+    assert pairs[1][1] == world.sample_scene(1, 1).caption
+
+
+def test_rows_on_the_tiny_model(tiny_pipe, tmp_path):
+    from imageprompt.train_adapter import initial_state_dict, save_adapter
+
+    settings = EvalSettings(samples=2, images_per_sample=1, steps=2)
+    check_rows(evaluate_edits.p2p_replace(tiny_pipe, settings), "p2p replace", P2P_METRICS, 2)
+
+    assert evaluate_edits.ip_adapter_world(tiny_pipe, EvalSettings(extra={"ip_adapter": str(tmp_path / "no")})) == []
+    path = save_adapter(initial_state_dict(tiny_pipe.unet, tiny_pipe.image_encoder.config.projection_dim),
+                        tmp_path / "adapter.safetensors")
+    settings.extra["ip_adapter"] = str(path)
+    check_rows(evaluate_edits.ip_adapter_world(tiny_pipe, settings), "IP-Adapter (world)", IPA_METRICS, 2)
+    assert tiny_pipe.image_adapters == []  # unloaded again: later measurements see the plain UNet
+
+
+@pytest.fixture(scope="module")
+def bundled_pipe():
+    return evaluate.load_bundled("cpu")
+
+
+@needs_bundled
+def test_p2p_row_on_the_bundled_model(bundled_pipe):
+    settings = EvalSettings(samples=2, images_per_sample=1, steps=6)
+    rows = evaluate.run_suite(bundled_pipe, settings, names=["p2p replace"])
+    check_rows(rows, "p2p replace", P2P_METRICS, 2)
+
+
+@needs_bundled
+@pytest.mark.skipif(not evaluate_edits.ADAPTER_FILE.is_file(), reason="no checkpoints/shapes-ip-adapter.safetensors")
+def test_bundled_adapter_loads_and_measures(bundled_pipe):
+    from safetensors import safe_open
+
+    with safe_open(str(evaluate_edits.ADAPTER_FILE), "pt") as f:
+        keys = set(f.keys())
+    assert {"image_proj.proj.weight", "image_proj.norm.weight"} <= keys
+    assert any(k.startswith("ip_adapter.") and k.endswith("to_k_ip.weight") for k in keys)
+    assert evaluate_edits.ADAPTER_FILE.stat().st_size < 5_000_000
+
+    bundled_pipe.load_ip_adapter(str(evaluate_edits.ADAPTER_FILE), image_encoder=bundled_pipe.image_encoder)
+    assert len(bundled_pipe.image_adapters) == 1
+    bundled_pipe.unload_ip_adapter()
+    rows = evaluate_edits.ip_adapter_world(bundled_pipe, EvalSettings(samples=2, images_per_sample=1, steps=6))
+    check_rows(rows, "IP-Adapter (world)", IPA_METRICS, 2)
