@@ -338,9 +338,14 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="default: the bundled shapes-world model")
     parser.add_argument("--clip", help="default: the bundled shapes-world CLIP")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a small shared CPU)")
 
 
 def _run(args) -> int:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     settings = EvalSettings.quick() if args.quick else EvalSettings()
     for key in ("samples", "images_per_sample", "steps", "guidance_scale", "seed"):
         if getattr(args, key, None) is not None:

@@ -337,7 +337,7 @@ def encode_prompts(text_encoder, tokenizer, prompts: list[str], device, batch: i
 
 
 def train_unet(text_encoder, tokenizer, vae, images, captions, *, seed, steps, batch, lr, device,
-               dropout=0.1, ema_decay=0.998, snr_gamma=5.0):
+               dropout=0.1, ema_decay=0.998, snr_gamma=5.0, offset_noise=0.0):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     # Frozen inputs, computed once: text states per unique caption, VAE posteriors per image.
@@ -375,7 +375,14 @@ def train_unet(text_encoder, tokenizer, vae, images, captions, *, seed, steps, b
         ci = cap_idx[idx].clone()
         ci[torch.rand(batch, generator=gen) < dropout] = empty
         cond = states[ci.to(device)]
-        noise = torch.randn(latents.shape, generator=gen).to(device)
+        noise = torch.randn(latents.shape, generator=gen)
+        if offset_noise:
+            # Offset noise (Guttenberg 2023): a per-channel constant in the noise. With SD's
+            # schedule some signal survives at t=999, so a model trained without it reads the
+            # image's mean colour off the starting noise and cannot make a white or black
+            # background at sampling time; with it, it learns to set the mean itself.
+            noise = noise + offset_noise * torch.randn(latents.shape[0], latents.shape[1], 1, 1, generator=gen)
+        noise = noise.to(device)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=gen).to(device)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
@@ -481,6 +488,8 @@ def main(argv=None) -> None:
     ap.add_argument("--unet-batch", type=int, default=32)
     ap.add_argument("--unet-lr", type=float, default=1e-3)
     ap.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR loss weighting (0: plain MSE)")
+    ap.add_argument("--offset-noise", type=float, default=0.0,
+                    help="offset noise strength (default 0, as the shipped model; try 0.1)")
     ap.add_argument("--fp16", action="store_true", help="save the pipeline weights in float16")
     ap.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=True,
                     help="train the VAE in a second process while the CLIP trains (default: on)")
@@ -541,7 +550,7 @@ def main(argv=None) -> None:
         t = time.time()
         unet = train_unet(text_encoder, tokenizer, vae, images, captions, seed=args.seed,
                           steps=args.unet_steps, batch=args.unet_batch, lr=args.unet_lr, device=device,
-                          snr_gamma=args.snr_gamma)
+                          snr_gamma=args.snr_gamma, offset_noise=args.offset_noise)
         unet.to("cpu").save_pretrained(work / "unet", safe_serialization=True)
         log(f"unet done in {time.time() - t:.0f}s")
     from diffusers import UNet2DConditionModel
