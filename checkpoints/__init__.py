@@ -16,6 +16,8 @@ HERE = Path(__file__).resolve().parent
 
 BUNDLED_MODEL = HERE / "shapes-sd"
 BUNDLED_CLIP = HERE / "shapes-clip"
+# An IP-Adapter (sd15 format) for the bundled model; its image encoder is BUNDLED_CLIP's vision tower.
+BUNDLED_IP_ADAPTER = HERE / "shapes-ip-adapter.safetensors"
 
 SD15_MODEL_IDS: tuple[str, ...] = (
     "stable-diffusion-v1-5/stable-diffusion-v1-5",

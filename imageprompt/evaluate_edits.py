@@ -23,6 +23,7 @@ import itertools
 from pathlib import Path
 
 from imageprompt import world
+from imageprompt.checkpoints import BUNDLED_IP_ADAPTER
 from imageprompt.evaluate import (
     EvalSettings,
     Row,
@@ -35,7 +36,7 @@ from imageprompt.evaluate import (
 )
 
 IOU_KEPT = 0.7  # the bar: the edited object's mask keeps IoU >= 0.7 with the source's
-ADAPTER_FILE = Path(__file__).resolve().parent.parent / "checkpoints" / "shapes-ip-adapter.safetensors"
+ADAPTER_FILE = BUNDLED_IP_ADAPTER  # trained on the world by `imageprompt train-adapter` (docs/ip-adapter.md)
 
 # ----------------------------------------------------------------------------- prompt-to-prompt replace
 
