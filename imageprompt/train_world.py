@@ -65,35 +65,10 @@ def log(msg: str) -> None:
 
 
 def build_tokenizer(folder: Path):
-    """The world's CLIP tokenizer: every vocabulary word is one token.
-
-    ``write_clip_tokenizer`` writes the vocabulary; its merges are then re-ranked
-    here, because BPE applies the best-ranked merge anywhere in a word, so one
-    word's merge can break another's chain (``ar`` of "are" inside "square").
-    Longer words go first, and words that still split move to the front until
-    none does. Token ids (``vocab.json``) are not changed.
-    """
+    """The world's CLIP tokenizer: every vocabulary word is one token (see :mod:`imageprompt.tokenizer`)."""
     from transformers import CLIPTokenizer
 
-    from imageprompt.tokenizer import _word_merges
-
-    words = world.vocabulary()
-    write_clip_tokenizer(words, folder, max_length=MAX_LENGTH)
-    order = sorted({w.lower() for w in words if len(w) >= 2}, key=lambda w: (-len(w), w))
-    for _ in range(len(order)):
-        merges, seen = [], set()
-        for word in order:
-            for m in _word_merges(word):
-                if m not in seen:
-                    seen.add(m)
-                    merges.append(m)
-        (folder / "merges.txt").write_text("\n".join(["#version: 0.2"] + [f"{a} {b}" for a, b in merges]) + "\n")
-        tokenizer = CLIPTokenizer.from_pretrained(folder)
-        split = [w for w in order if len(tokenizer.tokenize(w)) != 1]
-        if not split:
-            return tokenizer
-        order = split + [w for w in order if w not in split]
-    raise RuntimeError(f"could not make single tokens of {split}")
+    return CLIPTokenizer.from_pretrained(write_clip_tokenizer(world.vocabulary(), folder, max_length=MAX_LENGTH))
 
 
 def clip_config(tokenizer, image_size: int = world.IMAGE_SIZE):
