@@ -53,7 +53,8 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 # Model sizes (kept here so tests and docs can quote them).
 TEXT_HIDDEN = 128  # == projection dim (square text_projection, like ViT-L/14's 768x768)
 VISION_HIDDEN = 96
-UNET_CHANNELS = (32, 64, 128)
+TEXT_LAYERS = 4
+UNET_CHANNELS = (48, 96, 128)
 VAE_CHANNELS = (16, 32, 64)  # factor 4: 64x64 images -> 16x16x4 latents
 
 
@@ -78,7 +79,7 @@ def clip_config(tokenizer, image_size: int = world.IMAGE_SIZE):
         vocab_size=len(tokenizer),
         hidden_size=TEXT_HIDDEN,
         intermediate_size=4 * TEXT_HIDDEN,
-        num_hidden_layers=3,
+        num_hidden_layers=TEXT_LAYERS,
         num_attention_heads=4,
         max_position_embeddings=MAX_LENGTH,
         hidden_act="quick_gelu",
@@ -120,14 +121,16 @@ def unet_config(image_size: int = world.IMAGE_SIZE) -> dict:
         sample_size=image_size // 2 ** (len(VAE_CHANNELS) - 1),  # latent side
         in_channels=4,
         out_channels=4,
-        # Attention at 8x8 and 4x4 and in the mid block, none at 16x16 (it would double
-        # the cost on a CPU). SD 1.x has it at 64, 32 and 16 and none at 8.
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        # SD 1.x's layout: cross-attention at the highest latent resolutions (here 16x16 and
+        # 8x8), plain ResNet blocks at the lowest (4x4), attention in the mid block. Layout
+        # comes from self-attention at the high levels, which prompt-to-prompt relies on, and
+        # its local-blend mask is read from the 16x16 cross-attention maps.
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=UNET_CHANNELS,
         layers_per_block=1,
         cross_attention_dim=TEXT_HIDDEN,
-        attention_head_dim=8,
+        attention_head_dim=4,  # diffusers' legacy name: the number of heads (SD 1.x: 8)
         norm_num_groups=8,  # >= 4 channels per group
     )
 
@@ -153,6 +156,35 @@ def make_dataset(seed: int, count: int) -> tuple[torch.Tensor, list[str]]:
     scenes = world.sample_scenes(seed, 0, count)
     images = torch.from_numpy(np.stack([s.array for s in scenes])).permute(0, 3, 1, 2).contiguous()
     return images, [s.caption for s in scenes]
+
+
+def moved_scene(caption: str, background: str, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """A hard negative for ``caption``: the same objects, moved (another position; for two
+    objects, swapped or in the other layout), drawn on ``background``, with its caption."""
+    specs, named_bg = world.parse_caption(caption)
+    with_size = any(s.size for s in specs)
+    positions = [s.position for s in specs]
+    if len(specs) == 1:
+        choices = [(p,) for p in world.POSITIONS if p != positions[0]]
+    else:
+        choices = [lay for layout in world.PAIR_LAYOUTS for lay in (layout, layout[::-1]) if list(lay) != positions]
+    new_pos = choices[int(rng.integers(len(choices)))]
+    moved = [world.ObjectSpec(s.shape, s.color, p, s.size) for s, p in zip(specs, new_pos)]
+    order = {p: i for i, p in enumerate(world.POSITIONS)}
+    if len(moved) == 2:  # captions list a pair in layout order (left before right, top before bottom)
+        layout = next(lay for lay in world.PAIR_LAYOUTS if set(lay) == {s.position for s in moved})
+        order = {p: i for i, p in enumerate(layout)}
+    moved.sort(key=lambda s: order[s.position])
+    scene = world.render(moved, background, rng, caption="")
+    return scene.array, world.caption_for(moved, named_bg, with_size=with_size)
+
+
+def dataset_backgrounds(images: torch.Tensor) -> list[str]:
+    """The background name of each uint8 image (its corner pixel is always background)."""
+    names = list(world.BACKGROUNDS)
+    refs = torch.tensor([world.BACKGROUNDS[n] for n in names], dtype=torch.float32)
+    corners = images[:, :, 0, 0].float()
+    return [names[i] for i in torch.cdist(corners, refs).argmin(1).tolist()]
 
 
 def to_vae_input(images_u8: torch.Tensor) -> torch.Tensor:
@@ -187,7 +219,30 @@ def set_lr(opt, lr: float) -> None:
 # ----------------------------------------------------------------------------- stages
 
 
-def train_clip(tokenizer, images, captions, *, seed, steps, batch, lr, device):
+def _contrastive(img, txt, caps, scale):
+    """Symmetric InfoNCE; several images in a batch can share a caption: all are positives."""
+    same = torch.tensor([[a == b for b in caps] for a in caps], dtype=torch.float32, device=img.device)
+    target = same / same.sum(1, keepdim=True)
+    logits = scale * img @ txt.T
+    loss = 0.5 * (-(target * F.log_softmax(logits, 1)).sum(1).mean()
+                  - (target * F.log_softmax(logits.T, 1)).sum(1).mean())
+    return loss, same[torch.arange(len(caps)), logits.argmax(1)].mean()
+
+
+def train_clip(tokenizer, images, captions, *, seed, steps, batch, lr, device, hard_negatives=0.25,
+               align_weight=0.5, pad_weight=1.0):
+    """CLIP's contrastive loss, plus three things that make the tiny CLIP behave like ViT-L/14
+    in the properties SD-IPC relies on (see docs/bundled-model.md):
+
+    - every state from EOS on carries the sentence: the contrastive loss is also taken at a
+      random padding position (captions padded with EOS to 77, as SD 1.x), and padding states
+      are pulled towards the EOS state (``pad_weight``);
+    - a small modality gap: matched image and text embeddings are pulled together
+      (``align_weight``: ``1 - cos``), so the pseudo-inverse of the text projection maps an
+      image embedding near its caption's EOS state;
+    - position survives pooling: a ``hard_negatives`` fraction of each batch is added again
+      with the objects moved (:func:`moved_scene`).
+    """
     from transformers import CLIPModel
 
     torch.manual_seed(seed + 1)
@@ -195,24 +250,39 @@ def train_clip(tokenizer, images, captions, *, seed, steps, batch, lr, device):
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(seed + 11)
+    rng = np.random.default_rng([seed, 21])
+    backgrounds = dataset_backgrounds(images) if hard_negatives else None
     n = len(captions)
+    eos_id = tokenizer.eos_token_id
     t0, running = time.time(), None
     for step in range(steps):
         set_lr(opt, lr_at(step, steps, lr, min(50, steps // 10 + 1)))
         idx = torch.randint(0, n, (batch,), generator=gen)
         caps = [captions[i] for i in idx.tolist()]
-        # The causal text tower's EOS output does not depend on the padding after it, so
-        # padding to the longest caption gives the same loss as padding to 77, for less work.
-        ids = tokenize(tokenizer, caps, device, padding="longest")
-        pixels = to_clip_input(images[idx].to(device))
-        out = model(input_ids=ids, pixel_values=pixels)
-        # Several images in a batch can share a caption: all of them are positives.
-        same = torch.tensor([[a == b for b in caps] for a in caps], dtype=torch.float32, device=device)
-        target = same / same.sum(1, keepdim=True)
-        logits = out.logits_per_image
-        loss = 0.5 * (
-            -(target * F.log_softmax(logits, 1)).sum(1).mean() - (target * F.log_softmax(logits.T, 1)).sum(1).mean()
-        )
+        pix = images[idx]
+        k = int(batch * hard_negatives)
+        if k:
+            moved = [moved_scene(captions[i], backgrounds[i], rng) for i in idx[:k].tolist()]
+            pix = torch.cat([pix, torch.from_numpy(np.stack([m[0] for m in moved])).permute(0, 3, 1, 2)])
+            caps = caps + [m[1] for m in moved]
+        ids = tokenize(tokenizer, caps, device)  # padded with EOS to 77, as SD 1.x
+        out = model(input_ids=ids, pixel_values=to_clip_input(pix.to(device)), output_hidden_states=False)
+        img = F.normalize(out.image_embeds, dim=-1)
+        txt = F.normalize(out.text_embeds, dim=-1)
+        scale = model.logit_scale.exp()
+        loss_eos, acc = _contrastive(img, txt, caps, scale)
+        # A random position from EOS to 76 per caption: its state, projected, must match too.
+        states = out.text_model_output.last_hidden_state
+        eos = (ids == eos_id).int().argmax(1)
+        rows = torch.arange(len(caps), device=device)
+        pos = eos + (torch.rand(len(caps), generator=gen) * (MAX_LENGTH - eos.cpu())).long().to(device)
+        pad_states = states[rows, pos]
+        pad = F.normalize(model.text_projection(pad_states), dim=-1)
+        loss_pad, _ = _contrastive(img, pad, caps, scale)
+        loss = 0.5 * (loss_eos + loss_pad)
+        loss = loss + pad_weight * (1 - F.cosine_similarity(pad_states, states[rows, eos], dim=-1)).mean()
+        ramp = min(1.0, step / (0.3 * steps))  # let the contrastive loss spread the captions first
+        loss = loss + ramp * align_weight * (1 - (img * txt).sum(-1)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -221,9 +291,10 @@ def train_clip(tokenizer, images, captions, *, seed, steps, batch, lr, device):
             model.logit_scale.clamp_(0, math.log(100))
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         if step % 50 == 0 or step == steps - 1:
-            acc = same[torch.arange(batch), logits.argmax(1)].mean().item()
-            log(f"clip step {step + 1}/{steps} loss {running:.4f} i2t-acc {acc:.3f} "
-                f"scale {model.logit_scale.exp().item():.1f} {time.time() - t0:.0f}s")
+            with torch.no_grad():
+                cos = (img * txt).sum(-1).mean().item()
+            log(f"clip step {step + 1}/{steps} loss {running:.4f} i2t-acc {acc.item():.3f} "
+                f"img-txt cos {cos:.3f} scale {scale.item():.1f} {time.time() - t0:.0f}s")
     model.eval()
     return model
 
@@ -311,15 +382,106 @@ def encode_prompts(text_encoder, tokenizer, prompts: list[str], device, batch: i
     return torch.cat(out)
 
 
+def eos_broadcast(states: torch.Tensor, eos: torch.Tensor, words_only: bool = False) -> torch.Tensor:
+    """Text states with the EOS state copied over positions 1..EOS-1 (``words_only``) or over
+    every position from 1 on: the shape of SD-IPC's variation conditioning, from text alone."""
+    pos = torch.arange(states.shape[1], device=states.device)
+    eos = eos.to(states.device)
+    mask = (pos[None] >= 1) & ((pos[None] < eos[:, None]) if words_only else (pos[None] != eos[:, None]))
+    eos_state = states[torch.arange(len(states), device=states.device), eos]
+    return torch.where(mask[..., None], eos_state[:, None], states)
+
+
+def wrong_caption(caption: str, attribute: str, rng: np.random.Generator) -> str:
+    """``caption`` with one attribute of its first object changed (colour, shape or position)."""
+    specs, background = world.parse_caption(caption)
+    first = specs[0]
+    if attribute == "position":
+        taken = {s.position for s in specs}
+        options = [p for p in world.POSITIONS if p not in taken]
+        if len(specs) == 2:  # swap the pair instead: a different layout of the same objects
+            specs = [world.ObjectSpec(s.shape, s.color, o.position, s.size) for s, o in zip(specs, specs[::-1])]
+            return world.caption_for(specs, background, with_size=any(s.size for s in specs))
+        first = world.ObjectSpec(first.shape, first.color, str(rng.choice(options)), first.size)
+    elif attribute == "color":
+        first = world.ObjectSpec(first.shape, str(rng.choice([c for c in world.COLORS if c != first.color])),
+                                 first.position, first.size)
+    else:
+        first = world.ObjectSpec(str(rng.choice([x for x in world.SHAPES if x != first.shape])), first.color,
+                                 first.position, first.size)
+    return world.caption_for([first, *specs[1:]], background, with_size=any(s.size for s in specs))
+
+
+class ReadingProbe:
+    """Does the UNet read the text? Denoising loss on fixed held-out scenes, noise and
+    timesteps, with the true caption, with one attribute wrong, and with the true caption's
+    EOS state broadcast over positions 1..76 (SD-IPC's conditioning shape). Printed as the
+    loss increase over the true caption: a UNet that reads a word shows a clear increase
+    for that word; one whose broadcast EOS state carries the sentence shows a small one."""
+
+    def __init__(self, text_encoder, tokenizer, vae, *, seed, device, count=64):
+        rng = np.random.default_rng([seed, 31])
+        scenes = world.sample_scenes(seed + 7_777_777, 0, count)
+        x = torch.from_numpy(np.stack([s.array for s in scenes])).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            self.latents = vae.encode(to_vae_input(x.to(device))).latent_dist.mean * vae.config.scaling_factor
+        gen = torch.Generator().manual_seed(seed + 41)
+        self.noise = torch.randn(self.latents.shape, generator=gen).to(device)
+        self.t = torch.linspace(100, 900, count).long().to(device)
+        caps = [s.caption for s in scenes]
+        self.conds = {"true": encode_prompts(text_encoder, tokenizer, caps, device)}
+        for attr in ("color", "shape", "position"):
+            wrong = [wrong_caption(c, attr, rng) for c in caps]
+            self.conds[f"wrong {attr}"] = encode_prompts(text_encoder, tokenizer, wrong, device)
+        eos = (tokenize(tokenizer, caps, device) == tokenizer.eos_token_id).int().argmax(1)
+        self.conds["eos broadcast"] = eos_broadcast(self.conds["true"], eos)
+        alphas = training_alphas().to(device)[self.t].view(-1, 1, 1, 1)
+        self.noisy = alphas.sqrt() * self.latents + (1 - alphas).sqrt() * self.noise
+
+    @torch.no_grad()
+    def __call__(self, unet) -> dict[str, float]:
+        losses = {k: F.mse_loss(unet(self.noisy, self.t, encoder_hidden_states=c).sample, self.noise).item()
+                  for k, c in self.conds.items()}
+        base = losses["true"]
+        return {"loss": base, **{k: v / base - 1 for k, v in losses.items() if k != "true"}}
+
+    @staticmethod
+    def format(result: dict[str, float]) -> str:
+        return f"probe loss {result['loss']:.4f}; " + ", ".join(
+            f"{k} {100 * v:+.0f}%" for k, v in result.items() if k != "loss")
+
+
+def training_alphas() -> torch.Tensor:
+    from diffusers import DDPMScheduler
+
+    keys = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "clip_sample")
+    return DDPMScheduler(**{k: SCHEDULER_CONFIG[k] for k in keys}).alphas_cumprod
+
+
 def train_unet(text_encoder, tokenizer, vae, images, captions, *, seed, steps, batch, lr, device,
-               dropout=0.1, ema_decay=0.998, snr_gamma=5.0, offset_noise=0.0):
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+               dropout=0.1, word_dropout=0.3, ema_decay=0.999, snr_gamma=5.0, offset_noise=0.1,
+               probe_every=250):
+    """DDPM noise prediction on the frozen text states, with:
+
+    - ``dropout``: the empty prompt instead of the caption (classifier-free guidance);
+    - ``word_dropout``: the word states replaced by the caption's EOS state (half of these
+      over positions 1..EOS-1, half over every position from 1), so that the UNet learns to
+      read the whole sentence from the states from EOS on, as SD's UNet does. Text only: the
+      UNet never sees image-derived conditioning;
+    - ``offset_noise`` (Guttenberg 2023): with SD's schedule some signal survives at t=999,
+      so a model trained without it takes the image's mean colour from the starting noise
+      (grey backgrounds); with it, the model learns to set the mean itself;
+    - Min-SNR loss weighting (Hang et al. 2023) and an EMA of the weights, which is returned.
+    """
+    from diffusers import UNet2DConditionModel
 
     # Frozen inputs, computed once: text states per unique caption, VAE posteriors per image.
     unique = sorted(set(captions) | {""})
     where = {c: i for i, c in enumerate(unique)}
     log(f"unet: encoding {len(unique)} captions and {len(images)} images")
     states = encode_prompts(text_encoder, tokenizer, unique, device)
+    eos_all = torch.cat([(tokenize(tokenizer, unique[i : i + 512], device) == tokenizer.eos_token_id).int().argmax(1)
+                         for i in range(0, len(unique), 512)])
     cap_idx = torch.tensor([where[c] for c in captions])
     empty = where[""]
     means, stds = [], []
@@ -330,14 +492,13 @@ def train_unet(text_encoder, tokenizer, vae, images, captions, *, seed, steps, b
             stds.append(post.std)
     means, stds = torch.cat(means), torch.cat(stds)
     sf = vae.config.scaling_factor
+    probe = ReadingProbe(text_encoder, tokenizer, vae, seed=seed, device=device) if probe_every else None
 
     torch.manual_seed(seed + 3)
     unet = UNet2DConditionModel(**unet_config()).to(device)
     unet.train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    keys = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "clip_sample")
-    noise_sched = DDPMScheduler(**{k: SCHEDULER_CONFIG[k] for k in keys})
-    alphas = noise_sched.alphas_cumprod.to(device)
+    alphas = training_alphas().to(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed + 13)
     n = len(images)
@@ -348,17 +509,20 @@ def train_unet(text_encoder, tokenizer, vae, images, captions, *, seed, steps, b
         eps_z = torch.randn(means[idx].shape, generator=gen).to(device)
         latents = (means[idx] + stds[idx] * eps_z) * sf
         ci = cap_idx[idx].clone()
-        ci[torch.rand(batch, generator=gen) < dropout] = empty
+        u = torch.rand(batch, generator=gen)
+        ci[u < dropout] = empty
         cond = states[ci.to(device)]
+        words = (u >= dropout) & (u < dropout + word_dropout / 2)
+        every = (u >= dropout + word_dropout / 2) & (u < dropout + word_dropout)
+        for sel, words_only in ((words, True), (every, False)):
+            if sel.any():
+                sel = sel.to(device)
+                cond[sel] = eos_broadcast(cond[sel], eos_all[ci[sel.cpu()]], words_only=words_only)
         noise = torch.randn(latents.shape, generator=gen)
         if offset_noise:
-            # Offset noise (Guttenberg 2023): a per-channel constant in the noise. With SD's
-            # schedule some signal survives at t=999, so a model trained without it reads the
-            # image's mean colour off the starting noise and cannot make a white or black
-            # background at sampling time; with it, it learns to set the mean itself.
             noise = noise + offset_noise * torch.randn(latents.shape[0], latents.shape[1], 1, 1, generator=gen)
         noise = noise.to(device)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=gen).to(device)
+        t = torch.randint(0, len(alphas), (batch,), generator=gen).to(device)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
@@ -380,6 +544,8 @@ def train_unet(text_encoder, tokenizer, vae, images, captions, *, seed, steps, b
             el = time.time() - t0
             eta = el / (step + 1) * (steps - step - 1)
             log(f"unet step {step + 1}/{steps} loss {running:.4f} {el:.0f}s (eta {eta:.0f}s)")
+        if probe is not None and ((step + 1) % probe_every == 0 or step == steps - 1):
+            log(f"unet step {step + 1} {ReadingProbe.format(probe(ema))} (EMA weights)")
     return ema
 
 
@@ -453,18 +619,21 @@ def main(argv=None) -> None:
                     help="torch CPU threads (1 is fastest on a small shared CPU; 0: torch's default)")
     ap.add_argument("--stages", default="clip,vae,unet", help="comma list; earlier stages are loaded from --work")
     ap.add_argument("--scenes", type=int, default=20000, help="training scenes (world indices 0..N-1)")
-    ap.add_argument("--clip-steps", type=int, default=900)
+    ap.add_argument("--clip-steps", type=int, default=1200)
     ap.add_argument("--clip-batch", type=int, default=96)
     ap.add_argument("--clip-lr", type=float, default=1e-3)
     ap.add_argument("--vae-steps", type=int, default=900)
     ap.add_argument("--vae-batch", type=int, default=32)
     ap.add_argument("--vae-lr", type=float, default=1e-3)
-    ap.add_argument("--unet-steps", type=int, default=2400)
+    ap.add_argument("--unet-steps", type=int, default=4000)
     ap.add_argument("--unet-batch", type=int, default=32)
     ap.add_argument("--unet-lr", type=float, default=1e-3)
     ap.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR loss weighting (0: plain MSE)")
-    ap.add_argument("--offset-noise", type=float, default=0.0,
-                    help="offset noise strength (default 0, as the shipped model; try 0.1)")
+    ap.add_argument("--offset-noise", type=float, default=0.1, help="offset noise strength (0: none)")
+    ap.add_argument("--word-dropout", type=float, default=0.3,
+                    help="fraction of UNet samples whose word states are replaced by the EOS state")
+    ap.add_argument("--hard-negatives", type=float, default=0.25,
+                    help="fraction of each CLIP batch added again with the objects moved")
     ap.add_argument("--fp16", action="store_true", help="save the pipeline weights in float16")
     ap.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=True,
                     help="train the VAE in a second process while the CLIP trains (default: on)")
@@ -505,7 +674,8 @@ def main(argv=None) -> None:
     if "clip" in stages:
         t = time.time()
         clip = train_clip(tokenizer, images, captions, seed=args.seed, steps=args.clip_steps,
-                          batch=args.clip_batch, lr=args.clip_lr, device=device)
+                          batch=args.clip_batch, lr=args.clip_lr, device=device,
+                          hard_negatives=args.hard_negatives)
         save_clip(clip.to("cpu"), tokenizer, clip_dir)
         log(f"clip done in {time.time() - t:.0f}s -> {clip_dir}")
     if "vae" in stages:
@@ -525,7 +695,8 @@ def main(argv=None) -> None:
         t = time.time()
         unet = train_unet(text_encoder, tokenizer, vae, images, captions, seed=args.seed,
                           steps=args.unet_steps, batch=args.unet_batch, lr=args.unet_lr, device=device,
-                          snr_gamma=args.snr_gamma, offset_noise=args.offset_noise)
+                          snr_gamma=args.snr_gamma, offset_noise=args.offset_noise,
+                          word_dropout=args.word_dropout)
         unet.to("cpu").save_pretrained(work / "unet", safe_serialization=True)
         log(f"unet done in {time.time() - t:.0f}s")
     from diffusers import UNet2DConditionModel
