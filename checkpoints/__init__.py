@@ -3,7 +3,7 @@
 ``shapes-sd/`` is a Stable Diffusion 1.x-architecture pipeline (diffusers
 layout) and ``shapes-clip/`` the full CLIP whose text tower is its text
 encoder; both are trained on the procedurally generated shapes world by
-``python -m imageprompt.train_world`` (see ``imageprompt/train_world.py``).
+``python -m imageprompt.world.train`` (see ``imageprompt/world/train.py``).
 
 This module is import-light on purpose: no torch, no diffusers at import time.
 """

@@ -236,7 +236,7 @@ def check_sampling(ctx: DemoContext, *, steps, guidance, width, height, negative
 
 # --------------------------------------------------------------- running
 def user_errors() -> tuple[type[BaseException], ...]:
-    from imageprompt.cli import user_errors as cli_errors
+    from imageprompt.cli.common import user_errors as cli_errors
 
     return cli_errors()
 
@@ -266,7 +266,7 @@ def shows_errors(fn: Callable) -> Callable:
 
 def parameters(ctx: DemoContext, method: str, sampling: Sampling, **extra) -> dict:
     """What each PNG records, in the same form as the command line's outputs."""
-    from imageprompt.cli import base_parameters
+    from imageprompt.cli.common import base_parameters
 
     args = SimpleNamespace(model=ctx.model_name, clip=ctx.clip_name, scheduler=ctx.scheduler, steps=sampling.steps,
                            guidance=sampling.guidance, negative_prompt=sampling.negative_prompt)
@@ -289,7 +289,7 @@ def write_results(ctx: DemoContext, images, method: str, seeds: list[int], param
 
 def sample(ctx: DemoContext, method: str, inputs: dict, sampling: Sampling, params: dict):
     """Run the SD-IPC pipeline with the accordion's settings and write the results."""
-    from imageprompt.cli import generators
+    from imageprompt.images import generators
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -492,7 +492,7 @@ def words(text: str | None) -> list[str]:
 def check_edit(source: str, target: str | None, mode: str, weights_text: str | None, blend_text: str | None,
                cross_steps, self_steps, blend_threshold) -> dict:
     """Prompt-to-prompt settings checked on the text alone, before any sampling (``gr.Error`` when they don't fit)."""
-    from imageprompt.cli_p2p import parse_weights
+    from imageprompt.cli.p2p import parse_weights
     from imageprompt.p2p import validate_edit
 
     source = check_prompt(source, "the source prompt")
@@ -576,7 +576,7 @@ def p2p_tab(ctx: DemoContext) -> None:
 
     def p2p(source, target, mode, blend, weights, cross_steps, self_steps, blend_threshold, steps, guidance, seed,
             width, height, negative_prompt, progress=gr.Progress(track_tqdm=True)):
-        from imageprompt.cli import generators
+        from imageprompt.images import generators
 
         settings = check_edit(source, target, mode, weights, blend, cross_steps, self_steps, blend_threshold)
         sampling = check_sampling(ctx, steps=steps, guidance=guidance, seed=seed, width=width, height=height,
@@ -763,7 +763,7 @@ def serve(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, sha
 
 def launch(args) -> int:
     """``imageprompt demo``: load the model named on the command line and serve the page until interrupted."""
-    from imageprompt.cli import load_pipeline_from_args
+    from imageprompt.cli.common import load_pipeline_from_args
     from imageprompt.loading import resolve_model
 
     model, clip, notice = resolve_model(args.model, args.clip)

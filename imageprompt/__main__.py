@@ -1,5 +1,5 @@
 import sys
 
-from imageprompt.cli import main
+from imageprompt.cli.main import main
 
 sys.exit(main())

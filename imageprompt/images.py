@@ -107,6 +107,14 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict) -> P
     return atomic_write(path, lambda handle: image.save(handle, format="PNG", pnginfo=info))
 
 
+def generators(seed: int, count: int):
+    """One CPU ``torch.Generator`` per image, seeded ``seed + i``: image i is reproducible alone
+    from its own seed, on any device and in any batch."""
+    import torch
+
+    return [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

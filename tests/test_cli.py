@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imageprompt.cli import main
+from imageprompt.cli.main import main
 from imageprompt.images import read_parameters, save_png
 
 

@@ -238,7 +238,7 @@ def test_reads_no_file_that_was_not_uploaded(app, tmp_path):
 
 
 def test_cli_registers_demo_command():
-    from imageprompt.cli import build_parser
+    from imageprompt.cli.main import build_parser
 
     args = build_parser().parse_args(["demo", "--port", "7861", "--model", "m", "--max-queue", "3"])
     assert (args.port, args.model, args.max_queue, args.host, args.share) == (7861, "m", 3, "127.0.0.1", False)
@@ -251,7 +251,7 @@ def test_cli_registers_demo_command():
     (["--adapter", "/nowhere/ip-adapter.safetensors"], "no such IP-Adapter file"),
 ])
 def test_cli_demo_errors_before_loading(tmp_path, capsys, args, message):
-    from imageprompt.cli import main
+    from imageprompt.cli.main import main
 
     code = main(["demo", *args, "--model", str(tmp_path / "missing")])
     err = capsys.readouterr().err.strip()

@@ -8,8 +8,9 @@ import sys
 import pytest
 from imageprompt.checkpoints import BUNDLED_CLIP, BUNDLED_MODEL
 
-from imageprompt import evaluate, evaluate_edits, world
-from imageprompt.evaluate import EvalSettings
+from imageprompt import world
+from imageprompt.world import evaluate, evaluate_edits
+from imageprompt.world.evaluate import EvalSettings
 
 BUNDLED = (BUNDLED_MODEL / "model_index.json").is_file() and (BUNDLED_CLIP / "config.json").is_file()
 needs_bundled = pytest.mark.skipif(not BUNDLED, reason="the bundled shapes-world model is not in checkpoints/")
@@ -29,8 +30,8 @@ IPA_METRICS = ["keeps colour", "keeps shape", "keeps position", "keeps all three
 
 
 def test_rows_are_in_the_suite():
-    # a fresh interpreter, so that only evaluate.py's own registration line can add the rows
-    code = ("from imageprompt import evaluate\n"
+    # a fresh interpreter: the suite is an explicit list, complete without importing anything else
+    code = ("from imageprompt.world import evaluate\n"
             "try:\n    evaluate.run_suite(None, names=['?'])\nexcept ValueError as e:\n    print(e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "p2p replace" in out and "IP-Adapter (world)" in out and "text-to-image" in out

@@ -316,7 +316,7 @@ def test_sdipc_branch_composes_with_ip_adapter(adapter_repo, pipe, red_image):
 
 # ------------------------------------------------------------ command line
 def test_cli_vary_and_edit_with_adapters(tiny_model, adapter_repo, tmp_path, red_image):
-    from imageprompt.cli import main
+    from imageprompt.cli.main import main
     from imageprompt.images import read_parameters
 
     model = ["--model", str(tiny_model[0]), "--clip", str(tiny_model[1]), "--steps", "2", "--height", "32",
@@ -344,7 +344,7 @@ def json_loads(text):
 
 
 def test_cli_adapter_errors_before_sampling(tiny_model, adapter_repo, tmp_path, red_image, capsys):
-    from imageprompt.cli import main
+    from imageprompt.cli.main import main
 
     red_image.save(tmp_path / "ref.png")
     model = ["--model", str(tiny_model[0]), "--clip", str(tiny_model[1]), "--steps", "2"]

@@ -53,7 +53,7 @@ def fake_load(monkeypatch, tiny_pipe):
 
 
 def cli(*args) -> int:
-    from imageprompt.cli import main
+    from imageprompt.cli.main import main
 
     return main(["batch", *map(str, args), "--steps", "2", "--height", "32", "--width", "32", "--no-progress"])
 

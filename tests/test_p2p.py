@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from imageprompt.attention_maps import render_attention_maps, token_labels
-from imageprompt.cli import main
+from imageprompt.cli.main import main
 from imageprompt.images import read_parameters
 from imageprompt.loading import load_pipeline
 from imageprompt.p2p import (

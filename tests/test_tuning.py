@@ -213,7 +213,7 @@ def test_resume_replays_the_same_run(clean, images, tmp_path):
 
 # -------------------------------------------------------- command line
 def run_cli(*argv):
-    from imageprompt.cli import main
+    from imageprompt.cli.main import main
 
     return main([str(a) for a in argv])
 
@@ -267,13 +267,13 @@ def test_cli_tune_domain_from_jsonl(tiny_model, images, tmp_path, capsys):
     (["tune", "online", "{tmp}/none.png", "--out", "{tmp}/x.safetensors"], "no such file"),
 ])
 def test_cli_rejects_bad_input_before_loading(argv, message, red_image, tmp_path, capsys, monkeypatch):
-    import imageprompt.cli
+    import imageprompt.cli.main
 
     red_image.save(tmp_path / "red.png")
     (tmp_path / "bad.jsonl").write_text('{"image": "red.png"}\n{oops\n')
-    import imageprompt.cli_tune
+    import imageprompt.cli.tune
 
-    for module in (imageprompt.cli, imageprompt.cli_tune):
+    for module in (imageprompt.cli.main, imageprompt.cli.tune):
         monkeypatch.setattr(module, "load_pipeline_from_args", lambda args: pytest.fail("model loaded"))
     argv = [a.format(img=tmp_path / "red.png", tmp=tmp_path) for a in argv]
     assert run_cli(*argv, "--model", tmp_path / "none") == 1
@@ -282,8 +282,8 @@ def test_cli_rejects_bad_input_before_loading(argv, message, red_image, tmp_path
 
 
 def test_fidelity_measure_runs_on_the_tiny_model(clean):
-    from imageprompt.bench_tune import OnlineTuned, subject_fidelity
-    from imageprompt.evaluate import EvalSettings
+    from imageprompt.bench.tune import OnlineTuned, subject_fidelity
+    from imageprompt.world.evaluate import EvalSettings
 
     settings = EvalSettings(samples=2, images_per_sample=1, steps=2)
     rows = subject_fidelity(clean, settings, online_steps=1, domain_images=2, domain_steps=1,
@@ -304,8 +304,7 @@ def test_fidelity_measure_runs_on_the_tiny_model(clean):
 
 
 def test_bench_row_is_registered():
-    from imageprompt import bench
+    from imageprompt.bench.main import all_rows
 
-    bench._load_extra_rows()
-    assert "sdipc online tuning, 30 iterations (s total)" in bench.ROWS
+    assert "sdipc online tuning, 30 iterations (s total)" in all_rows()
     assert json.dumps(tuning.describe({"mode": "online", "steps": 30}))

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from imageprompt import world
-from imageprompt.world import ObjectSpec
+from imageprompt.world import ObjectSpec, evaluate
 
 # ----------------------------------------------------------------------------- the world
 
@@ -36,14 +36,14 @@ def test_scene_ground_truth_matches_caption_and_pixels():
         arr = scene.array.astype(int)
         for obj in scene.objects:
             assert obj.mask.sum() > 30
-            inner = world._erode(obj.mask)
+            inner = world.scenes._erode(obj.mask)
             # inside the mask: the object's own colour; bbox is the mask's
             assert np.abs(arr[inner] - np.array(obj.rgb)).max() <= 1
             assert obj.bbox == world.mask_bbox(obj.mask)
         if len(scene.objects) == 2:
             assert world.mask_iou(scene.objects[0].mask, scene.objects[1].mask) == 0.0
         outside = ~np.any([o.mask for o in scene.objects], axis=0)
-        far = outside & ~world._dilate(world._dilate(~outside))
+        far = outside & ~world.scenes._dilate(world.scenes._dilate(~outside))
         assert np.abs(arr[far] - np.array(world.BACKGROUNDS[scene.background])).max() == 0
 
 
@@ -68,7 +68,7 @@ def test_caption_round_trip_and_rejects_foreign_text():
 
 
 def test_world_tokenizer_makes_one_token_per_word(tmp_path):
-    from imageprompt.train_world import build_tokenizer
+    from imageprompt.world.train import build_tokenizer
 
     tok = build_tokenizer(tmp_path)
     assert [w for w in world.vocabulary() if len(tok.tokenize(w)) != 1] == []
@@ -210,7 +210,7 @@ class _OraclePipe:
 
 
 def test_measurements_read_full_marks_on_an_oracle():
-    from imageprompt import evaluate
+    from imageprompt.world import evaluate
 
     settings = evaluate.EvalSettings(samples=8, images_per_sample=2, batch=6)
     rows = evaluate.run_suite(_OraclePipe(), settings, names=SDIPC_ROWS)
@@ -222,7 +222,7 @@ def test_measurements_read_full_marks_on_an_oracle():
 
 
 def test_measurements_read_zero_on_blank_images():
-    from imageprompt import evaluate
+    from imageprompt.world import evaluate
 
     rows = evaluate.run_suite(_OraclePipe(broken=True), evaluate.EvalSettings(samples=4, images_per_sample=1),
                               names=SDIPC_ROWS)
@@ -231,7 +231,7 @@ def test_measurements_read_zero_on_blank_images():
 
 
 def test_measurement_sets_are_fixed_and_cover_the_world():
-    from imageprompt import evaluate
+    from imageprompt.world import evaluate
 
     captions = [world.caption_for(s) for s in evaluate.caption_set()]
     assert captions == [world.caption_for(s) for s in evaluate.caption_set()]
@@ -245,18 +245,13 @@ def test_measurement_sets_are_fixed_and_cover_the_world():
     assert {c[1] for c in cases} == {"colour", "shape"}
 
 
-def test_added_measurements_join_the_table():
-    from imageprompt import evaluate
-
-    @evaluate.register_measurement("test-only row")
+def test_added_measurements_join_the_table(monkeypatch):
     def _row(pipe, settings):
         return [evaluate.Row("test-only row", "always", 0.5, 2, aim=0.4)]
 
-    try:
-        rows = evaluate.run_suite(None, names=["test-only row"])
-        assert "test-only row" in evaluate.format_table(rows) and rows[0].meets_aim
-    finally:
-        evaluate.MEASUREMENTS.pop("test-only row")
+    monkeypatch.setitem(evaluate.MEASUREMENTS, "test-only row", _row)
+    rows = evaluate.run_suite(None, names=["test-only row"])
+    assert "test-only row" in evaluate.format_table(rows) and rows[0].meets_aim
 
 
 # ----------------------------------------------------------------------------- the bundled model
@@ -265,7 +260,7 @@ def test_added_measurements_join_the_table():
 def _bundled():
     from imageprompt.checkpoints import BUNDLED_CLIP, BUNDLED_MODEL
 
-    assert (BUNDLED_MODEL / "model_index.json").is_file(), "run python -m imageprompt.train_world --out checkpoints"
+    assert (BUNDLED_MODEL / "model_index.json").is_file(), "run python -m imageprompt.world.train --out checkpoints"
     return BUNDLED_MODEL, BUNDLED_CLIP
 
 
@@ -334,7 +329,7 @@ def test_bundled_clip_is_the_text_encoder_and_aligns_images_with_captions():
 
 @pytest.fixture(scope="module")
 def bundled_pipe():
-    from imageprompt.evaluate import load_bundled
+    from imageprompt.world.evaluate import load_bundled
 
     _bundled()
     return load_bundled("cpu")
@@ -342,7 +337,7 @@ def bundled_pipe():
 
 def test_bundled_model_meaning_quick(bundled_pipe):
     """The fast subset of the measurement table, with thresholds."""
-    from imageprompt import evaluate
+    from imageprompt.world import evaluate
 
     settings = evaluate.EvalSettings.quick()
     rows = {(r.measurement, r.metric): r for r in evaluate.run_suite(bundled_pipe, settings, names=SDIPC_ROWS)}
@@ -360,7 +355,7 @@ THRESHOLDS = {"t2i colour": 0.4, "variation colour": 0.5}
 
 @pytest.mark.slow
 def test_bundled_model_full_table(bundled_pipe):
-    from imageprompt import evaluate
+    from imageprompt.world import evaluate
 
     rows = evaluate.run_suite(bundled_pipe, evaluate.EvalSettings())
     print(evaluate.format_table(rows))
@@ -377,7 +372,7 @@ def test_training_stages_are_reproducible_from_seed(tmp_path):
     """Each stage of train_world is a function of its seed (tiny runs of the real stages)."""
     import torch
 
-    from imageprompt import train_world as T
+    from imageprompt.world import train as T
 
     images, captions = T.make_dataset(0, 16)
     assert images.shape == (16, 3, world.IMAGE_SIZE, world.IMAGE_SIZE) and images.dtype == torch.uint8

@@ -12,13 +12,12 @@ import json
 import tempfile
 from pathlib import Path
 
-from imageprompt.bench import Result, row, timed
+from imageprompt.bench.common import Result, timed
 
-ROWS = 64
+JOB_ROWS = 64
 BATCH_SIZE = 16
 
 
-@row(f"plain diffusers, loop of {ROWS} single images")
 def plain_loop(ctx) -> Result:
     import torch
 
@@ -31,8 +30,8 @@ def plain_loop(ctx) -> Result:
             pipe("a photo of a cat", generator=torch.Generator("cpu").manual_seed(i), **kw)
 
     loop(1)  # warm-up
-    seconds, peak = timed(ctx, lambda: loop(ROWS))
-    return Result(seconds / ROWS, peak, ROWS)
+    seconds, peak = timed(ctx, lambda: loop(JOB_ROWS))
+    return Result(seconds / JOB_ROWS, peak, JOB_ROWS)
 
 
 def write_variation_job(folder: Path, count: int, size: int) -> Path:
@@ -65,18 +64,21 @@ def _job(compile: bool):
                 tmp = Path(tmp)
                 warm = write_variation_job(tmp, BATCH_SIZE, 256)  # one full batch: same shapes as the timed job
                 run_job(warm, tmp / "warm", pipe=pipe, defaults=defaults, options=options)
-                jobs = write_variation_job(tmp, ROWS, 256)
+                jobs = write_variation_job(tmp, JOB_ROWS, 256)
                 seconds, peak = timed(ctx, lambda: run_job(jobs, tmp / "out", pipe=pipe, defaults=defaults,
                                                              options=options))
                 done = sum(1 for _ in (tmp / "out").glob("*.png"))
-                if done != ROWS:
-                    raise RuntimeError(f"the benchmark job wrote {done} images, expected {ROWS}")
+                if done != JOB_ROWS:
+                    raise RuntimeError(f"the benchmark job wrote {done} images, expected {JOB_ROWS}")
         finally:
             pipe.vae.decoder = decoder  # the VAE is shared with the other rows: undo the compile
-        return Result(seconds / ROWS, peak, ROWS)
+        return Result(seconds / JOB_ROWS, peak, JOB_ROWS)
 
     return run
 
 
-row(f"batch job, {ROWS} variation rows, batch {BATCH_SIZE}")(_job(compile=False))
-row(f"batch job, {ROWS} variation rows, batch {BATCH_SIZE}, --compile")(_job(compile=True))
+ROWS = {
+    f"plain diffusers, loop of {JOB_ROWS} single images": plain_loop,
+    f"batch job, {JOB_ROWS} variation rows, batch {BATCH_SIZE}": _job(compile=False),
+    f"batch job, {JOB_ROWS} variation rows, batch {BATCH_SIZE}, --compile": _job(compile=True),
+}

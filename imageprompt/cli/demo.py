@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imageprompt.cli import CommandError, add_model_options, positive_int
+from imageprompt.cli.common import CommandError, add_model_options, positive_int
 
 
 def port_number(text: str) -> int:

@@ -7,18 +7,18 @@ import math
 import random
 from pathlib import Path
 
-from imageprompt.cli import (
+from imageprompt.cli.common import (
     CommandError,
     add_model_options,
     add_sampling_options,
     base_parameters,
     check_out_dir,
     fraction,
-    generators,
     load_pipeline_from_args,
     positive_int,
     write_outputs,
 )
+from imageprompt.images import generators
 
 INVERSIONS = ("null-text", "negative-prompt", "ddim")
 

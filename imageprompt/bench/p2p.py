@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from imageprompt.bench import measure, row
+from imageprompt.bench.common import measure
 
 SOURCE, TARGET = "a photo of a cat on the beach", "a photo of a dog on the beach"
 SIZES = {"512x512": 512, "768x768": 768}
@@ -73,8 +73,9 @@ def _inversion(method: str):
     return run
 
 
+ROWS = {}
 for _label in SIZES:
-    row(f"plain diffusers, 2 prompts, {_label}")(_plain_two_prompts(_label))
-    row(f"p2p replace + local blend, {_label}")(_p2p_edit(_label))
-row("null-text inversion, 10 inner steps")(_inversion("null-text"))
-row("negative-prompt inversion")(_inversion("negative-prompt"))
+    ROWS[f"plain diffusers, 2 prompts, {_label}"] = _plain_two_prompts(_label)
+    ROWS[f"p2p replace + local blend, {_label}"] = _p2p_edit(_label)
+ROWS["null-text inversion, 10 inner steps"] = _inversion("null-text")
+ROWS["negative-prompt inversion"] = _inversion("negative-prompt")

@@ -1,6 +1,6 @@
 """Measurements of meaning for prompt-to-prompt and a world-trained IP-Adapter (issue 3, item 4).
 
-Two rows of the shapes-world table, registered in :data:`imageprompt.evaluate.MEASUREMENTS`:
+Two rows of the shapes-world table, listed in :data:`imageprompt.world.evaluate.MEASUREMENTS`:
 
 - ``p2p replace``: prompt-to-prompt word swap of the colour ("a red circle on
   the left" -> "a blue circle on the left", Hertz et al. 2022, Sec. 3.2): does
@@ -12,7 +12,7 @@ Two rows of the shapes-world table, registered in :data:`imageprompt.evaluate.ME
   position, as the SD-IPC variation row asks?
 
 The training data come from :func:`write_adapter_data`
-(``python -m imageprompt.evaluate_edits DIR``); the command, seed and time of
+(``python -m imageprompt.world.evaluate_edits DIR``); the command, seed and time of
 the shipped adapter are in ``docs/ip-adapter.md``.
 """
 
@@ -24,16 +24,8 @@ from pathlib import Path
 
 from imageprompt import world
 from imageprompt.checkpoints import BUNDLED_IP_ADAPTER
-from imageprompt.evaluate import (
-    EvalSettings,
-    Row,
-    _frac,
-    _generators,
-    _largest,
-    reference_scenes,
-    register_measurement,
-    single_object_specs,
-)
+from imageprompt.images import generators
+from imageprompt.world.measures import EvalSettings, Row, frac, largest, reference_scenes, single_object_specs
 
 IOU_KEPT = 0.7  # the issue's bar: the edited object's mask keeps IoU >= 0.7 with the source's
 ADAPTER_FILE = BUNDLED_IP_ADAPTER  # trained on the world by `imageprompt train-adapter` (docs/ip-adapter.md)
@@ -64,7 +56,6 @@ def p2p_pipeline(pipe):
     return p2p
 
 
-@register_measurement("p2p replace")
 def p2p_replace(pipe, settings: EvalSettings) -> list[Row]:
     """Colour word swap: target colour reached, and the object's mask kept (IoU with the source's).
 
@@ -76,13 +67,13 @@ def p2p_replace(pipe, settings: EvalSettings) -> list[Row]:
     per = settings.images_per_sample
     changed, kept, ious, source_ok = [], [], [], []
     for i, (source, target, old, new) in enumerate(p2p_replace_cases(settings.samples)):
-        for generator in _generators(settings.seed + 30_000 + i * per, per):
+        for generator in generators(settings.seed + 30_000 + i * per, per):
             out = p2p(source, target, mode="replace", cross_steps=extra.get("p2p_cross_steps", 0.8),
                       self_steps=extra.get("p2p_self_steps", 0.4), self_res=extra.get("p2p_self_res"),
                       blend_words=[old, new] if extra.get("p2p_blend") else None,
                       num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
                       generator=generator)
-            src, edit = (_largest(image) for image in out.images)
+            src, edit = (largest(image) for image in out.images)
             iou = world.mask_iou(src.mask, edit.mask) if src is not None and edit is not None else 0.0
             source_ok.append(src is not None and src.color == old)
             changed.append(edit is not None and edit.color == new)
@@ -90,11 +81,11 @@ def p2p_replace(pipe, settings: EvalSettings) -> list[Row]:
             kept.append(iou >= IOU_KEPT)
     name, n = "p2p replace", len(changed)
     return [
-        Row(name, "source has the named colour", _frac(source_ok), n),
-        Row(name, "colour changed to the target", _frac(changed), n),
-        Row(name, f"object mask kept (IoU >= {IOU_KEPT})", _frac(kept), n, aim=0.8),
-        Row(name, "mean mask IoU", _frac(ious), n),
-        Row(name, "changed and mask kept", _frac(a and b for a, b in zip(changed, kept)), n),
+        Row(name, "source has the named colour", frac(source_ok), n),
+        Row(name, "colour changed to the target", frac(changed), n),
+        Row(name, f"object mask kept (IoU >= {IOU_KEPT})", frac(kept), n, aim=0.8),
+        Row(name, "mean mask IoU", frac(ious), n),
+        Row(name, "changed and mask kept", frac(a and b for a, b in zip(changed, kept)), n),
     ]
 
 
@@ -127,7 +118,6 @@ def load_world_adapter(pipe, path: str | Path | None = None) -> None:
     pipe.load_ip_adapter(str(path), image_encoder=pipe.image_encoder)
 
 
-@register_measurement("IP-Adapter (world)")
 def ip_adapter_world(pipe, settings: EvalSettings) -> list[Row]:
     """Variation from the image prompt alone (empty text, scale ``ip_adapter_scale``, 1.0):
     does it keep the reference's colour, shape and position? ``settings.extra["ip_adapter"]``
@@ -145,9 +135,9 @@ def ip_adapter_world(pipe, settings: EvalSettings) -> list[Row]:
             obj = ref.objects[0]
             images = pipe(prompt="", ip_adapter_image=ref.image, num_inference_steps=settings.steps,
                           guidance_scale=settings.guidance_scale, num_images_per_prompt=per,
-                          generator=_generators(settings.seed + 40_000 + i * per, per)).images
+                          generator=generators(settings.seed + 40_000 + i * per, per)).images
             for image in images:
-                det = _largest(image)
+                det = largest(image)
                 keep["colour"].append(det is not None and det.color == obj.color)
                 keep["shape"].append(det is not None and det.shape == obj.shape)
                 keep["position"].append(det is not None and det.position == obj.position)
@@ -155,10 +145,10 @@ def ip_adapter_world(pipe, settings: EvalSettings) -> list[Row]:
         pipe.unload_ip_adapter()
     name, n = "IP-Adapter (world)", len(keep["colour"])
     return [
-        Row(name, "keeps colour", _frac(keep["colour"]), n),
-        Row(name, "keeps shape", _frac(keep["shape"]), n),
-        Row(name, "keeps position", _frac(keep["position"]), n),
-        Row(name, "keeps all three", _frac(all(t) for t in zip(*keep.values())), n),
+        Row(name, "keeps colour", frac(keep["colour"]), n),
+        Row(name, "keeps shape", frac(keep["shape"]), n),
+        Row(name, "keeps position", frac(keep["position"]), n),
+        Row(name, "keeps all three", frac(all(t) for t in zip(*keep.values())), n),
     ]
 
 

@@ -4,11 +4,11 @@
   tuning of one reference (encoding it, then 30 iterations of batch 4) and peak
   memory, with SD 1.5 shapes in the benchmark's dtype (fp16 or bf16 mixed
   precision on a GPU). Its "s/image" column holds the total seconds.
-- :func:`subject_fidelity`: :mod:`imageprompt.evaluate`'s SD-IPC variation and
+- :func:`subject_fidelity`: :mod:`imageprompt.world.evaluate`'s SD-IPC variation and
   edit rows (colour, shape, position kept) untuned, domain-tuned and
   online-tuned. Run it on the bundled model::
 
-      python -m imageprompt.bench_tune fidelity            # --quick: evaluate's small settings
+      python -m imageprompt.bench.tune fidelity            # --quick: evaluate's small settings
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ import sys
 import time
 from dataclasses import replace
 
-from imageprompt.bench import measure, row
+from imageprompt.bench.common import measure
 
 ONLINE_ITERATIONS = 30
 DOMAIN_SEED = 20_241  # domain-tuning scenes: other draws than evaluate's references
 
 
-@row(f"sdipc online tuning, {ONLINE_ITERATIONS} iterations (s total)")
 def online_tuning_row(ctx):
     from imageprompt.tuning import TuningConfig, remove_tuning, tune_online
 
@@ -48,7 +47,7 @@ class OnlineTuned:
     """A pipeline that first tunes online on each reference image, then generates from it.
 
     Lets any measurement that calls ``pipe(image=[...], ...)`` (such as those of
-    :mod:`imageprompt.evaluate`) measure online tuning unchanged: generator ``k``
+    :mod:`imageprompt.world.evaluate`) measure online tuning unchanged: generator ``k``
     of the batch still goes with the same output image.
     """
 
@@ -83,20 +82,23 @@ class OnlineTuned:
         return ImagePromptPipelineOutput(images=stack(out))
 
 
+ROWS = {f"sdipc online tuning, {ONLINE_ITERATIONS} iterations (s total)": online_tuning_row}
+
 MEASURED = ("SD-IPC variation", "SD-IPC edit")
 
 
 def subject_fidelity(pipe, settings=None, online_steps: int = ONLINE_ITERATIONS, domain_images: int = 100,
                      domain_steps: int = 300, seed: int = 0, measurements=MEASURED) -> list:
-    """:mod:`imageprompt.evaluate`'s SD-IPC rows untuned, domain-tuned and online-tuned.
+    """:mod:`imageprompt.world.evaluate`'s SD-IPC rows untuned, domain-tuned and online-tuned.
 
     Same references, prompts and generator seeds in every condition; the
     condition is appended to the measurement name. Domain tuning uses
     ``domain_images`` shapes-world scenes drawn from :data:`DOMAIN_SEED`
     (``0`` skips it); ``online_steps=0`` skips online tuning.
     """
-    from imageprompt import evaluate, world
+    from imageprompt import world
     from imageprompt.tuning import TuningConfig, remove_tuning, tune_domain
+    from imageprompt.world import evaluate
 
     settings = settings or evaluate.EvalSettings()
     pipe.set_progress_bar_config(disable=True)
@@ -127,9 +129,9 @@ def subject_fidelity(pipe, settings=None, online_steps: int = ONLINE_ITERATIONS,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m imageprompt.bench_tune",
+    parser = argparse.ArgumentParser(prog="python -m imageprompt.bench.tune",
                                      description="Subject fidelity of SD-IPC with and without tuning, measured "
-                                                 "as imageprompt.evaluate measures it.")
+                                                 "as imageprompt.world.evaluate measures it.")
     parser.add_argument("what", choices=["fidelity"])
     parser.add_argument("--model", help="default: the bundled shapes model")
     parser.add_argument("--clip", help="default: the bundled shapes CLIP")
@@ -143,8 +145,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from imageprompt import evaluate
     from imageprompt.loading import load_pipeline
+    from imageprompt.world import evaluate
 
     settings = evaluate.EvalSettings.quick() if args.quick else evaluate.EvalSettings()
     if args.samples:

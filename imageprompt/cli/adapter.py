@@ -46,7 +46,7 @@ def add_adapter_options(parser: argparse.ArgumentParser) -> None:
 
 def check_adapter_options(args) -> None:
     """Validate adapter options and read the weights (refusing unsafe files) before any model loads."""
-    from imageprompt.cli import CommandError
+    from imageprompt.cli.common import CommandError
     from imageprompt.images import load_image, sha256_file
     from imageprompt.ip_adapter import parse_adapter_spec, read_checkpoint, resolve_weight_file
 
@@ -125,7 +125,7 @@ def apply_adapter_options(pipe, args, image=None) -> dict:
 
 # ------------------------------------------------------------ train-adapter
 def register(subparsers) -> None:
-    from imageprompt.cli import add_model_options, positive_int
+    from imageprompt.cli.common import add_model_options, positive_int
 
     parser = subparsers.add_parser(
         "train-adapter", help="train an IP-Adapter on image-caption pairs",
@@ -151,7 +151,7 @@ def register(subparsers) -> None:
 
 
 def run_train(args) -> int:
-    from imageprompt.cli import CommandError, load_pipeline_from_args
+    from imageprompt.cli.common import CommandError, load_pipeline_from_args
     from imageprompt.train_adapter import checkpoint_dir, latest_checkpoint, read_pairs, train
 
     out = Path(args.out)

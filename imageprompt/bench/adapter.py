@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from imageprompt.bench import _generator, measure, row
+from imageprompt.bench.common import measure
+from imageprompt.images import generators
 
 VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
              image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu")
@@ -95,7 +96,7 @@ def _diffusers(kind: str):
         image = ctx.reference_image()
         try:
             return measure(ctx, lambda: pipe("a photo of a cat", ip_adapter_image=image,
-                                             generator=_generator(ctx, 1), **_kwargs(ctx)), 1)
+                                             generator=generators(0, 1), **_kwargs(ctx)), 1)
         finally:
             pipe.unload_ip_adapter()
 
@@ -111,14 +112,16 @@ def _imageprompt(kind: str):
         image = ctx.reference_image()
         try:
             return measure(ctx, lambda: pipe(prompt="a photo of a cat", ip_adapter_image=image,
-                                             generator=_generator(ctx, 1), **_kwargs(ctx)), 1)
+                                             generator=generators(0, 1), **_kwargs(ctx)), 1)
         finally:
             pipe.unload_ip_adapter()
 
     return run
 
 
-row("ip-adapter sd15 (diffusers), batch 1")(_diffusers("sd15"))
-row("ip-adapter sd15 (imageprompt), batch 1")(_imageprompt("sd15"))
-row("ip-adapter plus (diffusers), batch 1")(_diffusers("plus"))
-row("ip-adapter plus (imageprompt), batch 1")(_imageprompt("plus"))
+ROWS = {
+    "ip-adapter sd15 (diffusers), batch 1": _diffusers("sd15"),
+    "ip-adapter sd15 (imageprompt), batch 1": _imageprompt("sd15"),
+    "ip-adapter plus (diffusers), batch 1": _diffusers("plus"),
+    "ip-adapter plus (imageprompt), batch 1": _imageprompt("plus"),
+}

@@ -8,7 +8,7 @@ mask). Scenes are deterministic functions of ``(seed, index)``.
 The second half of the module reads pixels back: the dominant colour of a
 region, the shape class of a mask, the position class of a mask, mask IoU, and
 a segmentation of any image (generated or not) into background and objects.
-These are what the measurements of meaning (:mod:`imageprompt.evaluate`) use.
+These are what the measurements of meaning (:mod:`imageprompt.world.evaluate`) use.
 
 Only numpy and Pillow are needed.
 """
@@ -531,7 +531,8 @@ def specs_of(scene: Scene) -> list[ObjectSpec]:
 
 
 __all__ = [
-    "IMAGE_SIZE", "SHAPES", "COLORS", "BACKGROUNDS", "SIZES", "POSITIONS", "POSITION_PHRASES",
+    "IMAGE_SIZE", "SUPERSAMPLE", "SHAPES", "COLORS", "BACKGROUNDS", "SIZES", "POSITIONS", "POSITION_PHRASES",
+    "PAIR_LAYOUTS", "JITTER", "COLOR_JITTER", "COMMON_WORDS",
     "ObjectSpec", "WorldObject", "Scene", "DetectedObject", "vocabulary", "caption_for", "parse_caption",
     "render", "sample_specs", "sample_scene", "sample_scenes", "scene_from_caption", "grid",
     "mask_bbox", "mask_iou", "classify_rgb", "region_rgb", "dominant_color", "shape_features",

@@ -20,8 +20,8 @@ Outputs (in ``--out``): ``shapes-sd/`` (``StableDiffusionPipeline`` layout) and
 ``shapes-clip/`` (the full ``CLIPModel``, a ``CLIPImageProcessor`` and the
 tokenizer). Example::
 
-    python -m imageprompt.train_world --out checkpoints --seed 0
-    python -m imageprompt.train_world --out /tmp/ck --device cuda   # faster
+    python -m imageprompt.world.train --out checkpoints --seed 0
+    python -m imageprompt.world.train --out /tmp/ck --device cuda   # faster
 
 With the defaults, one thread per process, it took about 38 minutes of wall
 time on a shared 2-core CPU (CLIP 6.5 min alongside the VAE 8.5 min, then the
@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from imageprompt import world
-from imageprompt.tokenizer import write_clip_tokenizer
+from imageprompt.world.tokenizer import write_clip_tokenizer
 
 MAX_LENGTH = 77
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -66,7 +66,7 @@ def log(msg: str) -> None:
 
 
 def build_tokenizer(folder: Path):
-    """The world's CLIP tokenizer: every vocabulary word is one token (see :mod:`imageprompt.tokenizer`)."""
+    """The world's CLIP tokenizer: every vocabulary word is one token (see :mod:`imageprompt.world.tokenizer`)."""
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(write_clip_tokenizer(world.vocabulary(), folder, max_length=MAX_LENGTH))
@@ -666,7 +666,7 @@ def main(argv=None) -> None:
         import subprocess
         import sys
 
-        cmd = [sys.executable, "-m", "imageprompt.train_world", *(argv if argv is not None else sys.argv[1:]),
+        cmd = [sys.executable, "-m", "imageprompt.world.train", *(argv if argv is not None else sys.argv[1:]),
                "--stages", "vae", "--no-parallel", "--stages-only"]
         log(f"vae stage in a second process: {' '.join(cmd[1:])}")
         helper = subprocess.Popen(cmd)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from imageprompt.cli import EXIT_FAILURE, add_model_options, positive_int
+from imageprompt.cli.common import EXIT_FAILURE, add_model_options, positive_int
 
 
 def register(subparsers) -> None:

@@ -1,0 +1,95 @@
+"""What every benchmark row shares: the run's context (shared random-weight components),
+timing and the result record."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Result:
+    seconds_per_image: float
+    peak_gib: float | None
+    images: int = 1
+    note: str = ""
+    baseline: str | None = None  # row to compare with (default: the plain row with the same image count)
+
+
+@dataclass
+class Context:
+    """Shared components of one benchmark run (weights are shared between rows)."""
+
+    device: object
+    dtype: object
+    steps: int
+    size: int
+    parts: dict
+    tiny: bool
+    cache: dict = field(default_factory=dict)
+
+    def plain_pipeline(self):
+        """diffusers' own StableDiffusionPipeline on the shared weights, with its default SDPA processors."""
+        from diffusers import StableDiffusionPipeline
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        p = self.parts
+        p["unet"].set_attn_processor(AttnProcessor2_0())
+        return StableDiffusionPipeline(
+            vae=p["vae"], text_encoder=p["text_encoder"], tokenizer=p["tokenizer"], unet=p["unet"],
+            scheduler=p["scheduler"], safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        ).to(self.device)
+
+    def imageprompt_pipeline(self, attention: str = "sdpa"):
+        """imageprompt's SD-IPC pipeline on the same weights."""
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+        from imageprompt.conversion import SDIPCConverter
+        from imageprompt.pipelines import StableDiffusionImagePromptPipeline
+
+        if "image_encoder" not in self.cache:
+            clip = self.parts["clip"]
+            cfg = CLIPVisionConfig(**{**clip.config.vision_config.to_dict(),
+                                      "projection_dim": clip.config.projection_dim})
+            encoder = CLIPVisionModelWithProjection(cfg)
+            encoder.vision_model.load_state_dict(clip.vision_model.state_dict())
+            encoder.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+            self.cache["image_encoder"] = encoder.to(self.device, self.dtype)
+            self.cache["converter"] = SDIPCConverter.from_clip(clip).to(self.device)
+        p = self.parts
+        pipe = StableDiffusionImagePromptPipeline(
+            vae=p["vae"], text_encoder=p["text_encoder"], tokenizer=p["tokenizer"], unet=p["unet"],
+            scheduler=p["scheduler"], image_encoder=self.cache["image_encoder"], converter=self.cache["converter"],
+        ).to(self.device)
+        pipe.set_attention(attention)
+        return pipe
+
+    def reference_image(self):
+        import numpy as np
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        return Image.fromarray(rng.integers(0, 255, (self.size, self.size, 3), dtype=np.uint8))
+
+
+def timed(ctx: Context, call: Callable[[], object]) -> tuple[float, float | None]:
+    """Seconds and peak GiB (CUDA only) of one ``call()``."""
+    import torch
+
+    cuda = ctx.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    call()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+
+
+def measure(ctx: Context, call: Callable[[], object], images: int) -> Result:
+    """Seconds per image and peak memory of ``call`` after one warm-up run."""
+    call()  # warm-up: kernels, allocator
+    seconds, peak = timed(ctx, call)
+    return Result(seconds / images, peak, images)

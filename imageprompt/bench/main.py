@@ -1,0 +1,115 @@
+"""Speed and memory benchmark: ``imageprompt bench`` (or ``python -m imageprompt.bench.main``).
+
+Builds Stable Diffusion 1.5 shapes with random weights (speed and memory do not
+depend on weight values) and times plain diffusers against imageprompt in the
+same process, so ratios are meaningful. Rows are plain functions ``fn(ctx) -> Result``;
+each row module lists its own in a ``ROWS`` dict, and :func:`all_rows` joins those lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import tempfile
+
+from imageprompt.bench.common import Context, Result
+
+
+def build_context(device: str | None, dtype: str | None, steps: int, size: int | None, tiny: bool) -> Context:
+    import torch
+    from diffusers import DDIMScheduler
+
+    from imageprompt.loading import default_device, resolve_dtype
+    from imageprompt.testing import build_components
+
+    dev = torch.device(device) if device else default_device()
+    torch_dtype = resolve_dtype(dtype, dev)
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = build_components(tmp, full_size=not tiny)
+    parts["scheduler"] = DDIMScheduler.from_config(parts["scheduler"].config)
+    for name in ("unet", "vae", "text_encoder"):
+        parts[name] = parts[name].to(dev, torch_dtype).eval()
+    size = size or (64 if tiny else 512)
+    return Context(dev, torch_dtype, steps, size, parts, tiny)
+
+
+def run_rows(ctx: Context, names: list[str]) -> list[tuple[str, Result]]:
+    import torch
+
+    rows = all_rows()
+    results = []
+    for name in names:
+        result = rows[name](ctx)
+        results.append((name, result))
+        print(f"  {name}: {result.seconds_per_image:.3f} s/image", file=sys.stderr)
+        gc.collect()
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def format_table(ctx: Context, results: list[tuple[str, Result]]) -> str:
+    """Markdown table; the ratio column compares each row with the plain row of the same batch."""
+    import torch
+
+    where = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "CPU"
+    shapes = "tiny random components" if ctx.tiny else "SD 1.5 shapes, random weights"
+    dtype = str(ctx.dtype).replace("torch.", "")
+    lines = [
+        f"{shapes}, {dtype}, {ctx.size}x{ctx.size}, DDIM {ctx.steps} steps, CFG 7.5, {where}",
+        "",
+        "| row | s/image | x plain | peak GiB | x plain |",
+        "|---|---|---|---|---|",
+    ]
+    plain = {r.images: r for n, r in results if n.startswith("plain")}
+    for name, r in results:
+        base = dict(results).get(r.baseline) if r.baseline else plain.get(r.images)
+        t_ratio = f"{r.seconds_per_image / base.seconds_per_image:.3f}" if base else "-"
+        peak = f"{r.peak_gib:.2f}" if r.peak_gib is not None else "-"
+        m_ratio = f"{r.peak_gib / base.peak_gib:.3f}" if base and r.peak_gib and base.peak_gib else "-"
+        lines.append(f"| {name} | {r.seconds_per_image:.3f} | {t_ratio} | {peak} | {m_ratio} |")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="default: cuda if available")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--size", type=int, help="image side (default 512; 64 with --tiny)")
+    parser.add_argument("--tiny", action="store_true", help="tiny components (CPU smoke run) instead of SD 1.5 shapes")
+    parser.add_argument("--rows", nargs="*", help="row names to run (default: all); see --list")
+    parser.add_argument("--list", action="store_true", help="list the rows and exit")
+
+
+def run(args) -> int:
+    rows = all_rows()
+    if args.list:
+        print("\n".join(rows))
+        return 0
+    names = args.rows or list(rows)
+    unknown = [n for n in names if n not in rows]
+    if unknown:
+        raise ValueError(f"unknown rows {unknown}; see `imageprompt bench --list`")
+    ctx = build_context(args.device, args.dtype, args.steps, args.size, args.tiny)
+    print(format_table(ctx, run_rows(ctx, names)))
+    return 0
+
+
+def all_rows() -> dict:
+    """Every row by name, in table order (imported here, not at start-up: ``--help`` stays fast)."""
+    from imageprompt.bench import adapter, batch, core, p2p, tune
+
+    return {**core.ROWS, **tune.ROWS, **adapter.ROWS, **p2p.ROWS, **batch.ROWS}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="speed and memory against plain diffusers")
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+if __name__ == "__main__":
+    from imageprompt.cli.main import main as cli_main
+
+    sys.exit(cli_main(["bench", *sys.argv[1:]]))

@@ -1,0 +1,118 @@
+"""What every ``imageprompt`` subcommand shares: options, errors, output writing.
+
+Import-light (no torch at import time) so that ``imageprompt --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+class CommandError(Exception):
+    """A failure whose message is meant for the user as it is."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types whose message is shown as is, without a traceback."""
+    from imageprompt.images import ImageInputError
+    from imageprompt.loading import ModelLoadError
+
+    return (CommandError, ImageInputError, ModelLoadError, ValueError, TypeError, FileNotFoundError)
+
+
+# ------------------------------------------------------------------ options
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    from imageprompt.loading import SCHEDULERS
+
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", help="hub id, diffusers folder or .safetensors/.ckpt file "
+                                       "(default: SD 1.5 if cached, else the bundled model)")
+    group.add_argument("--clip", help="hub id or CLIPModel folder for the conversion "
+                                      "(default: openai/clip-vit-large-patch14, or the bundled CLIP)")
+    group.add_argument("--config", help="for a single-file --model: local diffusers folder with its configs")
+    group.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
+    group.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the first available)")
+    group.add_argument("--attention", choices=["sdpa", "xformers"], default="sdpa")
+    group.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
+
+
+def add_sampling_options(parser: argparse.ArgumentParser, num: bool = True) -> None:
+    group = parser.add_argument_group("sampling")
+    if num:
+        group.add_argument("--num", type=positive_int, default=1, help="images per input (default 1)")
+        group.add_argument("--batch-size", type=positive_int, default=4, help="images per forward pass")
+    group.add_argument("--seed", type=int, help="seed of the first image; image i uses seed+i (default: random)")
+    group.add_argument("--steps", type=positive_int, default=50)
+    group.add_argument("--guidance", type=float, default=7.5)
+    group.add_argument("--negative-prompt", default=None)
+    group.add_argument("--height", type=positive_int)
+    group.add_argument("--width", type=positive_int)
+    parser.add_argument("--out", required=True, help="output folder")
+
+
+def load_pipeline_from_args(args):
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    from imageprompt.loading import load_pipeline
+
+    # the sampling bar is the one the user wants to see; the loading bars are noise
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    return load_pipeline(model=args.model, clip=args.clip, dtype=args.dtype, device=args.device,
+                         attention=args.attention, scheduler=args.scheduler, config=args.config)
+
+
+def base_parameters(pipe, args, method: str) -> dict:
+    """What any output records so it can be reproduced."""
+    import imageprompt
+
+    return {
+        "method": method,
+        "model": getattr(pipe, "model_name", args.model),
+        "clip": getattr(pipe, "clip_name", args.clip),
+        "scheduler": args.scheduler,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "negative_prompt": args.negative_prompt,
+        "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+        "imageprompt": imageprompt.__version__,
+    }
+
+
+def check_out_dir(path: str) -> Path:
+    """The output folder; refused early if it is an existing file (it is created only when writing)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {path}: exists and is not a folder")
+    return out
+
+
+def write_outputs(images, out_dir: Path, names: list[str], parameters: list[dict]) -> list[Path]:
+    from imageprompt.images import save_png
+
+    return [save_png(im, out_dir / name, params) for im, name, params in zip(images, names, parameters)]
