@@ -205,6 +205,8 @@ def tokenize(tokenizer, captions: list[str], device, padding: str = "max_length"
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine to 10% of the peak. Kept rather than diffusers'
+    ``get_cosine_schedule_with_warmup`` (which ends at 0): the shipped weights were trained with it."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -435,8 +437,9 @@ class ReadingProbe:
             self.conds[f"wrong {attr}"] = encode_prompts(text_encoder, tokenizer, wrong, device)
         eos = (tokenize(tokenizer, caps, device) == tokenizer.eos_token_id).int().argmax(1)
         self.conds["eos broadcast"] = eos_broadcast(self.conds["true"], eos)
-        alphas = training_alphas().to(device)[self.t].view(-1, 1, 1, 1)
-        self.noisy = alphas.sqrt() * self.latents + (1 - alphas).sqrt() * self.noise
+        from diffusers import DDPMScheduler
+
+        self.noisy = DDPMScheduler(**training_schedule_config()).add_noise(self.latents, self.noise, self.t)
 
     @torch.no_grad()
     def __call__(self, unet) -> dict[str, float]:
@@ -451,11 +454,10 @@ class ReadingProbe:
             f"{k} {100 * v:+.0f}%" for k, v in result.items() if k != "loss")
 
 
-def training_alphas() -> torch.Tensor:
-    from diffusers import DDPMScheduler
-
+def training_schedule_config() -> dict:
+    """SD 1.x's training noise schedule (the DDPMScheduler part of :data:`SCHEDULER_CONFIG`)."""
     keys = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "clip_sample")
-    return DDPMScheduler(**{k: SCHEDULER_CONFIG[k] for k in keys}).alphas_cumprod
+    return {k: SCHEDULER_CONFIG[k] for k in keys}
 
 
 def train_unet(text_encoder, tokenizer, vae, images, captions, *, seed, steps, batch, lr, device,
@@ -473,7 +475,8 @@ def train_unet(text_encoder, tokenizer, vae, images, captions, *, seed, steps, b
       (grey backgrounds); with it, the model learns to set the mean itself;
     - Min-SNR loss weighting (Hang et al. 2023) and an EMA of the weights, which is returned.
     """
-    from diffusers import UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers.training_utils import EMAModel, compute_snr
 
     # Frozen inputs, computed once: text states per unique caption, VAE posteriors per image.
     unique = sorted(set(captions) | {""})
@@ -497,8 +500,10 @@ def train_unet(text_encoder, tokenizer, vae, images, captions, *, seed, steps, b
     torch.manual_seed(seed + 3)
     unet = UNet2DConditionModel(**unet_config()).to(device)
     unet.train()
-    ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    alphas = training_alphas().to(device)
+    # EMAModel's default decay warm-up: min(decay, (1 + step) / (10 + step))
+    ema = EMAModel(unet.parameters(), decay=ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config)
+    ema_unet = copy.deepcopy(unet).eval().requires_grad_(False)  # what the probe reads, refreshed from `ema`
+    noise_sched = DDPMScheduler(**training_schedule_config())
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed + 13)
     n = len(images)
@@ -522,31 +527,29 @@ def train_unet(text_encoder, tokenizer, vae, images, captions, *, seed, steps, b
         if offset_noise:
             noise = noise + offset_noise * torch.randn(latents.shape[0], latents.shape[1], 1, 1, generator=gen)
         noise = noise.to(device)
-        t = torch.randint(0, len(alphas), (batch,), generator=gen).to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=gen).to(device)
+        noisy = noise_sched.add_noise(latents, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         if snr_gamma:  # Min-SNR weighting (Hang et al. 2023): same optimum, faster convergence
-            snr = a.flatten() / (1 - a.flatten())
+            snr = compute_snr(noise_sched, t)
             loss = loss * torch.clamp(snr, max=snr_gamma) / snr
         loss = loss.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
+        ema.step(unet.parameters())
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0 or step == steps - 1:
             el = time.time() - t0
             eta = el / (step + 1) * (steps - step - 1)
             log(f"unet step {step + 1}/{steps} loss {running:.4f} {el:.0f}s (eta {eta:.0f}s)")
         if probe is not None and ((step + 1) % probe_every == 0 or step == steps - 1):
-            log(f"unet step {step + 1} {ReadingProbe.format(probe(ema))} (EMA weights)")
-    return ema
+            ema.copy_to(ema_unet.parameters())
+            log(f"unet step {step + 1} {ReadingProbe.format(probe(ema_unet))} (EMA weights)")
+    ema.copy_to(ema_unet.parameters())
+    return ema_unet
 
 
 # ----------------------------------------------------------------------------- saving
