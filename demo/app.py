@@ -402,12 +402,14 @@ def edit_tab(ctx: DemoContext) -> None:
 @contextmanager
 def adapters_installed(ctx: DemoContext, scale: float):
     """Install the loaded image adapters for one job only, so the SD-IPC tabs see a plain UNet."""
-    ctx.pipe._install(ctx.adapters)
+    from imageprompt.ip_adapter import install_adapters
+
+    install_adapters(ctx.pipe.unet, ctx.adapters)
     try:
         ctx.pipe.set_ip_adapter_scale(float(scale))
         yield
     finally:
-        ctx.pipe._install([])
+        install_adapters(ctx.pipe.unet, [])
 
 
 def ip_adapter_tab(ctx: DemoContext) -> None:
@@ -450,7 +452,7 @@ def load_adapters(pipe, specs: list[str], image_encoder: str | None = None) -> l
 
     They are returned unloaded from ``pipe``: the IP-Adapter tab installs them for its own jobs.
     """
-    from imageprompt.ip_adapter import parse_adapter_spec
+    from imageprompt.adapter_files import parse_adapter_spec
     from imageprompt.sdipc_branch import SDIPCBranch
 
     files = [parse_adapter_spec(spec) for spec in specs if spec != "sdipc"]
@@ -459,7 +461,7 @@ def load_adapters(pipe, specs: list[str], image_encoder: str | None = None) -> l
                              image_encoder=image_encoder)
     loaded = iter(pipe.image_adapters)
     adapters = [SDIPCBranch() if spec == "sdipc" else next(loaded) for spec in specs]
-    pipe._install([])
+    pipe.unload_ip_adapter()
     return adapters
 
 
@@ -470,15 +472,10 @@ def p2p_pipeline(ctx: DemoContext, ddim: bool = False):
         from diffusers import DDIMScheduler
         from imageprompt.pipelines import StableDiffusionPromptToPromptPipeline
 
-        from imageprompt.attention import imageprompt_processors
-
-        backend = next(iter(imageprompt_processors(ctx.pipe.unet).values())).backend
-        parts = dict(ctx.pipe.components)
         # its own scheduler object: schedulers keep per-run state
-        scheduler = DDIMScheduler if ddim else type(parts["scheduler"])
-        parts["scheduler"] = scheduler.from_config(parts["scheduler"].config)
-        pipe = StableDiffusionPromptToPromptPipeline(**parts)
-        pipe.set_attention(backend)  # the constructor resets the shared layers to SDPA
+        scheduler = DDIMScheduler if ddim else type(ctx.pipe.scheduler)
+        pipe = StableDiffusionPromptToPromptPipeline.from_pipe(
+            ctx.pipe, scheduler=scheduler.from_config(ctx.pipe.scheduler.config))
         pipe.set_progress_bar_config(**getattr(ctx.pipe, "_progress_bar_config", {}))
         ctx.pipelines[key] = pipe
     return ctx.pipelines[key]

@@ -191,3 +191,19 @@ def imageprompt_processors(unet) -> dict[str, ImagePromptAttnProcessor]:
     if all(isinstance(p, ImagePromptAttnProcessor) for p in procs.values()):
         return dict(procs)
     return set_attention_backend(unet, "sdpa")
+
+
+def cross_attention_layers(unet) -> dict[str, str]:
+    """Cross-attention layer name -> official key id (``"1"``, ``"3"``, ...), as diffusers counts them."""
+    names = [n for n in unet.attn_processors if not n.startswith("encoder_hid_proj.")]
+    ids, key_id = {}, 1
+    for name in names:
+        if not name.endswith("attn1.processor"):
+            ids[name] = str(key_id)
+            key_id += 2
+    return ids
+
+
+def attention_module(unet, processor_name: str):
+    """The ``Attention`` module whose processor is named ``processor_name``."""
+    return unet.get_submodule(processor_name.rsplit(".processor", 1)[0])

@@ -78,8 +78,12 @@ class SDIPCConverter(ModelMixin, ConfigMixin):
         return h.to(image_embeds.dtype)
 
     def _apply(self, fn, *args, **kwargs):
-        self._inverse = None  # device or dtype changes invalidate the cache
-        return super()._apply(fn, *args, **kwargs)
+        self._inverse = None  # a device change invalidates the cache
+        out = super()._apply(fn, *args, **kwargs)
+        weight = self.text_projection.weight
+        if weight.dtype != torch.float32:  # `pipe.to(torch.float16)` casts every module: this one stays fp32
+            weight.data = weight.data.float()
+        return out
 
 
 def variation_embeds(h: torch.Tensor, bos_state: torch.Tensor, length: int = 77) -> torch.Tensor:

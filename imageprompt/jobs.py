@@ -554,7 +554,7 @@ class Runner:
 
     def use_adapter(self, spec: str, scale: float):
         """Load IP-Adapter ``spec`` (once; a failure is remembered so each row does not retry it) at ``scale``."""
-        from imageprompt.ip_adapter import parse_adapter_spec
+        from imageprompt.adapter_files import parse_adapter_spec
 
         if self.adapter != spec:
             if spec in self.adapter_errors:

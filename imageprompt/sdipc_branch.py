@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from imageprompt.ip_adapter import LayerOwnProjection
+from imageprompt.ip_adapter import LayerOwnProjection, add_adapter, remove_adapters
 
 
 class SDIPCTokens(nn.Module):
@@ -58,21 +58,18 @@ class SDIPCBranch:
 
 
 def enable_sdipc_branch(pipe, scale: float = 1.0) -> SDIPCBranch:
-    """Add the training-free SD-IPC branch to ``pipe`` (after any IP-Adapters); returns it.
+    """Add the training-free SD-IPC branch to ``pipe``'s UNet (after any IP-Adapters); returns it.
 
     Its image prompt is the last entry of ``ip_adapter_image``; its scale the
     last entry of :meth:`set_ip_adapter_scale` lists (InstantStyle dicts work too).
+    Other adapters keep their scales.
     """
     disable_sdipc_branch(pipe)
     branch = SDIPCBranch()
-    pipe._install([*pipe.image_adapters, branch])
-    scales = [1.0] * (len(pipe.image_adapters) - 1) + [scale]
-    pipe.set_ip_adapter_scale(scales)
+    add_adapter(pipe.unet, branch, scale)
     return branch
 
 
 def disable_sdipc_branch(pipe) -> None:
-    """Remove the SD-IPC branch, keeping any IP-Adapters (their scales reset to 1)."""
-    kept = [a for a in pipe.image_adapters if not isinstance(a, SDIPCBranch)]
-    if len(kept) != len(pipe.image_adapters):
-        pipe._install(kept)
+    """Remove the SD-IPC branch, keeping any IP-Adapters and their scales."""
+    remove_adapters(pipe.unet, SDIPCBranch)

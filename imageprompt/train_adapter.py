@@ -100,7 +100,7 @@ def initial_state_dict(unet, image_embed_dim: int, seed: int = 0) -> dict:
     """An official-format sd15 state: random projection, ``to_k_ip``/``to_v_ip`` copied from ``to_k``/``to_v``."""
     from diffusers.models.embeddings import ImageProjection
 
-    from imageprompt.ip_adapter import _attention_module, unet_layers
+    from imageprompt.attention import attention_module, cross_attention_layers
 
     torch.manual_seed(seed)
     cross = unet.config.cross_attention_dim
@@ -108,8 +108,8 @@ def initial_state_dict(unet, image_embed_dim: int, seed: int = 0) -> dict:
     image_proj = {"proj.weight": proj.image_embeds.weight.data, "proj.bias": proj.image_embeds.bias.data,
                   "norm.weight": proj.norm.weight.data, "norm.bias": proj.norm.bias.data}
     ip = {}
-    for name, key_id in unet_layers(unet).items():
-        attn = _attention_module(unet, name)
+    for name, key_id in cross_attention_layers(unet).items():
+        attn = attention_module(unet, name)
         ip[f"{key_id}.to_k_ip.weight"] = attn.to_k.weight.detach().float().cpu().clone()
         ip[f"{key_id}.to_v_ip.weight"] = attn.to_v.weight.detach().float().cpu().clone()
     return {"image_proj": {k: v.float().clone() for k, v in image_proj.items()}, "ip_adapter": ip}
@@ -225,7 +225,7 @@ def write_checkpoint(parts: TrainingParts, optimizer, step: int, out: Path) -> P
 
 def read_checkpoint_state(folder: Path) -> tuple[dict, dict, int]:
     """``(adapter_state, optimizer_state, step)``; everything read without unpickling code."""
-    from imageprompt.ip_adapter import read_checkpoint
+    from imageprompt.adapter_files import read_checkpoint
 
     adapter = read_checkpoint(folder / "adapter.safetensors")
     optimizer = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)

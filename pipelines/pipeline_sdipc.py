@@ -28,16 +28,16 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
+from imageprompt.pipelines.adapter_mixin import ImagePromptAdapterMixin
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from imageprompt.attention import set_attention_backend
+from imageprompt.attention import imageprompt_processors, set_attention_backend
 from imageprompt.conversion import SDIPCConverter, edit_embeds, eos_positions, variation_embeds
 from imageprompt.images import to_rgb
-from imageprompt.ip_adapter import ImagePromptAdapterMixin
 
 
 @dataclass
@@ -76,7 +76,9 @@ class StableDiffusionImagePromptPipeline(DiffusionPipeline, ImagePromptAdapterMi
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
-        self.set_attention("sdpa")
+        # imageprompt's processors on every layer; a UNet that has them keeps them, hooks and backend
+        # included, so building a pipeline (or `from_pipe`) never changes a shared UNet.
+        imageprompt_processors(self.unet)
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -127,10 +129,16 @@ class StableDiffusionImagePromptPipeline(DiffusionPipeline, ImagePromptAdapterMi
         ).input_ids
 
     @torch.no_grad()
-    def encode_text(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final-layer text states ``(B, 77, D)`` and token ids."""
+    def encode_text(self, prompts: list[str], device, clip_skip: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text states ``(B, 77, D)`` and token ids. ``clip_skip``: layers skipped from the end, as
+        in diffusers' ``encode_prompt`` (the earlier layer's states, through the final layer norm)."""
         ids = self.tokenize(prompts).to(device)
-        states = self.text_encoder(ids)[0]
+        if clip_skip is None:
+            states = self.text_encoder(ids)[0]
+        else:
+            hidden = self.text_encoder(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+            states = self.text_encoder.text_model.final_layer_norm(hidden)
         return states.to(dtype=self.unet.dtype), ids
 
     @torch.no_grad()
@@ -146,25 +154,27 @@ class StableDiffusionImagePromptPipeline(DiffusionPipeline, ImagePromptAdapterMi
 
     @torch.no_grad()
     def convert_images(self, images: list[PIL.Image.Image], device) -> torch.Tensor:
-        """SD-IPC: images -> text-encoder states ``h`` of shape ``(B, D)``."""
+        """SD-IPC: images -> text-encoder states ``h`` of shape ``(B, D)`` (the conversion in float32)."""
         e = self.encode_images(images, device)
-        return self.converter.to(device)(e.float()).to(self.unet.dtype)
+        return self.converter(e.float().to(self.converter.device)).to(device=device, dtype=self.unet.dtype)
 
     @torch.no_grad()
     def image_prompt_embeds(
-        self, images: list[PIL.Image.Image], prompts: list[str] | None, alpha: float, device
+        self, images: list[PIL.Image.Image], prompts: list[str] | None, alpha: float, device,
+        clip_skip: int | None = None,
     ) -> torch.Tensor:
         """Conditioning for variation (``prompts`` None) or editing, one row per image."""
         h = self.convert_images(images, device)
         if prompts is None:
-            empty, _ = self.encode_text([""], device)
+            empty, _ = self.encode_text([""], device, clip_skip)
             return variation_embeds(h, empty[0, 0], length=empty.shape[1])
-        states, ids = self.encode_text(prompts, device)
+        states, ids = self.encode_text(prompts, device, clip_skip)
         return edit_embeds(h, states, eos_positions(ids, self.tokenizer.eos_token_id), alpha)
 
     # ---------------------------------------------------------------- checks
     def check_inputs(self, image, prompt, negative_prompt, height, width, num_images_per_prompt, guidance_scale,
-                     num_inference_steps, alpha, prompt_embeds, callback_on_step_end_tensor_inputs):
+                     num_inference_steps, alpha, prompt_embeds, callback_on_step_end_tensor_inputs,
+                     negative_prompt_embeds=None, guidance_rescale=0.0, clip_skip=None):
         if image is None and prompt is None and prompt_embeds is None:
             raise ValueError("give an `image` (variation), an `image` and a `prompt` (editing), or a `prompt`")
         if prompt_embeds is not None and (image is not None or prompt is not None):
@@ -192,6 +202,17 @@ class StableDiffusionImagePromptPipeline(DiffusionPipeline, ImagePromptAdapterMi
             raise ValueError(f"`guidance_scale` must be >= 0, got {guidance_scale}")
         if not np.isfinite(alpha):
             raise ValueError(f"`alpha` must be a finite number, got {alpha}")
+        if negative_prompt_embeds is not None:
+            if negative_prompt is not None:
+                raise ValueError("give `negative_prompt` or `negative_prompt_embeds`, not both")
+            if prompt_embeds is not None and negative_prompt_embeds.shape != prompt_embeds.shape:
+                raise ValueError(f"`negative_prompt_embeds` has shape {tuple(negative_prompt_embeds.shape)}, "
+                                 f"`prompt_embeds` {tuple(prompt_embeds.shape)}: they must match")
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"`guidance_rescale` must be in [0, 1], got {guidance_rescale}")
+        layers = self.text_encoder.config.num_hidden_layers
+        if clip_skip is not None and not (isinstance(clip_skip, int) and 0 <= clip_skip < layers):
+            raise ValueError(f"`clip_skip` must be an integer in [0, {layers - 1}], got {clip_skip}")
         unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
         if unknown:
             raise ValueError(f"callback tensor inputs {sorted(unknown)} not in {self._callback_tensor_inputs}")
@@ -218,7 +239,7 @@ class StableDiffusionImagePromptPipeline(DiffusionPipeline, ImagePromptAdapterMi
 
     def denoise(self, latents, prompt_embeds, negative_prompt_embeds, timesteps, guidance_scale,
                 extra_step_kwargs, cross_attention_kwargs=None, callback_on_step_end=None,
-                callback_on_step_end_tensor_inputs=("latents",), added_cond_kwargs=None):
+                callback_on_step_end_tensor_inputs=("latents",), added_cond_kwargs=None, guidance_rescale=0.0):
         """The sampling loop with classifier-free guidance; returns the final latents."""
         do_cfg = guidance_scale > 1.0
         context = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
@@ -234,6 +255,8 @@ class StableDiffusionImagePromptPipeline(DiffusionPipeline, ImagePromptAdapterMi
                 if do_cfg:
                     noise_uncond, noise_cond = noise.chunk(2)
                     noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+                    if guidance_rescale > 0.0:  # Lin et al. 2023, Sec. 3.4, as diffusers applies it
+                        noise = rescale_noise_cfg(noise, noise_cond, guidance_rescale=guidance_rescale)
                 latents = self.scheduler.step(noise, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     local = {"latents": latents, "prompt_embeds": prompt_embeds,
@@ -268,6 +291,7 @@ class StableDiffusionImagePromptPipeline(DiffusionPipeline, ImagePromptAdapterMi
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
         timesteps: list[int] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -277,6 +301,8 @@ class StableDiffusionImagePromptPipeline(DiffusionPipeline, ImagePromptAdapterMi
         ip_adapter_image=None,
         ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         negative_ip_adapter_image=None,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
     ):
         r"""Generate images from an image (variation), an image and text (editing), or text.
 
@@ -286,12 +312,15 @@ class StableDiffusionImagePromptPipeline(DiffusionPipeline, ImagePromptAdapterMi
             alpha: weight of the text states added to ``h`` at positions EOS..76 when editing.
             negative_prompt: the unconditional branch's prompt (default: the empty prompt).
             prompt_embeds: ready conditioning ``(B, 77, D)`` instead of ``image``/``prompt``.
+            negative_prompt_embeds: ready unconditional states instead of ``negative_prompt``.
             generator: a ``torch.Generator`` or one per output image, for reproducible results.
             callback_on_step_end: ``fn(pipe, step, timestep, tensors) -> dict`` called after each step.
             ip_adapter_image: image prompt(s) for the loaded adapters (diffusers' format: with several adapters,
                 one image or list of images per adapter). Masks: ``cross_attention_kwargs={"ip_adapter_masks": ...}``.
             ip_adapter_image_embeds: precomputed image embeddings instead (``[negative, positive]`` along dim 0).
             negative_ip_adapter_image: image(s) for the unconditional branch instead of zeros / a zero image.
+            guidance_rescale: rescale of the guided prediction (Lin et al. 2023), as in diffusers (0: off).
+            clip_skip: text-encoder layers to skip from the end, as in diffusers.
 
         Returns:
             :class:`ImagePromptPipelineOutput` (or a tuple with ``return_dict=False``).
@@ -302,7 +331,8 @@ class StableDiffusionImagePromptPipeline(DiffusionPipeline, ImagePromptAdapterMi
 
         # 1. Check inputs
         self.check_inputs(image, prompt, negative_prompt, height, width, num_images_per_prompt, guidance_scale,
-                          num_inference_steps, alpha, prompt_embeds, callback_on_step_end_tensor_inputs)
+                          num_inference_steps, alpha, prompt_embeds, callback_on_step_end_tensor_inputs,
+                          negative_prompt_embeds, guidance_rescale, clip_skip)
         self.check_ip_adapter_inputs(ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image)
         device = self._execution_device
 
@@ -314,16 +344,22 @@ class StableDiffusionImagePromptPipeline(DiffusionPipeline, ImagePromptAdapterMi
         if prompt_embeds is not None:
             cond = prompt_embeds.to(device=device, dtype=self.unet.dtype)
         elif images is not None:
-            cond = self.image_prompt_embeds(images, prompts, alpha, device)
+            cond = self.image_prompt_embeds(images, prompts, alpha, device, clip_skip)
         else:
-            cond, _ = self.encode_text(prompts, device)
+            cond, _ = self.encode_text(prompts, device, clip_skip)
         rows = cond.shape[0]
 
-        # 3. Unconditional branch: the negative prompt, or the empty prompt
-        negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * rows
-        if len(negatives) != rows:
-            raise ValueError(f"{len(negatives)} negative prompts for {rows} conditionings")
-        uncond, _ = self.encode_text(negatives, device)
+        # 3. Unconditional branch: given states, the negative prompt, or the empty prompt
+        if negative_prompt_embeds is not None:
+            uncond = negative_prompt_embeds.to(device=device, dtype=self.unet.dtype)
+            if uncond.shape != cond.shape:
+                raise ValueError(f"`negative_prompt_embeds` has shape {tuple(uncond.shape)}, "
+                                 f"expected {tuple(cond.shape)}")
+        else:
+            negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * rows
+            if len(negatives) != rows:
+                raise ValueError(f"{len(negatives)} negative prompts for {rows} conditionings")
+            uncond, _ = self.encode_text(negatives, device, clip_skip)
 
         # 4. Repeat for the images per reference
         cond = cond.repeat_interleave(num_images_per_prompt, dim=0)
@@ -343,6 +379,7 @@ class StableDiffusionImagePromptPipeline(DiffusionPipeline, ImagePromptAdapterMi
         latents = self.denoise(
             latents, cond, uncond, timesteps, guidance_scale, self.extra_step_kwargs(generator, eta),
             cross_attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs, added_cond_kwargs,
+            guidance_rescale,
         )
 
         # 7. Decode

@@ -216,7 +216,7 @@ def test_composes_with_sdipc_prompt_and_editor_hook(adapter_repo, pipe, red_imag
 
 
 def test_bin_pickle_with_code_is_refused_without_running(tmp_path):
-    from imageprompt.ip_adapter import read_checkpoint
+    from imageprompt.adapter_files import read_checkpoint
 
     marker = tmp_path / "executed"
 

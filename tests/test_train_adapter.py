@@ -51,7 +51,7 @@ def test_read_pairs_folder_and_jsonl(shapes, tmp_path):
 def test_few_steps_lower_the_loss_and_file_round_trips(tiny_model, shapes, tmp_path):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from imageprompt.ip_adapter import read_checkpoint
+    from imageprompt.adapter_files import read_checkpoint
     from imageprompt.train_adapter import ImageCaptionDataset, read_pairs, train, training_loss
 
     pipe = fresh_pipe(tiny_model)
@@ -79,9 +79,9 @@ def test_few_steps_lower_the_loss_and_file_round_trips(tiny_model, shapes, tmp_p
     # official layout: flattened keys, odd layer ids, and to_k_ip moved away from its to_k initialisation
     state = read_checkpoint(out)
     assert set(state["image_proj"]) == {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}
-    from imageprompt.ip_adapter import unet_layers
+    from imageprompt.attention import cross_attention_layers
 
-    ids = sorted(int(i) for i in unet_layers(pipe.unet).values())
+    ids = sorted(int(i) for i in cross_attention_layers(pipe.unet).values())
     assert ids == list(range(1, 2 * len(ids), 2))
     assert sorted(k for k in state["ip_adapter"]) == sorted(f"{i}.to_{x}_ip.weight" for i in ids for x in "kv")
     pipe.image_encoder.save_pretrained(out.parent / "image_encoder")
@@ -101,7 +101,7 @@ def test_few_steps_lower_the_loss_and_file_round_trips(tiny_model, shapes, tmp_p
 
 
 def test_cli_train_checkpoint_resume_bin(tiny_model, shapes, tmp_path, capsys):
-    from imageprompt.ip_adapter import read_checkpoint
+    from imageprompt.adapter_files import read_checkpoint
 
     out = tmp_path / "run" / "adapter.bin"
     common = [str(shapes), "--out", str(out), "--model", str(tiny_model[0]), "--clip", str(tiny_model[1]),

@@ -23,7 +23,7 @@ TINY_ENCODER = dict(hidden_size=48, intermediate_size=37, num_hidden_layers=2, n
 
 def random_official_state(unet, kind: str, encoder_config, seed: int = 0) -> dict:
     """Random tensors under the official key names and shapes (sd15 or plus) for ``unet``."""
-    from imageprompt.ip_adapter import _attention_module, unet_layers
+    from imageprompt.attention import attention_module, cross_attention_layers
 
     g = torch.Generator().manual_seed(seed)
 
@@ -50,8 +50,8 @@ def random_official_state(unet, kind: str, encoder_config, seed: int = 0) -> dic
                          f"layers.{i}.1.0.weight": torch.ones(dim), f"layers.{i}.1.0.bias": rand(dim),
                          f"layers.{i}.1.1.weight": rand(4 * dim, dim), f"layers.{i}.1.3.weight": rand(dim, 4 * dim)})
     ip = {}
-    for name, key_id in unet_layers(unet).items():
-        inner = _attention_module(unet, name).to_k.out_features
+    for name, key_id in cross_attention_layers(unet).items():
+        inner = attention_module(unet, name).to_k.out_features
         ip[f"{key_id}.to_k_ip.weight"] = rand(inner, cross)
         ip[f"{key_id}.to_v_ip.weight"] = rand(inner, cross)
     return {"image_proj": proj, "ip_adapter": ip}

@@ -46,9 +46,9 @@ def add_adapter_options(parser: argparse.ArgumentParser) -> None:
 
 def check_adapter_options(args) -> None:
     """Validate adapter options and read the weights (refusing unsafe files) before any model loads."""
+    from imageprompt.adapter_files import parse_adapter_spec, read_checkpoint, resolve_weight_file
     from imageprompt.cli.common import CommandError
     from imageprompt.images import load_image, sha256_file
-    from imageprompt.ip_adapter import parse_adapter_spec, read_checkpoint, resolve_weight_file
 
     specs = getattr(args, "adapter", None) or []
     if not specs:
@@ -88,6 +88,7 @@ def apply_adapter_options(pipe, args, image=None) -> dict:
     """
     if not getattr(args, "_adapters", None):
         return {"pipeline": {}, "parameters": {}}
+    from imageprompt.ip_adapter import install_adapters
     from imageprompt.sdipc_branch import SDIPCBranch
 
     pipe.unload_ip_adapter()
@@ -99,7 +100,7 @@ def apply_adapter_options(pipe, args, image=None) -> dict:
     if None in order:  # the SD-IPC branch sits where it was named
         adapters = list(pipe.image_adapters)
         adapters.insert(order.index(None), SDIPCBranch())
-        pipe._install(adapters)
+        install_adapters(pipe.unet, adapters)
     pipe.set_ip_adapter_scale(list(args._adapter_scales))
 
     references = ([image] if image is not None else []) + list(args._adapter_images)
@@ -171,7 +172,7 @@ def run_train(args) -> int:
     pipe.set_progress_bar_config(disable=True)
     encoder = processor = None
     if args.image_encoder:
-        from imageprompt.ip_adapter import load_image_encoder
+        from imageprompt.adapter_files import load_image_encoder
 
         encoder, processor = load_image_encoder(args.image_encoder)
     result = train(pipe, pairs, out, steps=args.steps, batch_size=args.batch_size, resolution=args.resolution,

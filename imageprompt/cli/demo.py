@@ -48,7 +48,7 @@ def run_demo(args) -> int:
     if args.image_encoder and not args.adapter:
         raise CommandError("--image-encoder needs --adapter")
     if args.adapter:  # find the weights before the model loads
-        from imageprompt.ip_adapter import parse_adapter_spec, resolve_weight_file
+        from imageprompt.adapter_files import parse_adapter_spec, resolve_weight_file
 
         for spec in args.adapter:
             if spec != "sdipc":
