@@ -24,6 +24,7 @@ the pipeline methods (``load_ip_adapter``, ``set_ip_adapter_scale``, ...) are in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -323,6 +324,21 @@ def remove_adapters(unet, kind: type) -> None:
     kept = [(a, s) for a, s in zip(adapters, scales) if not isinstance(a, kind)]
     if len(kept) != len(adapters):
         install_adapters(unet, [a for a, _ in kept], [s for _, s in kept])
+
+
+@contextlib.contextmanager
+def adapters_suspended(unet):
+    """Run the UNet without its image adapters for a while (inversion of a photo under its text);
+    they come back with their scales afterwards, even on error."""
+    adapters, scales = loaded_adapters(unet), branch_scales(unet)
+    if not adapters:
+        yield
+        return
+    install_adapters(unet, [])
+    try:
+        yield
+    finally:
+        install_adapters(unet, adapters, scales)
 
 
 # ------------------------------------------------------- image embeddings

@@ -62,6 +62,21 @@ def step_window(steps, name: str) -> tuple[float, float]:
     return window
 
 
+def parse_word_weights(items: list[str] | None) -> dict[str, float]:
+    """``["snow=2", "cat=0.5"]`` -> ``{"snow": 2.0, "cat": 0.5}``; ``ValueError`` naming a malformed item."""
+    weights = {}
+    for item in items or []:
+        word, sep, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not sep or not word.strip() or not math.isfinite(number):
+            raise ValueError(f"expects WORD=NUMBER, got {item!r}")
+        weights[word.strip()] = number
+    return weights
+
+
 def validate_edit(source: str, target: str | None, mode: str, weights: dict | None = None,
                   blend_words=None, cross_steps=0.8, word_cross_steps: dict | None = None, self_steps=0.4,
                   blend_threshold: float = BLEND_THRESHOLD) -> str:

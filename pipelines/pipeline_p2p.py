@@ -7,9 +7,15 @@ attention. The source may be
 
 - a text prompt,
 - an SD-IPC image + text conditioning (``image`` with ``alpha``: "this image,
-  on a beach" -> "this image, in the snow"), or
+  on a beach" -> "this image, in the snow"),
+- an SD-IPC variation (``image`` with ``image_mode="variation"``: the source is
+  the image alone, the targets are image + text), or
 - a real photo inverted with :meth:`invert` (null-text, negative-prompt or DDIM
   inversion), passed as ``inversion``.
+
+Image adapters loaded on the UNet (IP-Adapter, the SD-IPC branch) apply to every
+prompt of the batch: pass ``ip_adapter_image`` as for the other pipelines. Their
+image branch adds to the edited text attention in the same processors.
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ from diffusers.utils import BaseOutput
 from imageprompt.pipelines.pipeline_sdipc import StableDiffusionImagePromptPipeline
 
 from imageprompt.attention_maps import token_labels
-from imageprompt.conversion import edit_embeds, eos_positions
+from imageprompt.conversion import edit_embeds, eos_positions, variation_embeds
 from imageprompt.inversion import METHODS, Inversion, invert
+from imageprompt.ip_adapter import adapters_suspended
 from imageprompt.p2p import (
     BLEND_THRESHOLD,
     PromptToPromptController,
@@ -51,22 +58,29 @@ class PromptToPromptPipelineOutput(BaseOutput):
     blend_mask: torch.Tensor | None = None
 
 
+IMAGE_MODES = ("edit", "variation")
+
+
 class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
     def invert(self, image: PIL.Image.Image, prompt: str, method: str = "null-text", num_inference_steps: int = 50,
                guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
                num_inner_steps: int = 10, early_stop_epsilon: float = 1e-5) -> Inversion:
-        """Invert a real photo described by ``prompt`` so that it can be edited (see :mod:`imageprompt.inversion`)."""
+        """Invert a real photo described by ``prompt`` so that it can be edited (see :mod:`imageprompt.inversion`).
+
+        Image adapters loaded on the UNet are suspended while inverting: the photo is inverted under its text.
+        """
         if method not in METHODS:
             raise ValueError(f"unknown inversion {method!r}; choose from {', '.join(METHODS)}")
         if not isinstance(image, PIL.Image.Image):
             raise TypeError("`image` must be a PIL image")
         cond, _ = self.encode_text([prompt], self._execution_device)
-        return invert(self, image, cond, method, num_inference_steps, guidance_scale, height, width,
-                      num_inner_steps, early_stop_epsilon)
+        with adapters_suspended(self.unet):
+            return invert(self, image, cond, method, num_inference_steps, guidance_scale, height, width,
+                          num_inner_steps, early_stop_epsilon)
 
     def check_p2p_inputs(self, source_prompt, target_prompt, mode, weights, blend_words, blend_threshold,
                          cross_steps, word_cross_steps, self_steps, image, inversion, num_inference_steps,
-                         guidance_scale, latents):
+                         guidance_scale, latents, image_mode="edit"):
         if not isinstance(source_prompt, str):
             raise TypeError("`source_prompt` must be a string")
         targets = [target_prompt] if target_prompt is None or isinstance(target_prompt, str) else list(target_prompt)
@@ -75,6 +89,10 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
                           self_steps, blend_threshold)
         if image is not None and not isinstance(image, PIL.Image.Image):
             raise TypeError("`image` (the SD-IPC reference) must be one PIL image")
+        if image_mode not in IMAGE_MODES:
+            raise ValueError(f"`image_mode` must be one of {IMAGE_MODES}, got {image_mode!r}")
+        if image_mode != "edit" and image is None:
+            raise ValueError(f"`image_mode={image_mode!r}` needs an SD-IPC `image`")
         if inversion is not None:
             if image is not None:
                 raise ValueError("give either an SD-IPC `image` or an `inversion`, not both")
@@ -103,6 +121,7 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
         map_res: int | None = None,
         image: PIL.Image.Image | None = None,
         alpha: float = 0.5,
+        image_mode: str = "edit",
         inversion: Inversion | None = None,
         negative_prompt: str | None = None,
         height: int | None = None,
@@ -116,6 +135,9 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        negative_ip_adapter_image=None,
     ):
         r"""Sample the source and its edit(s) together.
 
@@ -133,8 +155,12 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
                 (default: the cross-attention level nearest a quarter of the latent height, 16 at 512x512; 32 allowed).
             map_res: latent rows of the layers whose maps are recorded for blending and output (same default).
             image: SD-IPC reference image: every prompt is conditioned as image + text with ``alpha``.
+            image_mode: with ``image``, ``"edit"`` (every prompt image + text) or ``"variation"`` (the source
+                is the image alone, an SD-IPC variation; the targets are image + text).
             inversion: a real photo inverted with :meth:`invert` (its prompt should be ``source_prompt``).
             latents: starting noise ``(1, C, h, w)``, shared by all prompts.
+            ip_adapter_image / ip_adapter_image_embeds / negative_ip_adapter_image: image prompts of the loaded
+                image adapters (as in :class:`StableDiffusionImagePromptPipeline`), shared by every prompt.
 
         Returns:
             :class:`PromptToPromptPipelineOutput` (or a tuple ``(images, attention_maps)``).
@@ -146,9 +172,10 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
         # 1. Check inputs
         self.check_p2p_inputs(source_prompt, target_prompt, mode, weights, blend_words, blend_threshold, cross_steps,
                               word_cross_steps, self_steps, image, inversion, num_inference_steps, guidance_scale,
-                              latents)
+                              latents, image_mode)
         self.check_inputs(None, source_prompt, negative_prompt, height, width, 1, guidance_scale, num_inference_steps,
                           alpha, None, callback_on_step_end_tensor_inputs)
+        self.check_ip_adapter_inputs(ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image)
         heights = attention_heights(self.unet.config, height // self.vae_scale_factor)
         if map_res is not None and map_res not in heights:
             raise ValueError(f"`map_res` {map_res} names no cross-attention layer; this UNet has {heights} latent rows")
@@ -162,11 +189,14 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
         rows = len(prompts)
         device = self._execution_device
 
-        # 2. Conditioning: text, or SD-IPC image + text, one row per prompt
+        # 2. Conditioning: text, or SD-IPC image + text (the source: the image alone for a variation)
         cond, ids = self.encode_text(prompts, device)
         if image is not None:
-            h = self.convert_images([image], device).expand(rows, -1)
-            cond = edit_embeds(h, cond, eos_positions(ids, self.tokenizer.eos_token_id), alpha)
+            h = self.convert_images([image], device)
+            cond = edit_embeds(h.expand(rows, -1), cond, eos_positions(ids, self.tokenizer.eos_token_id), alpha)
+            if image_mode == "variation":
+                empty, _ = self.encode_text([""], device)
+                cond[:1] = variation_embeds(h, empty[0, 0], length=cond.shape[1])
 
         # 3. Unconditional branch: inversion's per-step embeddings, the negative prompt or the empty prompt
         uncond, _ = self.encode_text([negative_prompt or ""] * rows, device)
@@ -180,6 +210,11 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
             latents = inversion.latents.to(device=device, dtype=cond.dtype) / self.scheduler.init_noise_sigma
         latents = self.prepare_latents(1, height, width, cond.dtype, device, generator, latents)
         latents = latents.expand(rows, -1, -1, -1).clone()
+        added_cond_kwargs = None
+        if self.image_adapters:  # image tokens for the decoupled cross-attention branches, every prompt
+            added_cond_kwargs = {"image_embeds": self.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, device, rows, guidance_scale > 1.0,
+                negative_ip_adapter_image)}
 
         # 5. Controller
         latent_size = tuple(latents.shape[-2:])
@@ -199,7 +234,8 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
         # 6. Denoising loop with the controller as every layer's editor
         with controller.attached(self.unet):
             latents = self.denoise(latents, cond, uncond, timesteps, guidance_scale,
-                                   self.extra_step_kwargs(generator, eta), None, on_step_end, inputs)
+                                   self.extra_step_kwargs(generator, eta), None, on_step_end, inputs,
+                                   added_cond_kwargs)
 
         # 7. Decode
         images = self.decode(latents, output_type)

@@ -40,7 +40,7 @@ def p2p_pipe(tiny_pipe):
     """The prompt-to-prompt pipeline on the tiny model's components."""
     from imageprompt.pipelines import StableDiffusionPromptToPromptPipeline
 
-    pipe = StableDiffusionPromptToPromptPipeline(**tiny_pipe.components)
+    pipe = StableDiffusionPromptToPromptPipeline.from_pipe(tiny_pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -27,7 +27,8 @@ def adapter_scale(text: str):
     return value
 
 
-def add_adapter_options(parser: argparse.ArgumentParser) -> None:
+def add_adapter_options(parser: argparse.ArgumentParser,
+                        reference: str = "extra reference image for the adapters (repeatable)") -> None:
     group = parser.add_argument_group("image adapter (IP-Adapter decoupled cross-attention)")
     group.add_argument("--adapter", action="append", metavar="PATH_OR_ID[:WEIGHT_NAME]",
                        help="IP-Adapter weights: a .safetensors/.bin file, HUB_ID:path/in/repo, a short name "
@@ -37,7 +38,7 @@ def add_adapter_options(parser: argparse.ArgumentParser) -> None:
                        help="adapter scale: a number or a JSON per-block dict (InstantStyle); one for all adapters "
                             "or one per --adapter (default 1.0)")
     group.add_argument("--adapter-image", action="append", default=[], metavar="IMAGE",
-                       help="extra reference image for the adapters (repeatable)")
+                       help=reference)
     group.add_argument("--negative-adapter-image", metavar="IMAGE",
                        help="negative image prompt (default: zeros / a zero image, as IP-Adapter does)")
     group.add_argument("--image-encoder", metavar="PATH",

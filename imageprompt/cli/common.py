@@ -21,7 +21,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from imageprompt.images import ImageInputError
     from imageprompt.loading import ModelLoadError
 
-    return (CommandError, ImageInputError, ModelLoadError, ValueError, TypeError, FileNotFoundError)
+    # Not TypeError: from inside the library it is a bug, shown as "unexpected" with the --debug hint.
+    return (CommandError, ImageInputError, ModelLoadError, ValueError, FileNotFoundError)
 
 
 # ------------------------------------------------------------------ options

@@ -7,6 +7,7 @@ import math
 import random
 from pathlib import Path
 
+from imageprompt.cli.adapter import add_adapter_options, apply_adapter_options, check_adapter_options
 from imageprompt.cli.common import (
     CommandError,
     add_model_options,
@@ -19,6 +20,7 @@ from imageprompt.cli.common import (
     write_outputs,
 )
 from imageprompt.images import generators
+from imageprompt.p2p import parse_word_weights
 
 INVERSIONS = ("null-text", "negative-prompt", "ddim")
 
@@ -52,24 +54,21 @@ def register(subparsers) -> None:
     p2p.add_argument("--inner-steps", type=positive_int, default=10, help="null-text inner steps (default 10)")
     p2p.add_argument("--image-prompt", metavar="IMAGE", help="SD-IPC reference: every prompt is image + text")
     p2p.add_argument("--alpha", type=float, default=0.5, help="SD-IPC text weight with --image-prompt (default 0.5)")
+    p2p.add_argument("--variation-source", action="store_true",
+                     help="with --image-prompt: the source is the SD-IPC variation of the image (the image alone); "
+                          "the targets are image + text")
     p2p.add_argument("--save-attention", metavar="FILE.png", help="write the per-token attention maps here")
     add_sampling_options(p2p, num=False)
     add_model_options(p2p)
+    add_adapter_options(p2p, reference="the image prompt of every prompt (required with --adapter)")
     p2p.set_defaults(func=run_p2p, method="p2p")
 
 
 def parse_weights(items: list[str] | None) -> dict[str, float]:
-    weights = {}
-    for item in items or []:
-        word, sep, value = item.partition("=")
-        try:
-            number = float(value)
-        except ValueError:
-            number = math.nan
-        if not sep or not word.strip() or not math.isfinite(number):
-            raise CommandError(f"--weight expects WORD=NUMBER, got {item!r}")
-        weights[word.strip()] = number
-    return weights
+    try:
+        return parse_word_weights(items)
+    except ValueError as err:
+        raise CommandError(f"--weight {err}") from None
 
 
 def parse_cross_steps(items: list[str] | None) -> tuple[float, dict[str, float]]:
@@ -110,6 +109,11 @@ def run_p2p(args) -> int:
         raise CommandError(f"--save-attention must name a .png file, got {args.save_attention!r}")
     if not math.isfinite(args.alpha):
         raise CommandError(f"--alpha must be a finite number, got {args.alpha}")
+    if args.variation_source and not args.image_prompt:
+        raise CommandError("--variation-source needs --image-prompt IMAGE")
+    check_adapter_options(args)
+    if args.adapter and not args.adapter_image:
+        raise CommandError("--adapter needs --adapter-image IMAGE: the image prompt of the edit")
     out_dir = check_out_dir(args.out)
     method = (args.invert or "null-text") if args.image else None
     photo = load_image(args.image) if args.image else None
@@ -120,8 +124,9 @@ def run_p2p(args) -> int:
     from imageprompt.pipelines import StableDiffusionPromptToPromptPipeline
 
     base = load_pipeline_from_args(args)
-    pipe = StableDiffusionPromptToPromptPipeline(**base.components)
-    pipe.set_attention(args.attention)
+    pipe = StableDiffusionPromptToPromptPipeline.from_pipe(base)
+    adapter = apply_adapter_options(pipe, args)
+    adapter["pipeline"] = {k: v for k, v in adapter["pipeline"].items() if k.startswith(("ip_", "negative_ip_"))}
     params = base_parameters(base, args, "p2p")
     params.update(source=args.source, target=target, mode=args.mode, weights=weights or None, blend=args.blend,
                   blend_threshold=args.blend_threshold, cross_steps=cross_steps,
@@ -132,7 +137,8 @@ def run_p2p(args) -> int:
                       inner_steps=args.inner_steps if method == "null-text" else None)
     if reference is not None:
         params.update(image_prompt=Path(args.image_prompt).name, image_prompt_sha256=sha256_file(args.image_prompt),
-                      alpha=args.alpha)
+                      alpha=args.alpha, image_mode="variation" if args.variation_source else "edit")
+    params.update({k: v for k, v in adapter["parameters"].items() if k not in ("method", "alpha")})
 
     # 3. Inversion of a real photo, then the edit
     inversion = None
@@ -143,9 +149,10 @@ def run_p2p(args) -> int:
                   blend_words=args.blend, blend_threshold=args.blend_threshold, cross_steps=cross_steps,
                   word_cross_steps=word_cross_steps or None, self_steps=args.self_steps, self_res=args.self_res,
                   map_res=args.map_res, image=reference, alpha=args.alpha, inversion=inversion,
+                  image_mode="variation" if args.variation_source else "edit",
                   negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                   num_inference_steps=args.steps, guidance_scale=args.guidance,
-                  generator=None if inversion is not None else generators(seed, 1))
+                  generator=None if inversion is not None else generators(seed, 1), **adapter["pipeline"])
 
     # 4. Outputs
     stem = Path(args.image).stem if args.image else "p2p"
