@@ -51,27 +51,26 @@ class Inversion:
         return self.uncond_embeds
 
 
-def _alpha(scheduler, t: int) -> torch.Tensor:
-    return scheduler.alphas_cumprod[t] if t >= 0 else scheduler.final_alpha_cumprod
-
-
-def _previous_timestep(scheduler, t: int) -> int:
-    # the DDIM scheduler's own rule, so that inversion and sampling use the same pairs
-    return int(t) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-
-
 def ddim_step(scheduler, noise: torch.Tensor, t: int, latents: torch.Tensor) -> torch.Tensor:
-    """Deterministic DDIM update ``x_t -> x_{t-1}`` (eta 0), differentiable."""
-    a_t, a_prev = _alpha(scheduler, int(t)), _alpha(scheduler, _previous_timestep(scheduler, t))
-    x0 = (latents - (1 - a_t) ** 0.5 * noise) / a_t**0.5
-    return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * noise
+    """Deterministic DDIM update ``x_t -> x_{t-1}``: diffusers' ``DDIMScheduler.step`` with eta 0
+    (differentiable: null-text inversion optimises through it)."""
+    return scheduler.step(noise, t, latents, eta=0.0, return_dict=False)[0]
 
 
-def ddim_inverse_step(scheduler, noise: torch.Tensor, t: int, latents: torch.Tensor) -> torch.Tensor:
-    """DDIM run backwards: ``x_{t-1} -> x_t`` with the noise predicted at ``t``."""
-    a_t, a_prev = _alpha(scheduler, int(t)), _alpha(scheduler, _previous_timestep(scheduler, t))
-    x0 = (latents - (1 - a_prev) ** 0.5 * noise) / a_prev**0.5
-    return a_t**0.5 * x0 + (1 - a_t) ** 0.5 * noise
+def inverse_scheduler(scheduler):
+    """diffusers' ``DDIMInverseScheduler`` on ``scheduler``'s config and step count, so that
+    inversion and sampling use the same timestep pairs."""
+    from diffusers import DDIMInverseScheduler
+
+    inverse = DDIMInverseScheduler.from_config(scheduler.config)
+    inverse.set_timesteps(scheduler.num_inference_steps)
+    return inverse
+
+
+def ddim_inverse_step(inverse, noise: torch.Tensor, t: int, latents: torch.Tensor) -> torch.Tensor:
+    """DDIM run backwards, ``x_{t-1} -> x_t``, with the noise predicted at ``t``
+    (``inverse``: an :func:`inverse_scheduler`)."""
+    return inverse.step(noise, t, latents, return_dict=False)[0]
 
 
 @torch.no_grad()
@@ -91,10 +90,11 @@ def _noise(pipe, latents, t, context):
 def ddim_inversion(pipe, latents: torch.Tensor, cond: torch.Tensor, timesteps) -> list[torch.Tensor]:
     """DDIM inversion with the conditional embedding and no guidance; returns ``[x_0, ..., x_T]``."""
     trajectory = [latents]
+    inverse = inverse_scheduler(pipe.scheduler)
     with pipe.progress_bar(total=len(timesteps)) as bar:
         for t in reversed(timesteps):
             noise = _noise(pipe, latents, t, cond)
-            latents = ddim_inverse_step(pipe.scheduler, noise.float(), t, latents.float()).to(latents.dtype)
+            latents = ddim_inverse_step(inverse, noise.float(), t, latents.float()).to(latents.dtype)
             trajectory.append(latents)
             bar.update()
     return trajectory

@@ -103,6 +103,14 @@ class StableDiffusionImagePromptPipeline(DiffusionPipeline, ImagePromptAdapterMi
         pipe.converter.register_to_config(scale=float(scale))
         return pipe
 
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """diffusers' ``from_pipe`` (the new pipeline shares the modules), keeping their dtype: diffusers
+        casts the shared modules to ``dtype``, float32 unless given, which would change the original too."""
+        if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
+            kwargs["dtype"] = pipeline.unet.dtype
+        return super().from_pipe(pipeline, **kwargs)
+
     def set_attention(self, backend: str = "sdpa") -> None:
         """Route every UNet attention layer through imageprompt's processors (``"sdpa"`` or ``"xformers"``)."""
         set_attention_backend(self.unet, backend)

@@ -107,6 +107,16 @@ def test_sibling_pipelines_share_adapters_and_backend(base, encoder, tmp_path):
         first.backend = "sdpa"
 
 
+def test_from_pipe_keeps_the_shared_modules_dtype(tiny_model):
+    from imageprompt.loading import load_pipeline
+
+    half = load_pipeline(str(tiny_model[0]), str(tiny_model[1]), device="cpu", dtype="bf16")
+    sibling = StableDiffusionPromptToPromptPipeline.from_pipe(half)
+    for pipe in (half, sibling):
+        assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.bfloat16
+        assert pipe.converter.text_projection.weight.dtype == torch.float32  # the conversion stays fp32
+
+
 def _branches(pipe):
     from imageprompt.ip_adapter import image_branches
 

@@ -23,11 +23,17 @@ def test_ddim_step_inverts_ddim_inverse_step_and_matches_scheduler(p2p_pipe):
     scheduler.set_timesteps(5)
     gen = torch.Generator().manual_seed(0)
     x, noise = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 4, 8, 8, generator=gen)
+    inverse = inv.inverse_scheduler(scheduler)
+    alphas = scheduler.alphas_cumprod
     for t in scheduler.timesteps:
-        up = inv.ddim_inverse_step(scheduler, noise, t, x)
+        up = inv.ddim_inverse_step(inverse, noise, t, x)
         assert not torch.allclose(up, x, atol=1e-3)
         assert torch.allclose(inv.ddim_step(scheduler, noise, t, up), x, atol=1e-5)
-        assert torch.allclose(scheduler.step(noise, t, up).prev_sample, inv.ddim_step(scheduler, noise, t, up),
+        # DDIM (Song et al. 2021, Eq. 12, eta 0) written out: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps
+        t_prev = int(t) - 1000 // 5
+        a_t, a_prev = alphas[int(t)], alphas[t_prev] if t_prev >= 0 else alphas[0]
+        x0 = (up - (1 - a_t).sqrt() * noise) / a_t.sqrt()
+        assert torch.allclose(inv.ddim_step(scheduler, noise, t, up), a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * noise,
                               atol=1e-6)
 
 

@@ -1,0 +1,66 @@
+"""Batch jobs: a JSONL manifest of rows in, PNGs and a results manifest out.
+
+The row format is :mod:`~imageprompt.jobs.schema`, the output folder :mod:`~imageprompt.jobs.storage`,
+the pipeline calls of each kind :mod:`~imageprompt.jobs.sampling`, and :func:`run_job`
+(:mod:`~imageprompt.jobs.run`) ties them together. This module only re-exports them.
+
+One row a line, ``kind`` choosing what it does (see :data:`~imageprompt.jobs.schema.KINDS`)::
+
+    {"kind": "vary", "image": "cat.jpg", "num": 4, "seed": 1}
+    {"kind": "edit", "image": "cat.jpg", "prompt": "on the beach", "alpha": 0.55}
+
+What makes a long job safe to run, kill and run again:
+
+- Each output's name is derived from a hash of the row's content, the input
+  image's bytes and the model settings (:func:`row_key`), so a rerun knows
+  which outputs it already has; a PNG counts only if it decodes and carries that
+  hash (:func:`is_complete`). Image ``i`` of a row uses seed ``seed + i`` and
+  its own generator, so it is the same whatever it was batched with.
+- PNGs are written to a temporary name and renamed (:func:`imageprompt.images.save_png`).
+- Each process appends one record per row to its own part file, synced line by
+  line; the main process merges the parts into ``results.jsonl`` at the end
+  (and folds in the parts a killed run left behind at the start).
+- A bad row (unreadable image, empty edit prompt, unknown kind) is recorded as
+  failed and the job goes on; a failing batch is retried row by row so one bad
+  row does not fail its neighbours.
+
+Rows are split across processes with accelerate (``accelerate launch -m
+imageprompt batch ...``); rows that share a kind and sampling settings are
+sampled together, ``batch_size`` images per forward pass.
+"""
+
+from imageprompt.jobs.run import JobOptions, JobSummary, plan_batches, run_job
+from imageprompt.jobs.sampling import SAMPLERS, Item, Runner, apply_speed_options
+from imageprompt.jobs.schema import (
+    KEY_VERSION,
+    KINDS,
+    JobDefaults,
+    JobError,
+    JSONError,
+    Kind,
+    Row,
+    kind_unavailable,
+    read_manifest,
+    resolve_adapter,
+    row_key,
+    validate_row,
+    validate_rows,
+)
+from imageprompt.jobs.storage import (
+    PARTS,
+    RESULTS,
+    PartWriter,
+    fold_parts,
+    is_complete,
+    merge_results,
+    output_parameters,
+    read_records,
+    remove_temporaries,
+)
+
+__all__ = [
+    "KEY_VERSION", "KINDS", "PARTS", "RESULTS", "SAMPLERS", "Item", "JSONError", "JobDefaults", "JobError",
+    "JobOptions", "JobSummary", "Kind", "PartWriter", "Row", "Runner", "apply_speed_options", "fold_parts",
+    "is_complete", "kind_unavailable", "merge_results", "output_parameters", "plan_batches", "read_manifest",
+    "read_records", "remove_temporaries", "resolve_adapter", "row_key", "run_job", "validate_row", "validate_rows",
+]

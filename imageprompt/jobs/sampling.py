@@ -1,0 +1,166 @@
+"""Sampling a batch of rows: how each ``kind`` turns its items into pipeline calls, and the :class:`Runner`
+that holds what a job's batches share (the loaded pipeline, input images, inversions, the loaded adapter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from imageprompt.jobs.schema import Row
+
+
+@dataclass
+class Item:
+    """One image to sample: image ``index`` of ``row``."""
+
+    row: Row
+    index: int
+
+    @property
+    def seed(self) -> int:
+        return self.row.seed + self.index
+
+
+def _sampling_kwargs(settings: dict, items) -> dict:
+    from imageprompt.images import generators
+
+    # image i of a row has its own generator seeded seed + i, whatever it is batched with
+    return dict(num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
+                negative_prompt=settings["negative_prompt"], height=settings["height"], width=settings["width"],
+                generator=[generators(item.seed, 1)[0] for item in items])
+
+
+def run_vary(runner, settings: dict, items) -> list:
+    """SD-IPC variation: the converted image prompt alone, one batch for all items."""
+    images = [runner.image(item.row) for item in items]
+    return runner.pipe(image=images, **_sampling_kwargs(settings, items)).images
+
+
+def run_edit(runner, settings: dict, items) -> list:
+    """SD-IPC editing: the image prompt blended with each row's text at positions EOS..76."""
+    images = [runner.image(item.row) for item in items]
+    prompts = [item.row.params["prompt"] for item in items]
+    kwargs = _sampling_kwargs(settings, items)
+    return runner.pipe(image=images, prompt=prompts, alpha=settings["alpha"], **kwargs).images
+
+
+def run_p2p(runner, settings: dict, items) -> list:
+    """Prompt-to-prompt (Hertz et al. 2022): each item's source and edit in one call; returns the edits."""
+    pipe = runner.p2p_pipeline()
+    edits = []
+    for item in items:
+        p = item.row.params
+        kwargs = dict(source_prompt=p["prompt"], target_prompt=p.get("target"), mode=p["mode"],
+                      weights=p.get("weights"), blend_words=p.get("blend"), cross_steps=p["cross_steps"],
+                      self_steps=p["self_steps"], **_sampling_kwargs(settings, [item]))
+        kwargs["generator"] = kwargs["generator"][0]
+        if p.get("blend_threshold") is not None:
+            kwargs["blend_threshold"] = p["blend_threshold"]
+        if p.get("image") and p.get("invert"):
+            kwargs["inversion"] = runner.inversion(item.row, pipe)
+        elif p.get("image"):
+            kwargs.update(image=runner.image(item.row), alpha=p["alpha"])
+        edits.append(pipe(**kwargs).images[-1])
+    return edits
+
+
+def run_adapter(runner, settings: dict, items) -> list:
+    """IP-Adapter (Ye et al. 2023, Eq. 5): each row's image through the decoupled cross-attention, plus its text."""
+    import torch
+
+    pipe = runner.use_adapter(settings["adapter"], settings["scale"])
+    device, cfg = pipe._execution_device, settings["guidance"] > 1.0
+    # one image prompt per row (a list of images would be several prompts of the *same* row in diffusers' format)
+    per_row = [pipe.prepare_ip_adapter_image_embeds(runner.image(item.row), None, device, 1, cfg)[0] for item in items]
+    if cfg:
+        negative, positive = zip(*(embeds.chunk(2) for embeds in per_row))
+        embeds = torch.cat([*negative, *positive])
+    else:
+        embeds = torch.cat(per_row)
+    prompts = [item.row.params.get("prompt") or "" for item in items]
+    return pipe(prompt=prompts, ip_adapter_image_embeds=[embeds], **_sampling_kwargs(settings, items)).images
+
+
+# ``fn(runner, settings, items) -> list[PIL.Image]`` for each kind of :data:`imageprompt.jobs.schema.KINDS`:
+# one image per item, all items sharing ``settings`` (the sampling settings plus the kind's ``grouped`` fields)
+SAMPLERS: dict[str, Callable] = {"vary": run_vary, "edit": run_edit, "p2p": run_p2p, "adapter": run_adapter}
+
+
+class Runner:
+    """Samples batches with one loaded pipeline: input images loaded once per row, adapters loaded when needed."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.images: dict[int, object] = {}
+        self.inversions: dict[int, object] = {}
+        self.adapter: str | None = None
+        self.adapter_errors: dict[str, Exception] = {}
+        self._p2p = None
+
+    def image(self, row: Row):
+        from imageprompt.images import load_image
+
+        if row.line not in self.images:
+            self.images[row.line] = load_image(row.image)
+        return self.images[row.line]
+
+    def inversion(self, row: Row, pipe):
+        """The row's photo inverted once for all its seeds (it does not depend on them)."""
+        if row.line not in self.inversions:
+            p = row.params
+            self.inversions[row.line] = pipe.invert(self.image(row), p["prompt"], p["invert"], p["steps"],
+                                                    p["guidance"], p["height"], p["width"])
+        return self.inversions[row.line]
+
+    def forget(self, row: Row) -> None:
+        self.images.pop(row.line, None)
+        self.inversions.pop(row.line, None)
+
+    def p2p_pipeline(self):
+        """The prompt-to-prompt pipeline on the same components (no weights are copied)."""
+        if self._p2p is None:
+            from imageprompt.pipelines import StableDiffusionPromptToPromptPipeline
+
+            self._p2p = StableDiffusionPromptToPromptPipeline.from_pipe(self.pipe)
+            self._p2p.set_progress_bar_config(disable=True)
+        return self._p2p
+
+    def use_adapter(self, spec: str, scale: float):
+        """Load IP-Adapter ``spec`` (once; a failure is remembered so each row does not retry it) at ``scale``."""
+        from imageprompt.adapter_files import parse_adapter_spec
+
+        if self.adapter != spec:
+            if spec in self.adapter_errors:
+                raise self.adapter_errors[spec]
+            source, weight_name = parse_adapter_spec(spec)
+            try:
+                self.pipe.load_ip_adapter(source, weight_name=weight_name)
+            except Exception as err:
+                self.adapter_errors[spec] = err
+                raise
+            self.adapter = spec
+        self.pipe.set_ip_adapter_scale(scale)
+        return self.pipe
+
+    def sample(self, items: list[Item]) -> list:
+        row = items[0].row
+        if row.kind != "adapter" and self.adapter is not None:
+            self.pipe.unload_ip_adapter()  # the other kinds run the plain UNet
+            self.adapter = None
+        images = SAMPLERS[row.kind](self, dict(row.params), items)
+        if len(images) != len(items):
+            raise RuntimeError(f"kind {row.kind!r} returned {len(images)} images for {len(items)}")
+        return images
+
+
+def apply_speed_options(pipe, compile: bool = False, channels_last: bool = False) -> None:
+    """channels-last memory format for the UNet and VAE; torch.compile of the UNet and VAE decoder."""
+    import torch
+
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if compile:
+        pipe.unet = torch.compile(pipe.unet)
+        pipe.vae.decoder = torch.compile(pipe.vae.decoder)

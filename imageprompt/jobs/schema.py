@@ -1,0 +1,283 @@
+"""The row format of a batch job: fields of each ``kind``, parsing the JSONL manifest, validation, defaults.
+
+Nothing here touches a model: a row is checked and hashed (:func:`row_key`)
+before any pipeline is loaded, so a bad row is reported without sampling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KEY_VERSION = 1  # bump when the meaning of a row changes, so old outputs are not taken as complete
+
+
+class JobError(ValueError):
+    """The job as a whole cannot run (missing manifest, bad options); the message is meant for the user."""
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a row ``kind`` needs: its fields, their defaults, and the checks on them.
+
+    How a kind is sampled is :data:`imageprompt.jobs.sampling.SAMPLERS`; ``grouped``
+    names the fields that, with the sampling settings, decide which rows share a batch.
+    """
+
+    method: str
+    fields: dict[str, type]
+    required: tuple[str, ...] = ()
+    defaults: dict = field(default_factory=dict)
+    grouped: tuple[str, ...] = ()
+    check: Callable[[dict], None] | None = None
+    module: str | None = None  # the optional module this kind is built on
+
+
+COMMON_FIELDS = {"kind": str, "id": str, "seed": int, "num": int, "steps": int, "guidance": float,
+                 "negative_prompt": str, "height": int, "width": int}
+SAMPLING = ("steps", "guidance", "negative_prompt", "height", "width")
+
+
+@dataclass
+class JobDefaults:
+    """Values for fields a row leaves out, and the model identity that goes into every row's hash."""
+
+    seed: int = 0
+    num: int = 1
+    steps: int = 50
+    guidance: float = 7.5
+    negative_prompt: str | None = None
+    height: int | None = None
+    width: int | None = None
+    model: str | None = None
+    clip: str | None = None
+    scheduler: str | None = "ddim"
+    adapter: str | None = None
+
+
+@dataclass
+class Row:
+    """One line of the manifest, validated; ``error`` is set when the row cannot run."""
+
+    line: int
+    kind: str | None = None
+    id: str | None = None
+    params: dict = field(default_factory=dict)
+    seed: int = 0
+    num: int = 1
+    image: Path | None = None
+    image_sha256: str | None = None
+    key: str = ""
+    error: str | None = None
+
+    @property
+    def label(self) -> str:
+        text = self.id or (self.image.stem if self.image else self.params.get("target") or self.params.get("prompt"))
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", text or "").strip("._")[:60] or "row"
+
+    def output_names(self) -> list[str]:
+        return [f"{self.label}-{self.kind}-{self.key[:12]}-{self.seed + i}.png" for i in range(self.num)]
+
+    def settings(self) -> tuple:
+        """Rows with equal settings are sampled in the same batches."""
+        spec = KINDS[self.kind]
+        return (self.kind, *[(name, self.params.get(name)) for name in (*SAMPLING, *spec.grouped)])
+
+
+def _check_type(name: str, value, expected: type | tuple[type, ...]) -> str | None:
+    """None when ``value`` (parsed JSON) has the ``expected`` type(s); else the message."""
+    def fits(kind: type) -> bool:
+        if kind is float:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if kind is int:
+            return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, kind)
+
+    kinds = expected if isinstance(expected, tuple) else (expected,)
+    if any(fits(kind) for kind in kinds):
+        return None
+    names = " or ".join({float: "a number", int: "an integer", str: "a string", list: "a list",
+                         dict: "an object"}[kind] for kind in kinds)
+    return f"field {name!r} must be {names}, got {json.dumps(value)}"
+
+
+def validate_row(line: int, data, defaults: JobDefaults, base: Path) -> Row:
+    """Check one parsed line against its kind's schema and fill in defaults; never raises."""
+    row = Row(line)
+    try:
+        _validate(row, data, defaults, base)
+    except (ValueError, TypeError, OSError) as err:
+        row.error = str(err)
+    return row
+
+
+def _validate(row: Row, data, defaults: JobDefaults, base: Path) -> None:
+    from imageprompt.images import sha256_file
+
+    if not isinstance(data, dict):
+        raise ValueError(f"a row must be a JSON object, got {type(data).__name__}")
+    row.kind, row.id = data.get("kind"), data.get("id")
+    if row.id is not None:
+        row.id = str(row.id)
+    if row.kind not in KINDS:
+        raise ValueError(f"unknown kind {row.kind!r}; choose from {', '.join(KINDS)}")
+    spec = KINDS[row.kind]
+    allowed = {**COMMON_FIELDS, **spec.fields}
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(map(repr, unknown))} for kind {row.kind!r}; "
+                         f"allowed: {', '.join(sorted(allowed))}")
+    missing = [name for name in spec.required if data.get(name) is None and getattr(defaults, name, None) is None]
+    if missing:
+        raise ValueError(f"kind {row.kind!r} needs field(s) {', '.join(map(repr, missing))}")
+    for name, value in data.items():
+        problem = value is not None and name != "id" and _check_type(name, value, allowed[name])
+        if problem:
+            raise ValueError(problem)
+    if spec.module is not None:
+        reason = kind_unavailable(row.kind)
+        if reason:
+            raise ValueError(reason)
+
+    values = {name: getattr(defaults, name, None) for name in ("seed", "num", *SAMPLING)}
+    values.update({name: getattr(defaults, name, None) for name in spec.fields if hasattr(defaults, name)})
+    values.update(spec.defaults)
+    values.update({k: v for k, v in data.items() if v is not None})
+    for name in ("num", "steps"):
+        if values[name] < 1:
+            raise ValueError(f"field {name!r} must be at least 1, got {values[name]}")
+    if values["guidance"] < 0:
+        raise ValueError(f"field 'guidance' must be >= 0, got {values['guidance']}")
+    for name in ("height", "width"):
+        if values[name] is not None and (values[name] < 8 or values[name] % 8):
+            raise ValueError(f"field {name!r} must be a positive multiple of 8, got {values[name]}")
+    if spec.check is not None:
+        spec.check(values)
+
+    row.seed, row.num = int(values.pop("seed")), int(values.pop("num"))
+    values.pop("kind", None)
+    values.pop("id", None)
+    if "image" in values:
+        row.image = (base / values["image"]).expanduser()
+        if not row.image.is_file():
+            raise ValueError(f"{row.image}: no such file")
+        row.image_sha256 = sha256_file(row.image)
+    if values.get("adapter"):
+        values["adapter"] = resolve_adapter(values["adapter"], base)
+    row.params = values
+    row.key = row_key(row, defaults)
+
+
+def resolve_adapter(spec: str, base: Path) -> str:
+    """An adapter ``PATH`` or ``PATH:WEIGHT_NAME`` relative to ``base`` made absolute; other specs as they are."""
+    source, sep, weight = spec.rpartition(":") if not (base / spec).exists() else (spec, "", "")
+    if sep and (base / source).exists():
+        return f"{(base / source).resolve()}:{weight}"
+    return str((base / spec).resolve()) if (base / spec).exists() else spec
+
+
+def row_key(row: Row, defaults: JobDefaults) -> str:
+    """sha256 of what decides a row's images: kind, settings, seed, input bytes, model.
+
+    ``num`` and ``id`` are left out (image ``i`` does not depend on them), so
+    raising ``num`` on a rerun only samples the new images.
+    """
+    content = {
+        "v": KEY_VERSION, "kind": row.kind, "seed": row.seed, "image_sha256": row.image_sha256,
+        "params": {k: v for k, v in row.params.items() if k != "image"},
+        "model": defaults.model, "clip": defaults.clip, "scheduler": defaults.scheduler,
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def read_manifest(path: str | os.PathLike) -> list[tuple[int, object]]:
+    """``(line number, parsed JSON or JSONError)`` for each non-blank line; raises :class:`JobError` for the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise JobError(f"{path}: no such job file")
+    entries = []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, text in enumerate(handle, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    entries.append((number, json.loads(text)))
+                except json.JSONDecodeError as err:
+                    entries.append((number, JSONError(f"not valid JSON: {err}")))
+    except UnicodeDecodeError as err:
+        raise JobError(f"{path}: not a UTF-8 text file ({err})") from None
+    if not entries:
+        raise JobError(f"{path}: no rows (expected one JSON object a line)")
+    return entries
+
+
+class JSONError(str):
+    """A manifest line that is not JSON (kept as a row so that it is recorded as failed)."""
+
+
+def validate_rows(entries: list[tuple[int, object]], defaults: JobDefaults, base: Path) -> list[Row]:
+    rows = []
+    for line, data in entries:
+        rows.append(Row(line, error=str(data)) if isinstance(data, JSONError) else
+                    validate_row(line, data, defaults, base))
+    return rows
+
+
+# --------------------------------------------------------------- kinds
+def kind_unavailable(kind: str) -> str | None:
+    """Why ``kind`` cannot run in this installation, or None."""
+    import importlib.util
+
+    module = KINDS[kind].module
+    if module is None:
+        return None
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        found = False
+    return None if found else f"kind {kind!r} is not available: this installation has no {module}"
+
+
+def _check_edit(values: dict) -> None:
+    if not values["prompt"].strip():
+        raise ValueError("field 'prompt' is empty")
+
+
+def _check_p2p(values: dict) -> None:
+    from imageprompt.inversion import METHODS
+    from imageprompt.p2p import validate_edit
+
+    if not all(isinstance(word, str) for word in values.get("blend") or ()):
+        raise ValueError(f"field 'blend' must be a list of words, got {json.dumps(values['blend'])}")
+    values["target"] = validate_edit(values["prompt"], values.get("target"), values["mode"], values.get("weights"),
+                                     values.get("blend"), values["cross_steps"], None, values["self_steps"],
+                                     **({"blend_threshold": values["blend_threshold"]}
+                                        if values.get("blend_threshold") is not None else {}))
+    if values.get("invert") is not None:
+        if values["invert"] not in METHODS:
+            raise ValueError(f"field 'invert' must be one of {', '.join(METHODS)}, got {values['invert']!r}")
+        if not values.get("image"):
+            raise ValueError("field 'invert' needs the photo to invert in field 'image'")
+
+
+KINDS: dict[str, Kind] = {
+    "vary": Kind("sdipc-variation", {"image": str}, required=("image",)),
+    "edit": Kind("sdipc-edit", {"image": str, "prompt": str, "alpha": float},
+                 required=("image", "prompt"), defaults={"alpha": 0.5}, grouped=("alpha",), check=_check_edit),
+    "p2p": Kind("p2p",
+                {"prompt": str, "target": str, "mode": str, "weights": dict, "blend": list, "blend_threshold": float,
+                 "cross_steps": (float, list), "self_steps": (float, list), "image": str, "alpha": float,
+                 "invert": str},
+                required=("prompt",), defaults={"mode": "replace", "cross_steps": 0.8, "self_steps": 0.4, "alpha": 0.5},
+                check=_check_p2p, module="imageprompt.pipelines.pipeline_p2p"),
+    "adapter": Kind("ip-adapter", {"image": str, "prompt": str, "adapter": str, "scale": float},
+                    required=("image", "adapter"), defaults={"scale": 1.0}, grouped=("adapter", "scale"),
+                    module="imageprompt.ip_adapter"),
+}
