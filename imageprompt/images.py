@@ -13,6 +13,8 @@ import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 MAX_SIDE = 2048  # larger inputs are downscaled (CLIP sees 224 px anyway)
+# Files taken as images when a folder is read (training data, tuning sets, batch inputs).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 class ImageInputError(ValueError):
@@ -105,6 +107,26 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict) -> P
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", json.dumps(parameters, sort_keys=True))
     return atomic_write(path, lambda handle: image.save(handle, format="PNG", pnginfo=info))
+
+
+def generation_parameters(pipe, method: str, *, model, clip, scheduler, steps, guidance, negative_prompt) -> dict:
+    """What any output records so it can be reproduced (the command line's and the demo's PNGs alike).
+
+    ``model``/``clip`` are used when the pipeline does not carry its own ``model_name``/``clip_name``.
+    """
+    import imageprompt
+
+    return {
+        "method": method,
+        "model": getattr(pipe, "model_name", model),
+        "clip": getattr(pipe, "clip_name", clip),
+        "scheduler": scheduler,
+        "steps": steps,
+        "guidance": guidance,
+        "negative_prompt": negative_prompt,
+        "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+        "imageprompt": imageprompt.__version__,
+    }
 
 
 def generators(seed: int, count: int):

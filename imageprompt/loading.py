@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import socket
 from pathlib import Path
 
 import torch
 
+from imageprompt.checkpoints import DEFAULT_CLIP, default_model
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SCHEDULERS = {
@@ -80,7 +80,10 @@ def model_kind(model: str) -> str:
 
 
 def _env_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    """HF_HUB_OFFLINE as huggingface_hub reads it (once, when it is imported, like every HF library)."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE
 
 
 def _offline() -> bool:
@@ -93,7 +96,9 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     """One quick TCP connection to the hub, instead of the hub client's retries (tens of seconds offline)."""
     from urllib.parse import urlparse
 
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
     try:
         with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
             return True
@@ -189,12 +194,7 @@ def resolve_model(model: str | None, clip: str | None) -> tuple[str, str, str | 
     """Fill in defaults: ``(model, clip, notice)``; the notice says when the bundled model is used."""
     notice = None
     if model is None:
-        try:
-            from imageprompt.checkpoints import default_model
-        except ImportError:  # registry not installed: fall back to SD 1.5 by id
-            model, default_clip = "stable-diffusion-v1-5/stable-diffusion-v1-5", DEFAULT_CLIP
-        else:
-            model, default_clip, notice = default_model()
+        model, default_clip, notice = default_model()
         clip = clip or default_clip
     elif clip is None:
         clip = _bundled_clip_for(model) or DEFAULT_CLIP

@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from imageprompt.images import IMAGE_SUFFIXES
+
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DROP_RATE = 0.05  # each of: text only, image only, both (the paper's 0.05)
 
 

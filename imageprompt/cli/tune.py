@@ -13,8 +13,8 @@ import warnings
 from pathlib import Path
 
 from imageprompt.cli.common import CommandError, add_model_options, load_pipeline_from_args, positive_int
+from imageprompt.images import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TRAIN_MAX_SIDE = 1024  # training crops to --resolution anyway; keep 100 images small in memory
 
 
