@@ -129,7 +129,7 @@ def test_pipeline_runs_in_bfloat16(tiny_model, noise):
     from imageprompt.pipelines import StableDiffusionPromptToPromptPipeline
 
     base = load_pipeline(*map(str, tiny_model), device="cpu", dtype="bf16")
-    pipe = StableDiffusionPromptToPromptPipeline(**base.components)
+    pipe = StableDiffusionPromptToPromptPipeline.from_pipe(base)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(SOURCE, TARGET, blend_words=["cat", "dog"], weights={"dog": 2.0}, self_res=16, map_res=16,
                latents=noise, num_inference_steps=2, output_type="latent")

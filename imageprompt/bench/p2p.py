@@ -32,31 +32,25 @@ def _noise(ctx, pipe, size: int):
 def _p2p_pipeline(ctx):
     from imageprompt.pipelines import StableDiffusionPromptToPromptPipeline
 
-    pipe = StableDiffusionPromptToPromptPipeline(**ctx.imageprompt_pipeline().components)
+    pipe = StableDiffusionPromptToPromptPipeline.from_pipe(ctx.imageprompt_pipeline())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def _plain_two_prompts(label: str):
+def _two_prompts(label: str, edit: bool):
+    """Source and target in one batch: plain diffusers (``edit`` False) or the p2p replace + blend edit."""
+
     def run(ctx):
-        size, pipe = _size(ctx, label), ctx.plain_pipeline()
+        size = _size(ctx, label)
+        pipe = _p2p_pipeline(ctx) if edit else ctx.plain_pipeline()
         pipe.set_progress_bar_config(disable=True)
-        latents = _noise(ctx, pipe, size).expand(2, -1, -1, -1)
-        result = measure(ctx, lambda: pipe([SOURCE, TARGET], latents=latents, height=size, width=size,
-                                           num_inference_steps=ctx.steps, guidance_scale=7.5), 2)
-        result.baseline, result.note = f"plain diffusers, 2 prompts, {label}", f"{size}x{size}"
-        return result
-
-    return run
-
-
-def _p2p_edit(label: str):
-    def run(ctx):
-        size, pipe = _size(ctx, label), _p2p_pipeline(ctx)
         latents = _noise(ctx, pipe, size)
-        result = measure(ctx, lambda: pipe(SOURCE, TARGET, mode="replace", blend_words=["cat", "dog"],
-                                           latents=latents, height=size, width=size,
-                                           num_inference_steps=ctx.steps, guidance_scale=7.5), 2)
+        kw = dict(height=size, width=size, num_inference_steps=ctx.steps, guidance_scale=7.5)
+        if edit:
+            call = lambda: pipe(SOURCE, TARGET, mode="replace", blend_words=["cat", "dog"], latents=latents, **kw)  # noqa: E731
+        else:
+            call = lambda: pipe([SOURCE, TARGET], latents=latents.expand(2, -1, -1, -1), **kw)  # noqa: E731
+        result = measure(ctx, call, 2)
         result.baseline, result.note = f"plain diffusers, 2 prompts, {label}", f"{size}x{size}"
         return result
 
@@ -75,7 +69,7 @@ def _inversion(method: str):
 
 ROWS = {}
 for _label in SIZES:
-    ROWS[f"plain diffusers, 2 prompts, {_label}"] = _plain_two_prompts(_label)
-    ROWS[f"p2p replace + local blend, {_label}"] = _p2p_edit(_label)
+    ROWS[f"plain diffusers, 2 prompts, {_label}"] = _two_prompts(_label, edit=False)
+    ROWS[f"p2p replace + local blend, {_label}"] = _two_prompts(_label, edit=True)
 ROWS["null-text inversion, 10 inner steps"] = _inversion("null-text")
 ROWS["negative-prompt inversion"] = _inversion("negative-prompt")

@@ -26,24 +26,31 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 # ------------------------------------------------------------------ options
-def positive_int(text: str) -> int:
+def _number(text: str, convert, ok, expected: str, must: str):
+    """``convert(text)`` if it parses and ``ok`` holds, else argparse's error (exit 2, usage shown)."""
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {must}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "a positive integer", "at least 1")
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, lambda v: v > 0, "a positive number", "positive")
 
 
 def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return value
+    return _number(text, float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]", "in [0, 1]")
+
+
+def port_number(text: str) -> int:
+    return _number(text, int, lambda v: 1 <= v <= 65535, "a port number", "in 1..65535")
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -89,20 +96,11 @@ def load_pipeline_from_args(args):
 
 
 def base_parameters(pipe, args, method: str) -> dict:
-    """What any output records so it can be reproduced."""
-    import imageprompt
+    """What any output records so it can be reproduced: :func:`imageprompt.images.generation_parameters`."""
+    from imageprompt.images import generation_parameters
 
-    return {
-        "method": method,
-        "model": getattr(pipe, "model_name", args.model),
-        "clip": getattr(pipe, "clip_name", args.clip),
-        "scheduler": args.scheduler,
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "negative_prompt": args.negative_prompt,
-        "dtype": str(pipe.unet.dtype).replace("torch.", ""),
-        "imageprompt": imageprompt.__version__,
-    }
+    return generation_parameters(pipe, method, model=args.model, clip=args.clip, scheduler=args.scheduler,
+                                 steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt)
 
 
 def check_out_dir(path: str) -> Path:

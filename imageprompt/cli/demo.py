@@ -2,19 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
-
-from imageprompt.cli.common import CommandError, add_model_options, positive_int
-
-
-def port_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be in 1..65535, got {value}")
-    return value
+from imageprompt.cli.common import CommandError, add_model_options, port_number, positive_int
 
 
 def register(subparsers) -> None:
@@ -55,4 +43,7 @@ def run_demo(args) -> int:
                 resolve_weight_file(*parse_adapter_spec(spec))
     from imageprompt.demo.app import launch
 
-    return launch(args)
+    return launch(model=args.model, clip=args.clip, dtype=args.dtype, device=args.device, attention=args.attention,
+                  scheduler=args.scheduler, config=args.config, adapters=args.adapter,
+                  image_encoder=args.image_encoder, host=args.host, port=args.port, share=args.share,
+                  max_queue=args.max_queue, max_file_size=args.max_file_size)

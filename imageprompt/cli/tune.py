@@ -12,20 +12,16 @@ import sys
 import warnings
 from pathlib import Path
 
-from imageprompt.cli.common import CommandError, add_model_options, load_pipeline_from_args, positive_int
+from imageprompt.cli.common import (
+    CommandError,
+    add_model_options,
+    load_pipeline_from_args,
+    positive_float,
+    positive_int,
+)
 from imageprompt.images import IMAGE_SUFFIXES
 
 TRAIN_MAX_SIDE = 1024  # training crops to --resolution anyway; keep 100 images small in memory
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
 
 
 # ------------------------------------------------------------ tune command

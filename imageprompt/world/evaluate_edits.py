@@ -51,7 +51,7 @@ def p2p_pipeline(pipe):
     """The prompt-to-prompt pipeline on ``pipe``'s components (no weights copied)."""
     from imageprompt.pipelines import StableDiffusionPromptToPromptPipeline
 
-    p2p = StableDiffusionPromptToPromptPipeline(**pipe.components)
+    p2p = StableDiffusionPromptToPromptPipeline.from_pipe(pipe)
     p2p.set_progress_bar_config(disable=True)
     return p2p
 
