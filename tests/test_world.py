@@ -36,14 +36,14 @@ def test_scene_ground_truth_matches_caption_and_pixels():
         arr = scene.array.astype(int)
         for obj in scene.objects:
             assert obj.mask.sum() > 30
-            inner = world.scenes._erode(obj.mask)
+            inner = world.reader._erode(obj.mask)
             # inside the mask: the object's own colour; bbox is the mask's
             assert np.abs(arr[inner] - np.array(obj.rgb)).max() <= 1
             assert obj.bbox == world.mask_bbox(obj.mask)
         if len(scene.objects) == 2:
             assert world.mask_iou(scene.objects[0].mask, scene.objects[1].mask) == 0.0
         outside = ~np.any([o.mask for o in scene.objects], axis=0)
-        far = outside & ~world.scenes._dilate(world.scenes._dilate(~outside))
+        far = outside & ~world.reader._dilate(world.reader._dilate(~outside))
         assert np.abs(arr[far] - np.array(world.BACKGROUNDS[scene.background])).max() == 0
 
 
