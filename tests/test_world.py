@@ -68,7 +68,7 @@ def test_caption_round_trip_and_rejects_foreign_text():
 
 
 def test_world_tokenizer_makes_one_token_per_word(tmp_path):
-    from imageprompt.world.train import build_tokenizer
+    from imageprompt.world.models import build_tokenizer
 
     tok = build_tokenizer(tmp_path)
     assert [w for w in world.vocabulary() if len(tok.tokenize(w)) != 1] == []

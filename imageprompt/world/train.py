@@ -34,7 +34,6 @@ import argparse
 import copy
 import json
 import math
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -44,108 +43,28 @@ import torch
 import torch.nn.functional as F
 
 from imageprompt import world
-from imageprompt.world.tokenizer import write_clip_tokenizer
-
-MAX_LENGTH = 77
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-# Model sizes (kept here so tests and docs can quote them).
-TEXT_HIDDEN = 128  # == projection dim (square text_projection, like ViT-L/14's 768x768)
-VISION_HIDDEN = 96
-TEXT_LAYERS = 4
-UNET_CHANNELS = (48, 96, 128)
-VAE_CHANNELS = (16, 32, 64)  # factor 4: 64x64 images -> 16x16x4 latents
+from imageprompt.world.models import (
+    MAX_LENGTH,
+    VAE_CHANNELS,
+    build_tokenizer,
+    clip_config,
+    encode_prompts,
+    folder_mb,
+    save_clip,
+    save_pipeline,
+    text_tower,
+    to_clip_input,
+    to_vae_input,
+    tokenize,
+    training_schedule_config,
+    unet_config,
+    vae_config,
+)
+from imageprompt.world.probe import ReadingProbe, eos_broadcast
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-# ----------------------------------------------------------------------------- configs
-
-
-def build_tokenizer(folder: Path):
-    """The world's CLIP tokenizer: every vocabulary word is one token (see :mod:`imageprompt.world.tokenizer`)."""
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer.from_pretrained(write_clip_tokenizer(world.vocabulary(), folder, max_length=MAX_LENGTH))
-
-
-def clip_config(tokenizer, image_size: int = world.IMAGE_SIZE):
-    from transformers import CLIPConfig
-
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=4 * TEXT_HIDDEN,
-        num_hidden_layers=TEXT_LAYERS,
-        num_attention_heads=4,
-        max_position_embeddings=MAX_LENGTH,
-        hidden_act="quick_gelu",
-        projection_dim=TEXT_HIDDEN,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    vision = dict(
-        hidden_size=VISION_HIDDEN,
-        intermediate_size=4 * VISION_HIDDEN,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=16,  # 4x4 patches: enough for five positions, cheap on a CPU
-        hidden_act="quick_gelu",
-        projection_dim=TEXT_HIDDEN,
-    )
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=TEXT_HIDDEN)
-
-
-def vae_config(image_size: int = world.IMAGE_SIZE) -> dict:
-    return dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(VAE_CHANNELS),
-        up_block_types=("UpDecoderBlock2D",) * len(VAE_CHANNELS),
-        block_out_channels=VAE_CHANNELS,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,  # >= 4 channels per group: per-channel norms would erase colour
-        mid_block_add_attention=False,  # local only, so crops train it as well as whole images
-        sample_size=image_size,
-    )
-
-
-def unet_config(image_size: int = world.IMAGE_SIZE) -> dict:
-    return dict(
-        sample_size=image_size // 2 ** (len(VAE_CHANNELS) - 1),  # latent side
-        in_channels=4,
-        out_channels=4,
-        # SD 1.x's layout: cross-attention at the highest latent resolutions (here 16x16 and
-        # 8x8), plain ResNet blocks at the lowest (4x4), attention in the mid block. Layout
-        # comes from self-attention at the high levels, which prompt-to-prompt relies on, and
-        # its local-blend mask is read from the 16x16 cross-attention maps.
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=UNET_CHANNELS,
-        layers_per_block=1,
-        cross_attention_dim=TEXT_HIDDEN,
-        attention_head_dim=4,  # diffusers' legacy name: the number of heads (SD 1.x: 8)
-        norm_num_groups=8,  # >= 4 channels per group
-    )
-
-
-SCHEDULER_CONFIG = dict(  # SD 1.5's scheduler/scheduler_config.json
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    num_train_timesteps=1000,
-    clip_sample=False,
-    set_alpha_to_one=False,
-    skip_prk_steps=True,
-    steps_offset=1,
-    trained_betas=None,
-)
 
 
 # ----------------------------------------------------------------------------- data
@@ -185,23 +104,6 @@ def dataset_backgrounds(images: torch.Tensor) -> list[str]:
     refs = torch.tensor([world.BACKGROUNDS[n] for n in names], dtype=torch.float32)
     corners = images[:, :, 0, 0].float()
     return [names[i] for i in torch.cdist(corners, refs).argmin(1).tolist()]
-
-
-def to_vae_input(images_u8: torch.Tensor) -> torch.Tensor:
-    return images_u8.float() / 127.5 - 1.0
-
-
-def to_clip_input(images_u8: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(CLIP_MEAN, device=images_u8.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=images_u8.device).view(1, 3, 1, 1)
-    return (images_u8.float() / 255.0 - mean) / std
-
-
-def tokenize(tokenizer, captions: list[str], device, padding: str = "max_length") -> torch.Tensor:
-    """Token ids padded with EOS to 77 (as SD 1.x), or to the batch's longest with ``padding="longest"``."""
-    return tokenizer(
-        captions, padding=padding, max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
-    ).input_ids.to(device)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -375,91 +277,6 @@ def check_vae(vae, seed: int, device, count: int = 64, save: Path | None = None)
     return f"objects kept {same}/{count}, mean abs error {err:.1f}/255"
 
 
-@torch.no_grad()
-def encode_prompts(text_encoder, tokenizer, prompts: list[str], device, batch: int = 256) -> torch.Tensor:
-    out = []
-    for i in range(0, len(prompts), batch):
-        ids = tokenize(tokenizer, prompts[i : i + batch], device)
-        out.append(text_encoder(ids).last_hidden_state)
-    return torch.cat(out)
-
-
-def eos_broadcast(states: torch.Tensor, eos: torch.Tensor, words_only: bool = False) -> torch.Tensor:
-    """Text states with the EOS state copied over positions 1..EOS-1 (``words_only``) or over
-    every position from 1 on: the shape of SD-IPC's variation conditioning, from text alone."""
-    pos = torch.arange(states.shape[1], device=states.device)
-    eos = eos.to(states.device)
-    mask = (pos[None] >= 1) & ((pos[None] < eos[:, None]) if words_only else (pos[None] != eos[:, None]))
-    eos_state = states[torch.arange(len(states), device=states.device), eos]
-    return torch.where(mask[..., None], eos_state[:, None], states)
-
-
-def wrong_caption(caption: str, attribute: str, rng: np.random.Generator) -> str:
-    """``caption`` with one attribute of its first object changed (colour, shape or position)."""
-    specs, background = world.parse_caption(caption)
-    first = specs[0]
-    if attribute == "position":
-        taken = {s.position for s in specs}
-        options = [p for p in world.POSITIONS if p not in taken]
-        if len(specs) == 2:  # swap the pair instead: a different layout of the same objects
-            specs = [world.ObjectSpec(s.shape, s.color, o.position, s.size) for s, o in zip(specs, specs[::-1])]
-            return world.caption_for(specs, background, with_size=any(s.size for s in specs))
-        first = world.ObjectSpec(first.shape, first.color, str(rng.choice(options)), first.size)
-    elif attribute == "color":
-        first = world.ObjectSpec(first.shape, str(rng.choice([c for c in world.COLORS if c != first.color])),
-                                 first.position, first.size)
-    else:
-        first = world.ObjectSpec(str(rng.choice([x for x in world.SHAPES if x != first.shape])), first.color,
-                                 first.position, first.size)
-    return world.caption_for([first, *specs[1:]], background, with_size=any(s.size for s in specs))
-
-
-class ReadingProbe:
-    """Does the UNet read the text? Denoising loss on fixed held-out scenes, noise and
-    timesteps, with the true caption, with one attribute wrong, and with the true caption's
-    EOS state broadcast over positions 1..76 (SD-IPC's conditioning shape). Printed as the
-    loss increase over the true caption: a UNet that reads a word shows a clear increase
-    for that word; one whose broadcast EOS state carries the sentence shows a small one."""
-
-    def __init__(self, text_encoder, tokenizer, vae, *, seed, device, count=64):
-        rng = np.random.default_rng([seed, 31])
-        scenes = world.sample_scenes(seed + 7_777_777, 0, count)
-        x = torch.from_numpy(np.stack([s.array for s in scenes])).permute(0, 3, 1, 2)
-        with torch.no_grad():
-            self.latents = vae.encode(to_vae_input(x.to(device))).latent_dist.mean * vae.config.scaling_factor
-        gen = torch.Generator().manual_seed(seed + 41)
-        self.noise = torch.randn(self.latents.shape, generator=gen).to(device)
-        self.t = torch.linspace(100, 900, count).long().to(device)
-        caps = [s.caption for s in scenes]
-        self.conds = {"true": encode_prompts(text_encoder, tokenizer, caps, device)}
-        for attr in ("color", "shape", "position"):
-            wrong = [wrong_caption(c, attr, rng) for c in caps]
-            self.conds[f"wrong {attr}"] = encode_prompts(text_encoder, tokenizer, wrong, device)
-        eos = (tokenize(tokenizer, caps, device) == tokenizer.eos_token_id).int().argmax(1)
-        self.conds["eos broadcast"] = eos_broadcast(self.conds["true"], eos)
-        from diffusers import DDPMScheduler
-
-        self.noisy = DDPMScheduler(**training_schedule_config()).add_noise(self.latents, self.noise, self.t)
-
-    @torch.no_grad()
-    def __call__(self, unet) -> dict[str, float]:
-        losses = {k: F.mse_loss(unet(self.noisy, self.t, encoder_hidden_states=c).sample, self.noise).item()
-                  for k, c in self.conds.items()}
-        base = losses["true"]
-        return {"loss": base, **{k: v / base - 1 for k, v in losses.items() if k != "true"}}
-
-    @staticmethod
-    def format(result: dict[str, float]) -> str:
-        return f"probe loss {result['loss']:.4f}; " + ", ".join(
-            f"{k} {100 * v:+.0f}%" for k, v in result.items() if k != "loss")
-
-
-def training_schedule_config() -> dict:
-    """SD 1.x's training noise schedule (the DDPMScheduler part of :data:`SCHEDULER_CONFIG`)."""
-    keys = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "clip_sample")
-    return {k: SCHEDULER_CONFIG[k] for k in keys}
-
-
 def train_unet(text_encoder, tokenizer, vae, images, captions, *, seed, steps, batch, lr, device,
                dropout=0.1, word_dropout=0.3, ema_decay=0.999, snr_gamma=5.0, offset_noise=0.1,
                probe_every=250):
@@ -550,62 +367,6 @@ def train_unet(text_encoder, tokenizer, vae, images, captions, *, seed, steps, b
             log(f"unet step {step + 1} {ReadingProbe.format(probe(ema_unet))} (EMA weights)")
     ema.copy_to(ema_unet.parameters())
     return ema_unet
-
-
-# ----------------------------------------------------------------------------- saving
-
-
-def save_clip(model, tokenizer, folder: Path) -> None:
-    from transformers import CLIPImageProcessor
-
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    copy_slow_tokenizer_files(tokenizer, folder)
-    size = model.config.vision_config.image_size
-    CLIPImageProcessor(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
-    ).save_pretrained(folder)
-
-
-def text_tower(clip_model):
-    """The CLIP's text tower as a ``CLIPTextModel`` (what SD 1.x calls text_encoder)."""
-    from transformers import CLIPTextModel
-
-    te = CLIPTextModel(clip_model.config.text_config)
-    inner = te.text_model if hasattr(te, "text_model") else te  # transformers 4 wraps the tower
-    inner.load_state_dict(clip_model.text_model.state_dict())
-    return te.eval()
-
-
-def save_pipeline(unet, vae, text_encoder, tokenizer, folder: Path, dtype=torch.float32) -> None:
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=PNDMScheduler.from_config(SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.to(dtype=dtype)
-    if folder.exists():
-        shutil.rmtree(folder)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    copy_slow_tokenizer_files(tokenizer, folder / "tokenizer")
-
-
-def copy_slow_tokenizer_files(tokenizer, folder: Path) -> None:
-    """Also ship vocab.json/merges.txt (transformers 5 saves only tokenizer.json)."""
-    src = Path(tokenizer.name_or_path)
-    for name in ("vocab.json", "merges.txt"):
-        if (src / name).is_file() and not (folder / name).exists():
-            shutil.copy(src / name, folder / name)
-
-
-def folder_mb(folder: Path) -> float:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
 
 
 # ----------------------------------------------------------------------------- main
