@@ -267,3 +267,114 @@ def test_examples_are_small_shapes_world_pictures():
         assert path.stat().st_size < 2048
         with Image.open(path) as image:
             assert image.size == (64, 64)  # the bundled model's size
+
+
+def test_the_demo_uses_the_library_not_the_command_line():
+    """Layers: no module of the demo imports a CLI helper or another module's private names; one concern each."""
+    import ast
+    from pathlib import Path
+
+    import imageprompt.demo
+
+    modules = sorted(Path(imageprompt.demo.__file__).parent.glob("*.py"))
+    assert {p.stem for p in modules} >= {"app", "context", "validation", "tabs"}
+    for path in modules:
+        source = path.read_text()
+        assert len(source.splitlines()) <= 350, path.name
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom):
+                assert not (node.module or "").startswith("imageprompt.cli"), f"{path.name}:{node.lineno}"
+                assert not any(alias.name.startswith("_") for alias in node.names), f"{path.name}:{node.lineno}"
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("imageprompt.cli") for a in node.names), f"{path.name}:{node.lineno}"
+            elif isinstance(node, ast.Attribute):
+                private = node.attr.startswith("_") and not node.attr.startswith("__")
+                assert not private, f"{path.name}:{node.lineno} uses {node.attr}"
+
+
+def test_user_errors_are_the_librarys_not_type_errors():
+    from imageprompt.demo.running import user_errors
+
+    from imageprompt.images import ImageInputError
+    from imageprompt.loading import ModelLoadError
+
+    assert set(user_errors()) == {ImageInputError, ModelLoadError, ValueError, FileNotFoundError}
+
+
+def test_pngs_record_what_the_command_line_records(app, tiny_pipe, tiny_model):
+    from types import SimpleNamespace
+
+    from imageprompt.demo.context import parameters
+    from imageprompt.demo.validation import Sampling
+
+    from imageprompt.cli.common import base_parameters
+    from imageprompt.images import generation_parameters
+
+    sampling = Sampling(num_images=1, steps=2, guidance=2.0, seed=5, width=SIZE, height=SIZE, negative_prompt=None)
+    params = parameters(app.imageprompt_context, "sdipc-edit", sampling, prompt="a blue circle")
+    expected = generation_parameters(tiny_pipe, "sdipc-edit", model="m", clip="c", scheduler="ddim", steps=2,
+                                     guidance=2.0, negative_prompt=None)
+    assert params == dict(expected, prompt="a blue circle", source="imageprompt demo")
+    assert set(expected) == {"method", "model", "clip", "scheduler", "steps", "guidance", "negative_prompt", "dtype",
+                             "imageprompt"}
+    assert expected["model"] == tiny_pipe.model_name and expected["dtype"] == "float32"
+    args = SimpleNamespace(model="m", clip="c", scheduler="ddim", steps=2, guidance=2.0, negative_prompt=None)
+    assert base_parameters(tiny_pipe, args, "sdipc-edit") == expected
+
+
+def test_word_weights_error_names_no_command_line_option(client):
+    with pytest.raises(AppError, match="WORD=NUMBER") as info:
+        client.predict(**dict(P2P, weights="dog"), **SAMPLE, seed=0, api_name="/p2p")
+    assert "--weight" not in str(info.value)
+
+
+def test_startup_message_points_to_the_share_option():
+    from imageprompt.demo.app import startup_message
+
+    local = startup_message("http://127.0.0.1:7860/", None, share=False)
+    assert "http://127.0.0.1:7860/" in local and "--share" in local and "share=True" not in local
+    shared = startup_message("http://127.0.0.1:7860/", "https://x.gradio.live", share=True)
+    assert "--share" not in shared and "temporary" in shared
+    assert "--share" not in startup_message("http://127.0.0.1:7860/", None, share=True)  # gradio says why it failed
+
+
+def test_cli_passes_its_options_to_the_demo(monkeypatch):
+    import imageprompt.demo.app as app_module
+
+    from imageprompt.cli.main import main
+
+    calls = []
+    monkeypatch.setattr(app_module, "launch", lambda **kwargs: calls.append(kwargs) or 0)
+    assert main(["demo", "--share", "--port", "7861", "--model", "m", "--max-queue", "3", "--scheduler", "euler",
+                 "--adapter", "sdipc"]) == 0
+    (kwargs,) = calls
+    assert kwargs["share"] is True and kwargs["port"] == 7861 and kwargs["max_queue"] == 3
+    assert (kwargs["model"], kwargs["clip"], kwargs["scheduler"], kwargs["adapters"]) == ("m", None, "euler", ["sdipc"])
+
+
+def test_launch_shows_the_model_notice_in_the_terminal(monkeypatch, tiny_model, capsys, caplog):
+    import diffusers.utils.logging
+    import imageprompt.demo.app as app_module
+    import transformers.utils.logging
+
+    import imageprompt.loading
+
+    model_dir, clip_dir = tiny_model
+    monkeypatch.setattr(imageprompt.loading, "resolve_model",
+                        lambda model, clip: (str(model_dir), str(clip_dir), "using a test model"))
+    served = []
+    serve = app_module.serve
+    monkeypatch.setattr(app_module, "serve",
+                        lambda demo, **kwargs: served.append((demo, kwargs)) or serve(demo, **kwargs))
+    monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: self.close())  # "interrupted" at once
+    try:
+        assert app_module.launch(device="cpu", dtype="fp32", port=None, adapters=["sdipc"], max_queue=3) == 0
+    finally:
+        diffusers.utils.logging.enable_progress_bar()
+        transformers.utils.logging.enable_progress_bar()
+    assert "using a test model" in caplog.text  # the terminal, not only the page
+    (demo, kwargs), = served
+    assert kwargs["share"] is False and demo.imageprompt_context.notice == "using a test model"
+    assert demo.imageprompt_context.adapter_names == ["sdipc"] and demo.imageprompt_context.scheduler == "ddim"
+    out = capsys.readouterr().out
+    assert demo.local_url in out and "--share" in out and "share=True" not in out

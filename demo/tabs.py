@@ -1,0 +1,239 @@
+"""The tabs: one function ``(DemoContext) -> None`` per capability, listed in :data:`TABS` with a test of
+whether it can be shown.
+
+Each handler checks its inputs (:mod:`imageprompt.demo.validation`), records the parameters, samples with one
+CPU generator per image (image ``i`` uses ``seed + i``) and writes the PNGs (:mod:`imageprompt.demo.context`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gradio as gr
+from imageprompt.demo.components import (
+    edit_controls,
+    example_path,
+    image_input,
+    p2p_outputs,
+    result_outputs,
+    sampling_controls,
+    step_controls,
+)
+from imageprompt.demo.context import (
+    DemoContext,
+    adapters_installed,
+    p2p_pipeline,
+    parameters,
+    write_edit_results,
+)
+from imageprompt.demo.running import on_run, sample
+from imageprompt.demo.validation import check_edit, check_inversion, check_prompt, check_sampling, read_image
+
+from imageprompt.images import generators
+
+
+# ----------------------------------------------------------------- SD-IPC
+def variation_tab(ctx: DemoContext) -> None:
+    """SD-IPC image variation: the image becomes the prompt."""
+    with gr.Row():
+        with gr.Column():
+            image = image_input("Reference image", elem_id="variation-image")
+            run = gr.Button("Generate variations", variant="primary", elem_id="variation-run")
+            with gr.Accordion("Advanced options", open=False):
+                opts = sampling_controls(ctx)
+        with gr.Column():
+            gallery, files = result_outputs("variation")
+    gr.Examples([[example_path("red-circle.png")], [example_path("blue-square.png")],
+                 [example_path("green-triangle-yellow-circle.png")]], [image], label="Examples (shapes world)")
+
+    def variation(image, num_images, steps, guidance, seed, width, height, negative_prompt,
+                  progress=gr.Progress(track_tqdm=True)):
+        picture, source = read_image(ctx, image)
+        sampling = check_sampling(ctx, num_images=num_images, steps=steps, guidance=guidance, seed=seed, width=width,
+                                  height=height, negative_prompt=negative_prompt)
+        params = parameters(ctx, "sdipc-variation", sampling, **source)
+        return sample(ctx, "sdipc-variation", dict(image=picture), sampling, params)
+
+    on_run(run, variation, [image, *opts.inputs], [gallery, files], "variation")
+
+
+def edit_tab(ctx: DemoContext) -> None:
+    """SD-IPC image + text editing: text states blended into the converted image prompt with weight alpha."""
+    with gr.Row():
+        with gr.Column():
+            image = image_input("Reference image", elem_id="edit-image")
+            prompt = gr.Textbox(label="Edit text", placeholder="e.g. a blue circle", max_lines=2, elem_id="edit-prompt")
+            run = gr.Button("Edit", variant="primary", elem_id="edit-run")
+            with gr.Accordion("Advanced options", open=False):
+                alpha = gr.Slider(0.0, 2.0, value=0.5, step=0.05, label="Alpha (text weight, 0.5-0.6 usual)")
+                opts = sampling_controls(ctx)
+        with gr.Column():
+            gallery, files = result_outputs("edit")
+    gr.Examples([[example_path("red-circle.png"), "a blue circle"],
+                 [example_path("blue-square.png"), "a yellow square on a black background"]],
+                [image, prompt], label="Examples (shapes world)")
+
+    def edit(image, prompt, alpha, num_images, steps, guidance, seed, width, height, negative_prompt,
+             progress=gr.Progress(track_tqdm=True)):
+        picture, source = read_image(ctx, image)
+        prompt = check_prompt(prompt, "the edit text")
+        sampling = check_sampling(ctx, num_images=num_images, steps=steps, guidance=guidance, seed=seed, width=width,
+                                  height=height, negative_prompt=negative_prompt)
+        alpha = float(alpha)
+        params = parameters(ctx, "sdipc-edit", sampling, prompt=prompt, alpha=alpha, **source)
+        return sample(ctx, "sdipc-edit", dict(image=picture, prompt=prompt, alpha=alpha), sampling, params)
+
+    on_run(run, edit, [image, prompt, alpha, *opts.inputs], [gallery, files], "edit")
+
+
+def ip_adapter_tab(ctx: DemoContext) -> None:
+    """IP-Adapter-style decoupled cross-attention: the image through its own key/value branch, text optional."""
+    with gr.Row():
+        with gr.Column():
+            gr.Markdown(f"Adapter: `{', '.join(ctx.adapter_names)}`")
+            image = image_input("Image prompt", elem_id="ip-image")
+            prompt = gr.Textbox(label="Text prompt (optional)", placeholder="e.g. on a black background",
+                                max_lines=2, elem_id="ip-prompt")
+            run = gr.Button("Generate", variant="primary", elem_id="ip-run")
+            with gr.Accordion("Advanced options", open=False):
+                scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Adapter scale (image branch weight)")
+                opts = sampling_controls(ctx)
+        with gr.Column():
+            gallery, files = result_outputs("ip")
+    gr.Examples([[example_path("red-circle.png"), ""],
+                 [example_path("blue-square.png"), "on a black background"]],
+                [image, prompt], label="Examples (shapes world)")
+
+    def ip_adapter(image, prompt, scale, num_images, steps, guidance, seed, width, height, negative_prompt,
+                   progress=gr.Progress(track_tqdm=True)):
+        picture, source = read_image(ctx, image, "an image prompt")
+        sampling = check_sampling(ctx, num_images=num_images, steps=steps, guidance=guidance, seed=seed, width=width,
+                                  height=height, negative_prompt=negative_prompt)
+        text = (prompt or "").strip()
+        method = "ip-adapter-edit" if text else "ip-adapter-variation"
+        count = len(ctx.adapters)
+        params = parameters(ctx, method, sampling, prompt=text or None, adapters=list(ctx.adapter_names),
+                            adapter_scales=[float(scale)] * count, **source)
+        references = picture if count == 1 else [picture] * count  # diffusers' layout: one entry per adapter
+        with adapters_installed(ctx, scale):
+            return sample(ctx, method, dict(image=None, prompt=text, ip_adapter_image=references), sampling, params)
+
+    on_run(run, ip_adapter, [image, prompt, scale, *opts.inputs], [gallery, files], "ip_adapter")
+
+
+# ------------------------------------------------------- prompt-to-prompt
+def p2p_tab(ctx: DemoContext) -> None:
+    """Prompt-to-prompt: change the prompt, keep the layout, with the attention maps beside the result."""
+    with gr.Row():
+        with gr.Column(scale=2):
+            source = gr.Textbox(label="Source prompt", placeholder="e.g. a red circle in the center", max_lines=2,
+                                elem_id="p2p-source")
+            edit = edit_controls()
+            run = gr.Button("Edit the prompt", variant="primary", elem_id="p2p-run")
+            with gr.Accordion("Advanced options", open=False):
+                steps_ = step_controls()
+                opts = sampling_controls(ctx, num=False)
+        with gr.Column(scale=3):
+            gallery, maps, files = p2p_outputs("p2p")
+    gr.Examples([["a large red circle in the center", "a large blue circle in the center", "replace", "circle", ""],
+                 ["a red square on the left", "a red triangle on the left", "replace", "", ""],
+                 ["a green circle on the right", "", "reweight", "", "green=2"]],
+                [source, edit["target"], edit["mode"], edit["blend"], edit["weights"]],
+                label="Examples (shapes world)")
+
+    def p2p(source, target, mode, blend, weights, cross_steps, self_steps, blend_threshold, steps, guidance, seed,
+            width, height, negative_prompt, progress=gr.Progress(track_tqdm=True)):
+
+        settings = check_edit(source, target, mode, weights, blend, cross_steps, self_steps, blend_threshold)
+        sampling = check_sampling(ctx, steps=steps, guidance=guidance, seed=seed, width=width, height=height,
+                                  negative_prompt=negative_prompt)
+        params = parameters(ctx, "p2p", sampling, seed=sampling.seed, **settings)
+        result = p2p_pipeline(ctx)(
+            **settings, negative_prompt=sampling.negative_prompt, height=sampling.height, width=sampling.width,
+            num_inference_steps=sampling.steps, guidance_scale=sampling.guidance,
+            generator=generators(sampling.seed, 1),
+        )
+        return write_edit_results(ctx, result, params, f"p2p-{sampling.seed}")
+
+    inputs = [source, edit["target"], edit["mode"], edit["blend"], edit["weights"], steps_["cross"], steps_["self"],
+              steps_["threshold"], *opts.inputs]
+    on_run(run, p2p, inputs, [gallery, maps, files], "p2p")
+
+
+def real_edit_tab(ctx: DemoContext) -> None:
+    """A real photo: invert it (null-text, negative-prompt or DDIM), then edit its description with prompt-to-prompt."""
+    with gr.Row():
+        with gr.Column(scale=2):
+            image = image_input("Photo", elem_id="real-image")
+            source = gr.Textbox(label="Describe the photo (source prompt)", max_lines=2,
+                                placeholder="e.g. a large red circle in the center on a white background",
+                                elem_id="real-source")
+            edit = edit_controls()
+            method = gr.Radio(["null-text", "negative-prompt", "ddim"], value="negative-prompt", label="Inversion",
+                              info="null-text: most faithful, slowest · negative-prompt: fast · ddim: plain")
+            run = gr.Button("Invert and edit", variant="primary", elem_id="real-run")
+            with gr.Accordion("Advanced options", open=False):
+                inner = gr.Slider(1, 20, value=10, step=1, label="Null-text inner steps")
+                steps_ = step_controls()
+                opts = sampling_controls(ctx, num=False, seed=False)
+        with gr.Column(scale=3):
+            gallery, maps, files = p2p_outputs("real")
+    gr.Examples([[example_path("red-circle.png"), "a large red circle in the center on a white background",
+                  "a large blue circle in the center on a white background"]],
+                [image, source, edit["target"]], label="Examples (shapes world)")
+
+    def real_edit(image, source, target, mode, blend, weights, method, inner_steps, cross_steps, self_steps,
+                  blend_threshold, steps, guidance, width, height, negative_prompt,
+                  progress=gr.Progress(track_tqdm=True)):
+        photo, about = read_image(ctx, image, "a photo")
+        settings = check_edit(source, target, mode, weights, blend, cross_steps, self_steps, blend_threshold)
+        method = check_inversion(method)
+        sampling = check_sampling(ctx, steps=steps, guidance=guidance, width=width, height=height,
+                                  negative_prompt=negative_prompt)
+        inner_steps = int(inner_steps)
+        params = parameters(ctx, "p2p", sampling, invert=method, scheduler="ddim",
+                            inner_steps=inner_steps if method == "null-text" else None, **settings, **about)
+        pipe = p2p_pipeline(ctx, ddim=True)
+        inversion = pipe.invert(photo, settings["source_prompt"], method, sampling.steps, sampling.guidance,
+                                sampling.height, sampling.width, num_inner_steps=inner_steps)
+        result = pipe(**settings, inversion=inversion, negative_prompt=sampling.negative_prompt,
+                      height=sampling.height, width=sampling.width, num_inference_steps=sampling.steps,
+                      guidance_scale=sampling.guidance)
+        return write_edit_results(ctx, result, params, f"real-{method}")
+
+    inputs = [image, source, edit["target"], edit["mode"], edit["blend"], edit["weights"], method, inner,
+              steps_["cross"], steps_["self"], steps_["threshold"], *opts.inputs]
+    on_run(run, real_edit, inputs, [gallery, maps, files], "real_edit")
+
+
+# ------------------------------------------------------------- the list
+def importable(*modules: str) -> Callable[[DemoContext], bool]:
+    """A tab's availability test: every module it needs can be found."""
+
+    def check(ctx: DemoContext) -> bool:
+        try:
+            return all(importlib.util.find_spec(name) is not None for name in modules)
+        except ModuleNotFoundError:  # a parent package is missing
+            return False
+
+    return check
+
+
+@dataclass
+class Tab:
+    title: str
+    available: Callable[[DemoContext], bool]
+    build: Callable[[DemoContext], None]
+
+
+TABS: list[Tab] = [
+    Tab("Variation", lambda ctx: True, variation_tab),
+    Tab("Image + text", lambda ctx: True, edit_tab),
+    Tab("IP-Adapter", lambda ctx: bool(ctx.adapters) and importable("imageprompt.ip_adapter")(ctx), ip_adapter_tab),
+    Tab("Prompt-to-prompt", importable("imageprompt.p2p", "imageprompt.attention_maps",
+                                       "imageprompt.pipelines.pipeline_p2p"), p2p_tab),
+    Tab("Real-image edit", importable("imageprompt.p2p", "imageprompt.attention_maps", "imageprompt.inversion",
+                                      "imageprompt.pipelines.pipeline_p2p"), real_edit_tab),
+]

@@ -1,0 +1,167 @@
+"""Checking what a request sends, before any sampling: bad input becomes a readable ``gr.Error``.
+
+Uploads (not an image, too many pixels), prompts, the "Advanced options" numbers (API callers skip the
+sliders' own limits) and prompt-to-prompt settings. Messages quote user text, so they are HTML-escaped:
+gradio renders alerts as HTML.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import gradio as gr
+from imageprompt.demo.limits import MAX_INPUT_PIXELS, SEED_MAX
+from PIL import Image
+
+from imageprompt.images import ImageInputError, load_image, sha256_file
+
+if TYPE_CHECKING:
+    from imageprompt.demo.context import DemoContext
+
+
+def escape(message: str) -> str:
+    """Gradio renders alert messages as HTML; they quote user text (prompts, file names), so escape it."""
+    return html.escape(message, quote=False)
+
+
+def page_error(message: str) -> gr.Error:
+    """A readable error in the page (``gr.Error``), with the message shown as text."""
+    return gr.Error(escape(message))
+
+
+# ----------------------------------------------------------------- images
+def readable_upload_errors(preprocess: Callable) -> Callable:
+    """Wrap ``gr.Image.preprocess`` so a bad upload (not an image, a decompression bomb) is a readable ``gr.Error``.
+
+    Wrapped on the instance: a ``gr.Image`` subclass would make gradio write a ``.pyi`` stub beside this module.
+    """
+
+    @functools.wraps(preprocess)
+    def wrapper(payload):
+        try:
+            return preprocess(payload)
+        except gr.Error:
+            raise
+        except Image.DecompressionBombError:
+            raise page_error("The image has too many pixels to open safely.") from None
+        except Exception:
+            raise page_error("The upload is not an image that can be read; use PNG, JPEG or WebP.") from None
+
+    return wrapper
+
+
+def read_image(ctx: DemoContext, path: str | None, what: str = "an image") -> tuple[Image.Image, dict]:
+    """The uploaded image, checked and decoded, and what its PNGs record about it."""
+    if not path:
+        raise page_error(f"Upload {what} first.")
+    name = Path(path).name
+    try:
+        with Image.open(path) as probe:  # reads the header only
+            width, height = probe.size
+    except Image.DecompressionBombError:
+        raise page_error(f"{name}: the image has too many pixels to open safely.") from None
+    except Exception:
+        raise page_error(f"{name}: not an image that can be read; use PNG, JPEG or WebP.") from None
+    if width * height > MAX_INPUT_PIXELS:
+        raise page_error(f"{name}: {width}x{height} is too large; the demo takes up to "
+                         f"{MAX_INPUT_PIXELS / 1e6:.1f} megapixels.")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            image = load_image(path, max_side=ctx.max_side)
+        except ImageInputError as err:
+            raise page_error(str(err).replace(str(path), name)) from None
+    for warning in caught:
+        gr.Info(escape(str(warning.message)))  # e.g. "input image 3000x2000 resized to 2048x1365"
+    return image, {"input": name, "input_sha256": sha256_file(path)}
+
+
+# ------------------------------------------------------- prompts, numbers
+def check_prompt(prompt: str | None, what: str = "a prompt") -> str:
+    if prompt is None or not str(prompt).strip():
+        raise page_error(f"Write {what} first.")
+    return str(prompt).strip()
+
+
+@dataclass
+class Sampling:
+    """The checked values of the "Advanced options" accordion."""
+
+    num_images: int
+    steps: int
+    guidance: float
+    seed: int
+    width: int
+    height: int
+    negative_prompt: str | None
+
+
+def check_sampling(ctx: DemoContext, *, steps, guidance, width, height, negative_prompt, num_images=1,
+                   seed=0) -> Sampling:
+    """The accordion's values as numbers, or a ``gr.Error`` naming the one out of range (API callers skip the UI)."""
+
+    def number(name, value, cast, low, high):
+        try:
+            value = cast(value)
+        except (TypeError, ValueError):
+            raise page_error(f"{name} must be a number, got {value!r}") from None
+        if not low <= value <= high:
+            raise page_error(f"{name} must be between {low} and {high}, got {value}")
+        return value
+
+    low, high = ctx.size_range
+    sampling = Sampling(
+        num_images=number("Number of images", num_images, int, 1, ctx.max_images),
+        steps=number("Steps", steps, int, 1, ctx.max_steps),
+        guidance=number("Guidance", guidance, float, 0.0, 20.0),
+        seed=number("Seed", seed if seed is not None else 0, int, 0, SEED_MAX),
+        width=number("Width", width, int, low, high),
+        height=number("Height", height, int, low, high),
+        negative_prompt=(negative_prompt or "").strip() or None,
+    )
+    factor = ctx.pipe.vae_scale_factor
+    for name, value in (("Width", sampling.width), ("Height", sampling.height)):
+        if value % factor:
+            raise page_error(f"{name} must be a multiple of {factor}, got {value}")
+    return sampling
+
+
+# --------------------------------------------------------- edit settings
+def words(text: str | None) -> list[str]:
+    """Words typed in a box, separated by spaces or commas."""
+    return [w for w in re.split(r"[,\s]+", text or "") if w]
+
+
+def check_edit(source: str, target: str | None, mode: str, weights_text: str | None, blend_text: str | None,
+               cross_steps, self_steps, blend_threshold) -> dict:
+    """Prompt-to-prompt settings checked on the text alone, before any sampling (``gr.Error`` when they don't fit)."""
+    from imageprompt.p2p import parse_word_weights, validate_edit
+
+    source = check_prompt(source, "the source prompt")
+    try:
+        weights = parse_word_weights(words(weights_text))
+    except ValueError as err:  # "expects WORD=NUMBER, got 'dog'"
+        raise page_error(f"Word weights: {err}") from None
+    blend = words(blend_text) or None
+    target = None if mode == "reweight" else check_prompt(target, "the target prompt")
+    settings = dict(mode=mode, weights=weights or None, blend_words=blend, blend_threshold=float(blend_threshold),
+                    cross_steps=float(cross_steps), self_steps=float(self_steps))
+    target = validate_edit(source, target, mode, weights, blend, settings["cross_steps"], None,
+                           settings["self_steps"], settings["blend_threshold"])
+    return dict(source_prompt=source, target_prompt=None if mode == "reweight" else target, **settings)
+
+
+def check_inversion(method: str) -> str:
+    """One of :data:`imageprompt.inversion.METHODS`, or a ``gr.Error``."""
+    from imageprompt.inversion import METHODS
+
+    if method not in METHODS:
+        raise page_error(f"Inversion must be one of {', '.join(METHODS)}, got {method!r}")
+    return method
