@@ -60,9 +60,12 @@ def ddim_step(scheduler, noise: torch.Tensor, t: int, latents: torch.Tensor) -> 
 def inverse_scheduler(scheduler):
     """diffusers' ``DDIMInverseScheduler`` on ``scheduler``'s config and step count, so that
     inversion and sampling use the same timestep pairs."""
+    import inspect
+
     from diffusers import DDIMInverseScheduler
 
-    inverse = DDIMInverseScheduler.from_config(scheduler.config)
+    known = inspect.signature(DDIMInverseScheduler.__init__).parameters  # PNDM-only keys would only warn
+    inverse = DDIMInverseScheduler.from_config({k: v for k, v in scheduler.config.items() if k in known})
     inverse.set_timesteps(scheduler.num_inference_steps)
     return inverse
 

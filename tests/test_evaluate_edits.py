@@ -26,7 +26,7 @@ def check_rows(rows, measurement: str, metrics: list[str], n: int) -> None:
 
 P2P_METRICS = ["source has the named colour", "colour changed to the target", "object mask kept (IoU >= 0.7)",
                "mean mask IoU", "changed and mask kept"]
-IPA_METRICS = ["keeps colour", "keeps shape", "keeps position", "keeps all three"]
+IPA_METRICS = ["keeps colour", "keeps shape", "keeps background", "keeps position", "keeps all three"]
 
 
 def test_rows_are_in_the_suite():

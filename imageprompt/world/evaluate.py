@@ -23,13 +23,15 @@ from collections.abc import Callable
 
 from imageprompt import world
 from imageprompt.world import COLORS, SHAPES
-from imageprompt.world.evaluate_edits import ip_adapter_world, p2p_replace
+from imageprompt.world.evaluate_edits import ip_adapter_world, p2p_blend_background, p2p_replace
 from imageprompt.world.measures import (
     EvalSettings,
     Measurement,
     Row,
+    caption_background,
     caption_set,
     frac,
+    kept_rows,
     largest,
     reference_scenes,
     sample,
@@ -39,28 +41,44 @@ from imageprompt.world.measures import (
 
 
 def text_to_image(pipe, settings: EvalSettings) -> list[Row]:
-    """Colour, shape and position of each named object, over the fixed caption set."""
+    """Colour, shape and position of each named object over the fixed caption set; for one
+    object also the named background; for two, whether both named colours are there."""
     cases = list(itertools.islice(itertools.cycle(caption_set()), settings.samples))
-    captions = [world.caption_for(specs) for specs in cases]
+    backgrounds = [caption_background(i % len(caption_set()), specs) for i, specs in enumerate(cases)]
+    captions = [world.caption_for(specs, bg) for specs, bg in zip(cases, backgrounds)]
     images = sample(pipe, settings, prompts=captions)
     per = settings.images_per_sample
     scores = {"all": [], "single": [], "pair": []}
+    background, both_colours = [], []
     for i, specs in enumerate(cases):
         for image in images[i * per : (i + 1) * per]:
-            for r in world.score_image(image, specs):
+            found = world.score_image(image, specs)
+            for r in found:
                 scores["all"].append(r)
                 scores["single" if len(specs) == 1 else "pair"].append(r)
+            if len(specs) == 1:
+                background.append(found[0]["found"] and world.background_name(image) == backgrounds[i])
+            else:
+                colours = {d.color for d in world.detect_objects(image)}
+                both_colours.append(all(s.color in colours for s in specs))
     name = "text-to-image"
+    single, pair = scores["single"], scores["pair"]
     rows = [
-        Row(name, "colour", frac(r["color"] for r in scores["all"]), len(scores["all"]), aim=0.9),
-        Row(name, "shape", frac(r["shape"] for r in scores["all"]), len(scores["all"]), aim=0.8),
+        Row(name, "colour", frac(r["color"] for r in scores["all"]), len(scores["all"])),
+        Row(name, "shape", frac(r["shape"] for r in scores["all"]), len(scores["all"])),
         Row(name, "position", frac(r["position"] for r in scores["all"]), len(scores["all"])),
     ]
-    for part in ("single", "pair"):
-        if scores[part]:
-            rows.append(Row(name, f"all three right ({part})",
-                            frac(r["color"] and r["shape"] and r["position"] for r in scores[part]),
-                            len(scores[part])))
+    if single:
+        rows += [Row(name, "single object: colour", frac(r["color"] for r in single), len(single), aim=0.95),
+                 Row(name, "single object: shape", frac(r["shape"] for r in single), len(single), aim=0.9),
+                 Row(name, "single object: named background", frac(background), len(background), aim=0.9),
+                 Row(name, "single object: all three right",
+                     frac(r["color"] and r["shape"] and r["position"] for r in single), len(single))]
+    if pair:
+        rows += [Row(name, "two objects: both named colours present", frac(both_colours), len(both_colours),
+                     aim=0.8),
+                 Row(name, "two objects: all three right",
+                     frac(r["color"] and r["shape"] and r["position"] for r in pair), len(pair))]
     return rows
 
 
@@ -74,22 +92,7 @@ def sdipc_variation(pipe, settings: EvalSettings) -> list[Row]:
         return []
     refs = reference_scenes(settings.samples, settings.seed)
     images = sample(pipe, settings, images=[s.image for s in refs], offset=10_000)
-    per = settings.images_per_sample
-    keep = {"colour": [], "shape": [], "position": []}
-    for i, ref in enumerate(refs):
-        obj = ref.objects[0]
-        for image in images[i * per : (i + 1) * per]:
-            det = largest(image)
-            keep["colour"].append(det is not None and det.color == obj.color)
-            keep["shape"].append(det is not None and det.shape == obj.shape)
-            keep["position"].append(det is not None and det.position == obj.position)
-    name = "SD-IPC variation"
-    n = len(keep["colour"])
-    return [
-        Row(name, "keeps colour", frac(keep["colour"]), n, aim=0.8),
-        Row(name, "keeps shape", frac(keep["shape"]), n),
-        Row(name, "keeps position", frac(keep["position"]), n),
-    ]
+    return kept_rows("SD-IPC variation", refs, images, settings.images_per_sample)
 
 
 def edit_cases(refs: list[world.Scene]) -> list[tuple[world.Scene, str, str, str]]:
@@ -137,11 +140,53 @@ def sdipc_edit(pipe, settings: EvalSettings) -> list[Row]:
     name = "SD-IPC edit"
     n = len(changed)
     return [
-        Row(name, "named attribute changed", frac(changed), n),
-        Row(name, "other attribute kept", frac(kept), n),
+        Row(name, "named attribute changed", frac(changed), n, aim=0.7),
+        Row(name, "other attribute kept", frac(kept), n, aim=0.8),
         Row(name, "position kept", frac(kept_pos), n),
         Row(name, "changed and both kept", frac(a and b and c for a, b, c in zip(changed, kept, kept_pos)), n),
     ]
+
+
+def text_encoder_probe(pipe, settings: EvalSettings) -> list[Row]:
+    """Do the states from EOS on carry the sentence, as SD-IPC needs? (:mod:`imageprompt.world.probe`)
+
+    - cosine of the padding states to the EOS state, over the single-object captions;
+    - cosine of SD-IPC's converted image state ``h`` to the EOS state of the image's caption;
+    - text-to-image with the caption's EOS state broadcast over positions 1..76 (SD-IPC's
+      conditioning shape, from text alone): colour and shape right, as a fraction of the
+      figures with the full caption on the same captions and seeds.
+    """
+    import torch
+
+    from imageprompt.world.probe import caption_states, eos_broadcast, padding_cosine
+
+    device = pipe._execution_device
+    singles = [specs for specs in caption_set() if len(specs) == 1]
+    cases = list(itertools.islice(itertools.cycle(singles), settings.samples))
+    captions = [world.caption_for(specs) for specs in cases]
+    states, eos = caption_states(pipe.text_encoder, pipe.tokenizer, captions, device)
+    name = "text encoder probe"
+    rows = [Row(name, "padding states: cosine to the EOS state", padding_cosine(states, eos), len(captions),
+                unit="cos")]
+    if _has_image_prompting(pipe):
+        refs = reference_scenes(settings.samples, settings.seed)
+        ref_states, ref_eos = caption_states(pipe.text_encoder, pipe.tokenizer,
+                                             [world.caption_for(world.specs_of(r)) for r in refs], device)
+        h = pipe.convert_images([r.image for r in refs], device).float()
+        target = ref_states[torch.arange(len(refs)), ref_eos].float()
+        cos = torch.nn.functional.cosine_similarity(h, target, dim=-1).mean().item()
+        rows.append(Row(name, "SD-IPC h: cosine to the caption's EOS state", cos, len(refs), unit="cos"))
+    full = sample(pipe, settings, prompts=captions, offset=50_000)
+    broadcast = sample(pipe, settings, embeds=eos_broadcast(states, eos).to(pipe.unet.dtype), offset=50_000)
+    per = settings.images_per_sample
+    for attr, key in (("colour", "color"), ("shape", "shape")):
+        right = {}
+        for which, images in (("full", full), ("broadcast", broadcast)):
+            right[which] = frac(world.score_image(im, specs)[0][key]
+                                for i, specs in enumerate(cases) for im in images[i * per:(i + 1) * per])
+        rows.append(Row(name, f"EOS state broadcast: {attr} right (full caption {right['full']:.0%})",
+                        right["broadcast"] / max(right["full"], 1e-9), len(full), unit="x full"))
+    return rows
 
 
 # ----------------------------------------------------------------------------- suite and table
@@ -153,6 +198,8 @@ MEASUREMENTS: dict[str, Measurement] = {
     "SD-IPC edit": sdipc_edit,
     "p2p replace": p2p_replace,
     "IP-Adapter (world)": ip_adapter_world,
+    "p2p local blend": p2p_blend_background,
+    "text encoder probe": text_encoder_probe,
 }
 
 
@@ -175,8 +222,8 @@ def run_suite(pipe, settings: EvalSettings | None = None, names: list[str] | Non
 def format_table(rows: list[Row]) -> str:
     header = ("measurement", "metric", "value", "n", "aim")
     body = [
-        (r.measurement, r.metric, f"{r.value:.0%}", str(r.n),
-         "" if r.aim is None else f">= {r.aim:.0%} {'ok' if r.meets_aim else 'MISSED'}")
+        (r.measurement, r.metric, r.show(), str(r.n),
+         "" if r.aim is None else f">= {r.show(r.aim)} {'ok' if r.meets_aim else 'MISSED'}")
         for r in rows
     ]
     widths = [max(len(x[i]) for x in [header, *body]) for i in range(len(header))]

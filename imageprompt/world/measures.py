@@ -41,10 +41,15 @@ class Row:
     value: float
     n: int
     aim: float | None = None
+    unit: str = "%"  # "%": a fraction shown as a percentage; anything else: the number, then the unit
 
     @property
     def meets_aim(self) -> bool | None:
         return None if self.aim is None else self.value >= self.aim
+
+    def show(self, value: float | None = None) -> str:
+        value = self.value if value is None else value
+        return f"{value:.0%}" if self.unit == "%" else f"{value:.2f} {self.unit}".rstrip()
 
 
 Measurement = Callable[..., list[Row]]
@@ -61,7 +66,7 @@ def single_object_specs() -> list[ObjectSpec]:
 
 
 def caption_set() -> list[list[ObjectSpec]]:
-    """The fixed captions of the text-to-image measurement: 15 single, 10 pairs, interleaved."""
+    """The fixed scenes of the text-to-image measurement: 15 single, 10 pairs, interleaved."""
     singles = [[s] for s in single_object_specs()]
     rng = np.random.default_rng(1234)
     pairs, seen = [], set()
@@ -82,6 +87,12 @@ def caption_set() -> list[list[ObjectSpec]]:
     return out
 
 
+def caption_background(index: int, specs: list[ObjectSpec]) -> str | None:
+    """The background named in the ``index``-th text-to-image caption: single objects cycle
+    through the backgrounds; pairs name none."""
+    return list(world.BACKGROUNDS)[index % len(world.BACKGROUNDS)] if len(specs) == 1 else None
+
+
 def reference_scenes(count: int, seed: int = 0) -> list[world.Scene]:
     """One-object reference images for variation and editing (sizes large, backgrounds cycled)."""
     specs = single_object_specs()
@@ -97,9 +108,10 @@ def reference_scenes(count: int, seed: int = 0) -> list[world.Scene]:
 # ----------------------------------------------------------------------------- sampling helpers
 
 
-def sample(pipe, settings: EvalSettings, *, prompts=None, images=None, offset: int = 0) -> list:
-    """Run the pipeline over prompts and/or images in batches; ``images_per_sample`` each."""
-    n = len(prompts if prompts is not None else images)
+def sample(pipe, settings: EvalSettings, *, prompts=None, images=None, embeds=None, offset: int = 0) -> list:
+    """Run the pipeline over prompts, images, both, or ready conditionings (``embeds``, one row
+    each) in batches; ``images_per_sample`` each."""
+    n = len(next(x for x in (prompts, images, embeds) if x is not None))
     per = settings.images_per_sample
     chunk = max(1, settings.batch // per)
     out = []
@@ -114,6 +126,8 @@ def sample(pipe, settings: EvalSettings, *, prompts=None, images=None, offset: i
         )
         if prompts is not None:
             kwargs["prompt"] = prompts[start:stop]
+        if embeds is not None:
+            kwargs["prompt_embeds"] = embeds[start:stop]
         if images is not None:
             kwargs["image"] = images[start:stop]
             if prompts is not None:
@@ -130,3 +144,25 @@ def frac(flags) -> float:
 def largest(image) -> world.DetectedObject | None:
     found = world.detect_objects(image)
     return found[0] if found else None
+
+
+def kept_rows(name: str, refs, images, per: int, aims=(0.9, 0.8, 0.8)) -> list[Row]:
+    """Does each image keep its one-object reference's colour, shape, background and position?
+    (``per`` images a reference; the background counts only where an object was found.)"""
+    keep = {"colour": [], "shape": [], "background": [], "position": []}
+    for i, ref in enumerate(refs):
+        obj = ref.objects[0]
+        for image in images[i * per : (i + 1) * per]:
+            det = largest(image)
+            keep["colour"].append(det is not None and det.color == obj.color)
+            keep["shape"].append(det is not None and det.shape == obj.shape)
+            keep["background"].append(det is not None and world.background_name(image) == ref.background)
+            keep["position"].append(det is not None and det.position == obj.position)
+    n = len(keep["colour"])
+    colour, shape, background = aims
+    return [
+        Row(name, "keeps colour", frac(keep["colour"]), n, aim=colour),
+        Row(name, "keeps shape", frac(keep["shape"]), n, aim=shape),
+        Row(name, "keeps background", frac(keep["background"]), n, aim=background),
+        Row(name, "keeps position", frac(keep["position"]), n),
+    ]

@@ -10,6 +10,8 @@ measure that on the bundled model:
   held-out scenes with one attribute word wrong, or with the caption's EOS state
   broadcast, relative to the true caption.
 - :func:`padding_cosine`: cosine of the padding states to the EOS state.
+- :func:`eos_broadcast` builds SD-IPC's conditioning shape from text alone; the
+  evaluation (``imageprompt eval``, "text encoder probe") samples with it.
 """
 
 from __future__ import annotations
@@ -90,3 +92,20 @@ class ReadingProbe:
     def format(result: dict[str, float]) -> str:
         return f"probe loss {result['loss']:.4f}; " + ", ".join(
             f"{k} {100 * v:+.0f}%" for k, v in result.items() if k != "loss")
+
+
+@torch.no_grad()
+def caption_states(text_encoder, tokenizer, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final-layer states ``(B, 77, D)`` of ``captions`` and each one's EOS position."""
+    states = encode_prompts(text_encoder, tokenizer, captions, device)
+    eos = (tokenize(tokenizer, captions, device) == tokenizer.eos_token_id).int().argmax(1)
+    return states, eos
+
+
+def padding_cosine(states: torch.Tensor, eos: torch.Tensor) -> float:
+    """Mean cosine of every padding state (after EOS) to its caption's EOS state."""
+    rows = torch.arange(len(states), device=states.device)
+    cos = F.cosine_similarity(states, states[rows, eos][:, None], dim=-1)
+    after = torch.arange(states.shape[1], device=states.device)[None] > eos.to(states.device)[:, None]
+    return float(cos[after].mean())
+
