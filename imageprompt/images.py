@@ -129,6 +129,19 @@ def generation_parameters(pipe, method: str, *, model, clip, scheduler, steps, g
     }
 
 
+def read_jsonl(path: str | os.PathLike):
+    """``(line number, value)`` for each non-blank line of a JSON Lines file; ``ValueError``
+    naming ``path:line`` for a line that is not JSON."""
+    path = Path(path)
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
+
+
 def generators(seed: int, count: int):
     """One CPU ``torch.Generator`` per image, seeded ``seed + i``: image i is reproducible alone
     from its own seed, on any device and in any batch."""

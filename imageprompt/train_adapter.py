@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from imageprompt.images import IMAGE_SUFFIXES
+from imageprompt.images import IMAGE_SUFFIXES, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +46,11 @@ def read_pairs(data: str | Path) -> list[tuple[Path, str]]:
             pairs.append((image, caption.read_text(encoding="utf-8").strip() if caption.exists() else ""))
     elif data.is_file() and data.suffix.lower() in (".jsonl", ".json"):
         pairs = []
-        for number, line in enumerate(data.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
+        for number, row in read_jsonl(data):
             try:
-                row = json.loads(line)
                 image = Path(row["image"])
                 caption = str(row.get("caption", row.get("text", "")))
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
+            except (KeyError, TypeError) as err:
                 raise ValueError(f"{data}:{number}: expected {{\"image\": ..., \"caption\": ...}} ({err})") from None
             pairs.append((image if image.is_absolute() else data.parent / image, caption))
     else:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -19,7 +18,7 @@ from imageprompt.cli.common import (
     positive_float,
     positive_int,
 )
-from imageprompt.images import IMAGE_SUFFIXES
+from imageprompt.images import IMAGE_SUFFIXES, read_jsonl
 
 TRAIN_MAX_SIDE = 1024  # training crops to --resolution anyway; keep 100 images small in memory
 
@@ -93,13 +92,11 @@ def domain_image_paths(data: str | Path) -> list[Path]:
     if path.suffix.lower() != ".jsonl":
         raise CommandError(f"{path}: give a folder of images or a .jsonl file")
     files = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CommandError(f"{path}:{number}: not JSON ({err.msg})") from None
+    try:
+        lines = list(read_jsonl(path))
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    for number, entry in lines:
         name = entry if isinstance(entry, str) else entry.get("image") if isinstance(entry, dict) else None
         if not isinstance(name, str):
             raise CommandError(f"{path}:{number}: expected {{\"image\": PATH}} or a path string")
