@@ -120,6 +120,14 @@ def set_lr(opt, lr: float) -> None:
         g["lr"] = lr
 
 
+def batches(opt, count: int, batch: int, steps: int, lr: float, warmup: int, gen: torch.Generator):
+    """``(step, indices)`` for each step: the step's learning rate is set first, then ``batch``
+    random indices below ``count`` are drawn from ``gen``."""
+    for step in range(steps):
+        set_lr(opt, lr_at(step, steps, lr, warmup))
+        yield step, torch.randint(0, count, (batch,), generator=gen)
+
+
 # ----------------------------------------------------------------------------- stages
 
 
@@ -156,12 +164,9 @@ def train_clip(tokenizer, images, captions, *, seed, steps, batch, lr, device, h
     gen = torch.Generator().manual_seed(seed + 11)
     rng = np.random.default_rng([seed, 21])
     backgrounds = dataset_backgrounds(images) if hard_negatives else None
-    n = len(captions)
     eos_id = tokenizer.eos_token_id
     t0, running = time.time(), None
-    for step in range(steps):
-        set_lr(opt, lr_at(step, steps, lr, min(50, steps // 10 + 1)))
-        idx = torch.randint(0, n, (batch,), generator=gen)
+    for step, idx in batches(opt, len(captions), batch, steps, lr, min(50, steps // 10 + 1), gen):
         caps = [captions[i] for i in idx.tolist()]
         pix = images[idx]
         k = int(batch * hard_negatives)
@@ -217,11 +222,8 @@ def train_vae(images, *, seed, steps, batch, lr, device, kl_weight=1e-6, crop=32
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed + 12)
-    n = len(images)
     t0, running = time.time(), None
-    for step in range(steps):
-        set_lr(opt, lr_at(step, steps, lr, min(100, steps // 10 + 1)))
-        idx = torch.randint(0, n, (batch,), generator=gen)
+    for step, idx in batches(opt, len(images), batch, steps, lr, min(100, steps // 10 + 1), gen):
         x = images[idx]
         size = x.shape[-1]
         if crop and crop < size and step < steps * (1 - full_fraction):
@@ -323,11 +325,8 @@ def train_unet(text_encoder, tokenizer, vae, images, captions, *, seed, steps, b
     noise_sched = DDPMScheduler(**training_schedule_config())
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed + 13)
-    n = len(images)
     t0, running = time.time(), None
-    for step in range(steps):
-        set_lr(opt, lr_at(step, steps, lr, min(100, steps // 10 + 1)))
-        idx = torch.randint(0, n, (batch,), generator=gen)
+    for step, idx in batches(opt, len(images), batch, steps, lr, min(100, steps // 10 + 1), gen):
         eps_z = torch.randn(means[idx].shape, generator=gen).to(device)
         latents = (means[idx] + stds[idx] * eps_z) * sf
         ci = cap_idx[idx].clone()
