@@ -146,7 +146,8 @@ class StableDiffusionImagePromptPipeline(DiffusionPipeline, ImagePromptAdapterMi
             states = self.text_encoder(ids)[0]
         else:
             hidden = self.text_encoder(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
-            states = self.text_encoder.text_model.final_layer_norm(hidden)
+            tower = getattr(self.text_encoder, "text_model", self.text_encoder)  # transformers 4 wraps it
+            states = tower.final_layer_norm(hidden)
         return states.to(dtype=self.unet.dtype), ids
 
     @torch.no_grad()

@@ -206,3 +206,42 @@ def test_from_pretrained_with_clip(tiny_model, tiny_pipe):
     assert pipe.converter.config.scale == pytest.approx(tiny_pipe.converter.config.scale, rel=1e-6)
     torch.testing.assert_close(pipe.converter.text_projection.weight, tiny_pipe.converter.text_projection.weight)
     assert all(isinstance(p, ImagePromptAttnProcessor) for p in pipe.unet.attn_processors.values())
+
+
+# ------------------------------------------------ diffusers' arguments and small defects
+def _np(pipe, **kwargs):
+    return pipe(prompt="a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
+                generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+def test_negative_prompt_embeds_clip_skip_and_guidance_rescale(tiny_pipe):
+    plain = _np(tiny_pipe)
+    empty, _ = tiny_pipe.encode_text([""], "cpu")
+    np.testing.assert_array_equal(_np(tiny_pipe, negative_prompt_embeds=empty), plain)
+    np.testing.assert_allclose(_np(tiny_pipe, clip_skip=0), plain, atol=1e-6)  # the last layer, as without
+    assert np.abs(_np(tiny_pipe, clip_skip=1) - plain).max() > 1e-4
+    np.testing.assert_array_equal(_np(tiny_pipe, guidance_rescale=0.0), plain)
+    assert np.abs(_np(tiny_pipe, guidance_rescale=0.7) - plain).max() > 1e-4
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        _np(tiny_pipe, guidance_rescale=1.5)
+    with pytest.raises(ValueError, match="clip_skip"):
+        _np(tiny_pipe, clip_skip=99)
+    with pytest.raises(ValueError, match="negative_prompt_embeds"):
+        _np(tiny_pipe, negative_prompt_embeds=empty[:, :5])
+
+
+def test_callback_tensor_inputs_are_call_arguments(tiny_pipe):
+    import inspect
+
+    params = inspect.signature(type(tiny_pipe).__call__).parameters
+    assert set(tiny_pipe._callback_tensor_inputs) - {"latents"} <= set(params)
+
+
+def test_converter_keeps_its_inverse_and_stays_fp32(tiny_pipe, red_image):
+    tiny_pipe.convert_images([red_image], "cpu")
+    cached = tiny_pipe.converter._inverse
+    tiny_pipe.convert_images([red_image], "cpu")
+    assert tiny_pipe.converter._inverse is cached  # not recomputed per call
+    converter = type(tiny_pipe.converter)(text_hidden_size=8, projection_dim=8)
+    converter.to(torch.float16)
+    assert converter.text_projection.weight.dtype == torch.float32
