@@ -3,18 +3,23 @@
 Reproducible from a seed. Three stages, each seeded on its own so they can be
 run separately (``--stages``) and still give the same weights; by default the
 VAE trains in a second process while the CLIP trains (``--no-parallel`` to
-run them one after the other), then the UNet:
+run them one after the other), then the UNet. Why each choice: ``docs/bundled-model.md``.
 
-1. ``clip``: a ``CLIPModel`` (text and vision towers, both projections) with the
-   contrastive loss on world images and captions. The text hidden size equals
-   the projection size, so ``text_projection`` is square as in ViT-L/14.
+1. ``clip``: a ``CLIPModel`` (text and vision towers, both projections; square
+   ``text_projection`` as in ViT-L/14) with the contrastive loss at the EOS token
+   *and* at a random padding position (captions padded with EOS to 77, as SD 1.x),
+   padding states pulled towards the EOS state, an image-text alignment term, and
+   hard negatives (the same scene with the objects moved).
 2. ``vae``: an ``AutoencoderKL`` (4 latent channels, downsampling factor 4:
    64x64 images, 16x16 latents), trained mostly on 32x32 crops. The latent
    scaling factor is set to 1 / std of the latents, as SD's 0.18215.
-3. ``unet``: a ``UNet2DConditionModel`` on the frozen CLIP text tower's last
-   hidden states (77 tokens, padded with EOS as SD 1.x), DDPM noise-prediction
-   loss, SD's scaled-linear betas, 10% caption dropout (empty prompt) so
-   classifier-free guidance works. The EMA of the weights is shipped.
+3. ``unet``: a ``UNet2DConditionModel`` in SD 1.5's layout (cross-attention at the
+   highest latent resolutions, none at the lowest) on the frozen text tower's last
+   hidden states; DDPM noise-prediction loss with SD's scaled-linear betas, offset
+   noise, Min-SNR weighting, 10% caption dropout (classifier-free guidance) and 30%
+   word-state dropout (word states replaced by the EOS state: text only). The EMA of
+   the weights is shipped; a reading probe is printed every 250 steps
+   (:mod:`imageprompt.world.probe`).
 
 Outputs (in ``--out``): ``shapes-sd/`` (``StableDiffusionPipeline`` layout) and
 ``shapes-clip/`` (the full ``CLIPModel``, a ``CLIPImageProcessor`` and the
@@ -23,9 +28,7 @@ tokenizer). Example::
     python -m imageprompt.world.train --out checkpoints --seed 0
     python -m imageprompt.world.train --out /tmp/ck --device cuda   # faster
 
-With the defaults, one thread per process, it took about 38 minutes of wall
-time on a shared 2-core CPU (CLIP 6.5 min alongside the VAE 8.5 min, then the
-UNet; see ``shapes-sd/training.json``).
+Wall time of the shipped run on the shared 2-core CPU: see ``docs/bundled-model.md``.
 """
 
 from __future__ import annotations
