@@ -29,7 +29,14 @@ from imageprompt.demo.context import (
     write_edit_results,
 )
 from imageprompt.demo.running import on_run, sample
-from imageprompt.demo.validation import check_edit, check_inversion, check_prompt, check_sampling, read_image
+from imageprompt.demo.validation import (
+    check_edit,
+    check_inversion,
+    check_prompt,
+    check_sampling,
+    check_words,
+    read_image,
+)
 
 from imageprompt.images import generators
 
@@ -79,6 +86,7 @@ def edit_tab(ctx: DemoContext) -> None:
              progress=gr.Progress(track_tqdm=True)):
         picture, source = read_image(ctx, image)
         prompt = check_prompt(prompt, "the edit text")
+        check_words(ctx, [("the edit text", prompt)])
         sampling = check_sampling(ctx, num_images=num_images, steps=steps, guidance=guidance, seed=seed, width=width,
                                   height=height, negative_prompt=negative_prompt)
         alpha = float(alpha)
@@ -112,6 +120,7 @@ def ip_adapter_tab(ctx: DemoContext) -> None:
         sampling = check_sampling(ctx, num_images=num_images, steps=steps, guidance=guidance, seed=seed, width=width,
                                   height=height, negative_prompt=negative_prompt)
         text = (prompt or "").strip()
+        check_words(ctx, [("the text prompt", text)])
         method = "ip-adapter-edit" if text else "ip-adapter-variation"
         count = len(ctx.adapters)
         params = parameters(ctx, method, sampling, prompt=text or None, adapters=list(ctx.adapter_names),
@@ -147,6 +156,8 @@ def p2p_tab(ctx: DemoContext) -> None:
             width, height, negative_prompt, progress=gr.Progress(track_tqdm=True)):
 
         settings = check_edit(source, target, mode, weights, blend, cross_steps, self_steps, blend_threshold)
+        check_words(ctx, [("the source prompt", settings["source_prompt"]),
+                          ("the target prompt", settings["target_prompt"])])
         sampling = check_sampling(ctx, steps=steps, guidance=guidance, seed=seed, width=width, height=height,
                                   negative_prompt=negative_prompt)
         params = parameters(ctx, "p2p", sampling, seed=sampling.seed, **settings)
@@ -189,6 +200,8 @@ def real_edit_tab(ctx: DemoContext) -> None:
                   progress=gr.Progress(track_tqdm=True)):
         photo, about = read_image(ctx, image, "a photo")
         settings = check_edit(source, target, mode, weights, blend, cross_steps, self_steps, blend_threshold)
+        check_words(ctx, [("the source prompt", settings["source_prompt"]),
+                          ("the target prompt", settings["target_prompt"])])
         method = check_inversion(method)
         sampling = check_sampling(ctx, steps=steps, guidance=guidance, width=width, height=height,
                                   negative_prompt=negative_prompt)

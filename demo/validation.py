@@ -90,6 +90,20 @@ def check_prompt(prompt: str | None, what: str = "a prompt") -> str:
     return str(prompt).strip()
 
 
+def check_words(ctx: DemoContext, prompts: list[tuple[str, str | None]]) -> None:
+    """With the bundled model, a warning in the page for each prompt with words outside its vocabulary.
+
+    ``prompts``: ``(what, text)`` pairs such as ``("the edit text", prompt)``. The words are split into letters
+    the model never saw, so the user should know (:mod:`imageprompt.vocabulary`); the run goes on.
+    """
+    from imageprompt.vocabulary import unknown_words_message
+
+    for what, text in prompts:
+        message = unknown_words_message(ctx.model_name, text, what)
+        if message:
+            gr.Warning(escape(message))
+
+
 @dataclass
 class Sampling:
     """The checked values of the "Advanced options" accordion."""
@@ -130,6 +144,7 @@ def check_sampling(ctx: DemoContext, *, steps, guidance, width, height, negative
     for name, value in (("Width", sampling.width), ("Height", sampling.height)):
         if value % factor:
             raise page_error(f"{name} must be a multiple of {factor}, got {value}")
+    check_words(ctx, [("the negative prompt", sampling.negative_prompt)])
     return sampling
 
 

@@ -28,6 +28,51 @@ KNOWN_ADAPTERS = {
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
+def first_sentence(err: BaseException | str, limit: int = 200) -> str:
+    """The first sentence of an error's first line, without its final period, for quoting inside a message.
+
+    Hub and transformers errors run on for several sentences; cutting them at a fixed length left
+    messages ending mid-word ("... Use `repo_type").
+    """
+    text = str(err).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    if not line:
+        return type(err).__name__ if isinstance(err, BaseException) else "unknown error"
+    end = line.find(". ")
+    sentence = line[: end] if end > 0 else line.rstrip(".")
+    if len(sentence) > limit:
+        sentence = sentence[:limit].rsplit(" ", 1)[0] + " ..."
+    return sentence
+
+
+def _hub_failure(err: BaseException) -> str:
+    """Why a hub file could not be had, in the user's terms."""
+    from imageprompt.loading import _env_offline
+
+    if _offline():
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        why = "HF_HUB_OFFLINE is set" if _env_offline() else "the hub is unreachable"
+        return f"not in the local Hugging Face cache ({HF_HUB_CACHE}) and {why}"
+    return first_sentence(err)
+
+
+def bundled_image_encoder(weight_file: str | Path | None) -> Path | None:
+    """The bundled CLIP (its vision tower) when ``weight_file`` is the bundled IP-Adapter, else None.
+
+    The bundled adapter was trained on that encoder and ships without an ``image_encoder/`` folder.
+    """
+    from imageprompt.checkpoints import BUNDLED_CLIP, BUNDLED_IP_ADAPTER
+
+    if weight_file is None:
+        return None
+    try:
+        same = Path(weight_file).expanduser().resolve() == Path(BUNDLED_IP_ADAPTER).resolve()
+    except (OSError, TypeError, ValueError):
+        return None
+    return Path(BUNDLED_CLIP) if same else None
+
+
 def parse_adapter_spec(spec: str) -> tuple[str, str | None]:
     """``PATH_OR_ID[:WEIGHT_NAME]`` or a short name from :data:`KNOWN_ADAPTERS` -> ``(source, weight_name)``."""
     if spec in KNOWN_ADAPTERS:
@@ -64,8 +109,7 @@ def resolve_weight_file(source: str, weight_name: str | None = None, subfolder: 
         try:
             found = Path(hf_hub_download(source, inner, local_files_only=bool(local_files_only or _offline())))
         except Exception as err:
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ModelLoadError(f"could not get IP-Adapter weights {inner!r} from {source!r}: {reason[:200]}. "
+            raise ModelLoadError(f"could not get IP-Adapter weights {inner!r} from {source!r}: {_hub_failure(err)}. "
                                  "Download them on a machine with access and pass the local file.") from None
     check_weight_suffix(found)
     return found, f"{source}/{inner}" if not path.is_file() else str(found)
@@ -98,8 +142,7 @@ def read_checkpoint(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as err:
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ModelLoadError(f"{path}: refused: not a plain tensor archive ({reason[:160]}). "
+            raise ModelLoadError(f"{path}: refused: not a plain tensor archive ({first_sentence(err, 160)}). "
                                  "Only .bin files holding tensors are read; prefer .safetensors.") from None
     if not isinstance(state, dict) or not isinstance(state.get("image_proj"), dict) \
             or not isinstance(state.get("ip_adapter"), dict) or not state["image_proj"] or not state["ip_adapter"]:
@@ -182,34 +225,44 @@ def find_image_encoder(source: str, weight_file: Path, subfolder: str | None, im
 
     As in diffusers, a folder name without ``/`` is looked for in the weight
     file's folder (``models/image_encoder`` for ``models/ip-adapter_sd15.safetensors``),
-    a path with ``/`` from the repository root.
+    a path with ``/`` from the repository root. Beside a local weight file, ``FILE-image_encoder``
+    (what ``imageprompt train-adapter`` writes when the file is in the current folder) is used too.
+    The bundled adapter (:data:`imageprompt.checkpoints.BUNDLED_IP_ADAPTER`) has neither: its encoder
+    is the bundled CLIP.
     """
     if image_encoder is not None and not isinstance(image_encoder, (str, Path)):
         from transformers import CLIPImageProcessor
 
         size = image_encoder.config.image_size
         return image_encoder, CLIPImageProcessor(size=size, crop_size=size), "given"
-    tried = []
-    if image_encoder is not None:
-        candidates = [(str(image_encoder), None)]
+    if image_encoder is not None:  # a folder, or a hub id (owner/name)
+        where, sub = str(image_encoder), None
+        local = Path(where).expanduser().exists() or where.startswith((".", "/", "~")) or where.count("/") != 1
     elif image_encoder_folder is None:
         raise ModelLoadError("no image encoder for the IP-Adapter: pass image_encoder= (--image-encoder PATH)")
     elif Path(source).expanduser().is_file():
-        candidates = [(str(weight_file.parent / image_encoder_folder), None)]
-    elif Path(source).expanduser().is_dir():
-        inner = image_encoder_folder if "/" in image_encoder_folder else "/".join(
-            p for p in (subfolder, image_encoder_folder) if p)
-        candidates = [(str(Path(source).expanduser() / inner), None)]
+        # beside the weights; else FILE-image_encoder (train-adapter's name for it in the current folder);
+        # else, for the bundled adapter, the bundled CLIP
+        beside = weight_file.parent / image_encoder_folder
+        named = weight_file.with_name(f"{weight_file.stem}-image_encoder")
+        bundled = bundled_image_encoder(weight_file)
+        found = next((p for p in (beside, named, bundled) if p is not None and p.is_dir()), beside)
+        where, sub, local = str(found), None, True
     else:
         inner = image_encoder_folder if "/" in image_encoder_folder else "/".join(
             p for p in (subfolder, image_encoder_folder) if p)
-        candidates = [(source, inner)]
-    for where, sub in candidates:
-        shown = f"{where}/{sub}" if sub else where
+        if Path(source).expanduser().is_dir():
+            where, sub, local = str(Path(source).expanduser() / inner), None, True
+        else:
+            where, sub, local = source, inner, False
+    shown = f"{where}/{sub}" if sub else where
+    if local and not Path(where).expanduser().is_dir():
+        reason = "no such folder"  # a local path: nothing to ask the hub about
+    else:
         try:
             encoder, processor = load_image_encoder(where, sub, dtype, local_files_only)
             return encoder, processor, shown
         except Exception as err:
-            tried.append(f"{shown} ({(str(err).strip().splitlines() or [type(err).__name__])[0][:120]})")
-    raise ModelLoadError("no image encoder for the IP-Adapter: looked in " + "; ".join(tried)
-                         + ". Pass the CLIP vision folder with --image-encoder PATH (Python: image_encoder=PATH).")
+            reason = first_sentence(err, 160) if local else _hub_failure(err)
+    raise ModelLoadError(f"no image encoder for the IP-Adapter: looked in {shown} ({reason}). "
+                         "Pass the CLIP vision folder with --image-encoder PATH (Python: image_encoder=PATH).")

@@ -84,7 +84,9 @@ def sha256_file(path: str | os.PathLike) -> str:
 def atomic_write(path: str | os.PathLike, write, mode: str = "wb") -> Path:
     """Call ``write(handle)`` on a temporary file beside ``path``, then rename it into place.
 
-    Readers never see a partial file, and a failure leaves nothing behind.
+    Readers never see a partial file, and a failure leaves nothing behind. The file gets the mode
+    a plain ``open(path, "w")`` would give it (``0o666`` less the umask), not ``mkstemp``'s ``0o600``:
+    the temporary file is given that mode before anything is written, and the rename keeps it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,7 +153,19 @@ def generators(seed: int, count: int):
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask, read without changing it where the system allows (Linux: ``/proc/self/status``).
+
+    ``os.umask`` can only be read by setting it, which for a moment would apply to files other threads create
+    (the demo serves requests in threads); elsewhere it is set back at once.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)  # the strictest value in between, should another thread create a file now
     os.umask(mask)
     return mask
 

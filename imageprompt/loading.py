@@ -17,21 +17,12 @@ from pathlib import Path
 import torch
 
 from imageprompt.checkpoints import DEFAULT_CLIP, default_model
+from imageprompt.schedulers import SCHEDULERS, make_scheduler  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    "lms": "LMSDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler",
-}
 
 OFFLINE_HINT = (
     "No network is needed if the weights are local: pass a diffusers folder or a single .safetensors/.ckpt file "
@@ -77,6 +68,23 @@ def model_kind(model: str) -> str:
     if model.startswith((".", "/", "~")) or model.lower().endswith(SINGLE_FILE_SUFFIXES) or model.count("/") > 1:
         raise ModelLoadError(f"{model}: no such file or folder")
     return "hub"
+
+
+class _TorchvisionNotice(logging.Filter):
+    """Drops transformers' notice that an image processor falls back to its PIL version without torchvision.
+
+    The PIL processors are what imageprompt uses anyway; torchvision is not a dependency.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+def quiet_torchvision_notices() -> None:
+    """Silence transformers' "``CLIPImageProcessor`` requires torchvision" notices (idempotent)."""
+    source = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _TorchvisionNotice) for f in source.filters):
+        source.addFilter(_TorchvisionNotice())
 
 
 def _env_offline() -> bool:
@@ -125,8 +133,10 @@ def load_sd_components(model: str, dtype: torch.dtype, config: str | None = None
     common = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
     try:
         if kind == "file":
+            # with a local --config nothing comes from the hub: no need to ask whether it answers
+            local_config = config is not None and Path(config).expanduser().is_dir()
             pipe = StableDiffusionPipeline.from_single_file(
-                model, config=config, local_files_only=_offline() or None, **common
+                model, config=config, local_files_only=True if local_config else (_offline() or None), **common
             )
         else:
             local_only = kind == "folder" or _offline()
@@ -230,6 +240,7 @@ def load_pipeline(
         scheduler: a name from :data:`SCHEDULERS`, or None to keep the model's own.
         config: for single files, a local diffusers folder to take the configs from (no network needed).
     """
+    quiet_torchvision_notices()  # before transformers' image processors are first imported
     from imageprompt.conversion import SD1_EOS_NORM, is_sd1_text_encoder, measure_eos_norm
     from imageprompt.pipelines import StableDiffusionImagePromptPipeline
 
@@ -254,11 +265,3 @@ def load_pipeline(
     pipe.model_name, pipe.clip_name = model, clip
     return pipe
 
-
-def make_scheduler(name: str, config):
-    """A diffusers scheduler by short name, built from the model's scheduler config."""
-    import diffusers
-
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
-    return getattr(diffusers, SCHEDULERS[name]).from_config(config)

@@ -232,17 +232,23 @@ def read_checkpoint_state(folder: Path) -> tuple[dict, dict, int]:
 
 
 # --------------------------------------------------------------- training
-def train(pipe, pairs, out: str | Path, steps: int = 1000, batch_size: int = 4, resolution: int = 512,
+def train(pipe, pairs, out: str | Path, steps: int = 1000, batch_size: int = 4, resolution: int | None = None,
           learning_rate: float = 1e-4, weight_decay: float = 0.01, checkpoint_every: int = 500,
           resume: str | None = None, seed: int = 0, mixed_precision: str = "no",
           gradient_accumulation_steps: int = 1, image_encoder=None, feature_extractor=None,
           progress: bool = True) -> dict:
-    """Train an sd15-format adapter on ``pairs`` and save it to ``out``; returns ``{"losses", "path", "step"}``."""
+    """Train an sd15-format adapter on ``pairs`` and save it to ``out``; returns ``{"losses", "path", "step"}``.
+
+    ``resolution``: side of the square training crops (default: the model's own size,
+    ``unet.config.sample_size * vae_scale_factor``).
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     out = Path(out)
+    if resolution is None:
+        resolution = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
     accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps)
     set_seed(seed)
     init, optimizer_state, start = None, None, 0

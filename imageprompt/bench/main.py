@@ -15,6 +15,20 @@ import tempfile
 
 from imageprompt.bench.common import Context, Result
 
+# The quick rows (under a minute in all with --tiny --steps 5 on a CPU): one image per call, base size only;
+# no batch of 8, no 1.5x size, no online tuning, no null-text inversion, no 64-row jobs, no --compile.
+SMOKE_ROWS = (
+    "plain diffusers, batch 1",
+    "imageprompt variation, batch 1",
+    "ip-adapter sd15 (diffusers), batch 1",
+    "ip-adapter sd15 (imageprompt), batch 1",
+    "ip-adapter plus (diffusers), batch 1",
+    "ip-adapter plus (imageprompt), batch 1",
+    "plain diffusers, 2 prompts, base size",
+    "p2p replace + local blend, base size",
+    "negative-prompt inversion",
+)
+
 
 def build_context(device: str | None, dtype: str | None, steps: int, size: int | None, tiny: bool) -> Context:
     import torch
@@ -53,14 +67,17 @@ def format_table(ctx: Context, results: list[tuple[str, Result]]) -> str:
     """Markdown table; the ratio column compares each row with the plain row of the same batch."""
     import torch
 
-    where = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "CPU"
+    threads = torch.get_num_threads()
+    where = (torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda"
+             else f"CPU, {threads} thread{'s' if threads > 1 else ''}")
     shapes = "tiny random components" if ctx.tiny else "SD 1.5 shapes, random weights"
     dtype = str(ctx.dtype).replace("torch.", "")
     lines = [
-        f"{shapes}, {dtype}, {ctx.size}x{ctx.size}, DDIM {ctx.steps} steps, CFG 7.5, {where}",
+        f"{shapes}, {dtype}, {ctx.size}x{ctx.size} unless the note says otherwise, DDIM {ctx.steps} steps, "
+        f"CFG 7.5, {where}",
         "",
-        "| row | s/image | x plain | peak GiB | x plain |",
-        "|---|---|---|---|---|",
+        "| row | s/image | x plain | peak GiB | x plain | note |",
+        "|---|---|---|---|---|---|",
     ]
     plain = {r.images: r for n, r in results if n.startswith("plain")}
     for name, r in results:
@@ -68,30 +85,57 @@ def format_table(ctx: Context, results: list[tuple[str, Result]]) -> str:
         t_ratio = f"{r.seconds_per_image / base.seconds_per_image:.3f}" if base else "-"
         peak = f"{r.peak_gib:.2f}" if r.peak_gib is not None else "-"
         m_ratio = f"{r.peak_gib / base.peak_gib:.3f}" if base and r.peak_gib and base.peak_gib else "-"
-        lines.append(f"| {name} | {r.seconds_per_image:.3f} | {t_ratio} | {peak} | {m_ratio} |")
+        lines.append(f"| {name} | {r.seconds_per_image:.3f} | {t_ratio} | {peak} | {m_ratio} | {r.note} |")
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="default: cuda if available")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--size", type=int, help="image side (default 512; 64 with --tiny)")
-    parser.add_argument("--tiny", action="store_true", help="tiny components (CPU smoke run) instead of SD 1.5 shapes")
-    parser.add_argument("--rows", nargs="*", help="row names to run (default: all); see --list")
-    parser.add_argument("--list", action="store_true", help="list the rows and exit")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    parser.add_argument("--size", type=int, help="image side in pixels (default 512; 64 with --tiny)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny random components instead of SD 1.5 shapes; runs the --smoke rows unless "
+                             "--all or --rows is given")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--smoke", action="store_true",
+                       help="only the quick rows (batch 1, base size, no --compile, no null-text inversion)")
+    which.add_argument("--all", action="store_true", help="every row (the default without --tiny)")
+    which.add_argument("--rows", nargs="*", help="row names to run; see --list")
+    parser.add_argument("--list", action="store_true", help="list the rows that would run (all, or --smoke) and exit")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads (default: 1 for --tiny on the CPU, where tiny components gain nothing "
+                             "from more and threads contending on a loaded machine make the timings erratic; else "
+                             "torch's default)")
+
+
+def selected_rows(args) -> list[str]:
+    """The row names a command runs: --rows; else the smoke rows with --smoke (or --tiny without --all); else all."""
+    rows = all_rows()
+    if args.rows:
+        unknown = [n for n in args.rows if n not in rows]
+        if unknown:
+            raise ValueError(f"unknown rows {unknown}; see `imageprompt bench --list`")
+        return list(args.rows)
+    if args.smoke or (args.tiny and not args.all):
+        return [name for name in rows if name in SMOKE_ROWS]
+    return list(rows)
 
 
 def run(args) -> int:
-    rows = all_rows()
+    names = selected_rows(args)
     if args.list:
-        print("\n".join(rows))
+        print("\n".join(names))
         return 0
-    names = args.rows or list(rows)
-    unknown = [n for n in names if n not in rows]
-    if unknown:
-        raise ValueError(f"unknown rows {unknown}; see `imageprompt bench --list`")
+    if len(names) < len(all_rows()) and not args.rows:
+        print(f"imageprompt: bench: smoke run, {len(names)} of {len(all_rows())} rows (--all for the full table)",
+              file=sys.stderr)
     ctx = build_context(args.device, args.dtype, args.steps, args.size, args.tiny)
+    threads = args.threads or (1 if args.tiny and ctx.device.type == "cpu" else None)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     print(format_table(ctx, run_rows(ctx, names)))
     return 0
 
@@ -104,7 +148,13 @@ def all_rows() -> dict:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="speed and memory against plain diffusers")
+    parser = subparsers.add_parser(
+        "bench", help="speed and memory against plain diffusers",
+        description="Time imageprompt against plain diffusers in the same process, on shared random weights (speed "
+                    "and memory do not depend on weight values): SD 1.5 shapes by default (a CUDA machine), or "
+                    "tiny components with --tiny. Prints a markdown table: seconds per image, peak GPU memory, each "
+                    "as a ratio to the plain pipeline. `imageprompt bench --tiny --steps 5 --device cpu` is a "
+                    "smoke run of the quick rows (under a minute on a CPU); --all runs every row.")
     add_arguments(parser)
     parser.set_defaults(func=run)
 

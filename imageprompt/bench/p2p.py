@@ -1,8 +1,9 @@
 """Benchmark rows of prompt-to-prompt (``imageprompt bench --rows ...``).
 
 - a two-prompt replace edit with local blend against plain diffusers sampling
-  the same two prompts (same batch: 2 prompts x CFG), at 512x512 and 768x768
-  (with ``--tiny``: the context size and 1.5x it);
+  the same two prompts (same batch: 2 prompts x CFG), at the base size (``--size``:
+  512x512 by default, 64x64 with ``--tiny``) and 1.5x it (768x768, 96x96); the
+  pixel size is in each row's note;
 - seconds per image of null-text inversion (10 inner steps, the paper's early
   stop) and negative-prompt inversion, at the context size.
 """
@@ -12,13 +13,12 @@ from __future__ import annotations
 from imageprompt.bench.common import measure
 
 SOURCE, TARGET = "a photo of a cat on the beach", "a photo of a dog on the beach"
-SIZES = {"512x512": 512, "768x768": 768}
+SIZES = {"base size": 1.0, "1.5x size": 1.5}  # row label -> factor of the context size (--size)
 
 
 def _size(ctx, label: str) -> int:
-    if not ctx.tiny:
-        return SIZES[label]
-    return ctx.size if label == "512x512" else ctx.size * 3 // 2 // 8 * 8
+    """The row's pixel side: the context size times the label's factor, a multiple of 8."""
+    return int(ctx.size * SIZES[label]) // 8 * 8
 
 
 def _noise(ctx, pipe, size: int):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 SDIPC_ADAPTER = "sdipc"  # --adapter sdipc: the training-free branch (no weights)
@@ -42,7 +43,8 @@ def add_adapter_options(parser: argparse.ArgumentParser,
     group.add_argument("--negative-adapter-image", metavar="IMAGE",
                        help="negative image prompt (default: zeros / a zero image, as IP-Adapter does)")
     group.add_argument("--image-encoder", metavar="PATH",
-                       help="CLIP vision folder of the adapter (default: image_encoder next to the weights)")
+                       help="CLIP vision folder of the adapter (default: image_encoder next to the weights; for the "
+                            "bundled checkpoints/shapes-ip-adapter.safetensors, the bundled CLIP)")
 
 
 def check_adapter_options(args) -> None:
@@ -89,6 +91,7 @@ def apply_adapter_options(pipe, args, image=None) -> dict:
     """
     if not getattr(args, "_adapters", None):
         return {"pipeline": {}, "parameters": {}}
+    from imageprompt.adapter_files import bundled_image_encoder
     from imageprompt.ip_adapter import install_adapters
     from imageprompt.sdipc_branch import SDIPCBranch
 
@@ -120,7 +123,9 @@ def apply_adapter_options(pipe, args, image=None) -> dict:
         "adapter_images": [Path(p).name for p in args.adapter_image],
         "adapter_images_sha256": list(args._adapter_digests),
         "negative_adapter_image": Path(args.negative_adapter_image).name if args.negative_adapter_image else None,
-        "image_encoder": args.image_encoder,
+        # without --image-encoder the bundled adapter uses the bundled CLIP (adapter_files.find_image_encoder)
+        "image_encoder": args.image_encoder or next(
+            (str(found) for found in (bundled_image_encoder(f) for _, _, f, _ in files) if found), None),
     }
     return {"pipeline": extra, "parameters": parameters}
 
@@ -136,9 +141,11 @@ def register(subparsers) -> None:
     parser.add_argument("data", help="folder of images with same-name .txt captions, or a .jsonl of "
                                      '{"image": path, "caption": text}')
     parser.add_argument("--out", required=True, help="output weights, .safetensors or .bin")
-    parser.add_argument("--steps", type=positive_int, default=1000)
+    parser.add_argument("--steps", type=positive_int, default=1000, help="optimiser steps (default 1000)")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="per process")
-    parser.add_argument("--resolution", type=positive_int, default=512)
+    parser.add_argument("--resolution", type=positive_int,
+                        help="side of the square training crops (default: the model's own size, e.g. 512 for "
+                             "SD 1.5, 64 for the bundled model)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--gradient-accumulation", type=positive_int, default=1)
@@ -147,7 +154,8 @@ def register(subparsers) -> None:
     parser.add_argument("--resume", help="'latest' or a checkpoint folder (OUT-checkpoints/step-N)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-encoder", metavar="PATH",
-                        help="CLIP vision folder (default: the --clip model's vision tower, saved next to --out)")
+                        help="CLIP vision folder (default: the --clip model's vision tower, saved as image_encoder/ "
+                             "next to --out, or as OUT-image_encoder/ when --out is in the current folder)")
     add_model_options(parser)
     parser.set_defaults(func=run_train)
 
@@ -176,7 +184,8 @@ def run_train(args) -> int:
         from imageprompt.adapter_files import load_image_encoder
 
         encoder, processor = load_image_encoder(args.image_encoder)
-    result = train(pipe, pairs, out, steps=args.steps, batch_size=args.batch_size, resolution=args.resolution,
+    resolution = args.resolution or native_resolution(pipe)
+    result = train(pipe, pairs, out, steps=args.steps, batch_size=args.batch_size, resolution=resolution,
                    learning_rate=args.lr, weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every,
                    resume=args.resume, seed=args.seed, mixed_precision=args.mixed_precision,
                    gradient_accumulation_steps=args.gradient_accumulation, image_encoder=encoder,
@@ -184,12 +193,29 @@ def run_train(args) -> int:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        encoder_dir = out.parent / "image_encoder"
-        if encoder is None and not encoder_dir.exists():  # so the file loads as is, here and in diffusers
-            pipe.image_encoder.save_pretrained(encoder_dir, safe_serialization=True)
-            pipe.feature_extractor.save_pretrained(encoder_dir)
+        if encoder is None:  # so the file loads as is, here and in diffusers
+            encoder_dir = encoder_folder(out)
+            if not encoder_dir.exists():
+                pipe.image_encoder.save_pretrained(encoder_dir, safe_serialization=True)
+                pipe.feature_extractor.save_pretrained(encoder_dir)
+            print(f"image encoder: {encoder_dir}", file=sys.stderr)
         losses = result["losses"]
         if losses:
-            print(f"step {result['step']}: loss {losses[-1]:.4f} (first {losses[0]:.4f})")
+            print(f"step {result['step']}: loss {losses[-1]:.4f} (first {losses[0]:.4f}), {resolution}x{resolution} "
+                  "crops")
         print(out)
     return 0
+
+
+def native_resolution(pipe) -> int:
+    """The model's own image side: the UNet's sample size times the VAE's scale factor (512 for SD 1.5)."""
+    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
+def encoder_folder(out: Path) -> Path:
+    """Where ``train-adapter`` saves the image encoder of ``out``: ``image_encoder/`` beside it, as diffusers and
+    :func:`imageprompt.adapter_files.find_image_encoder` look for it, unless that is the current folder; then
+    ``OUT-image_encoder/`` (found there too), so a generic ``image_encoder/`` never lands where the command ran."""
+    if out.parent.resolve() == Path.cwd().resolve():
+        return out.with_name(f"{out.stem}-image_encoder")
+    return out.parent / "image_encoder"

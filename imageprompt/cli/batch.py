@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from imageprompt.cli.common import EXIT_FAILURE, add_model_options, positive_int
+from imageprompt.cli.common import EXIT_FAILURE, CommandError, add_model_options, positive_int
 
 
 def register(subparsers) -> None:
@@ -23,12 +23,15 @@ def register(subparsers) -> None:
     rows = parser.add_argument_group("row defaults (a row's own fields win)")
     rows.add_argument("--seed", type=int, default=0, help="seed of a row's first image; image i: seed+i (default 0)")
     rows.add_argument("--num", type=positive_int, default=1, help="images per row (default 1)")
-    rows.add_argument("--steps", type=positive_int, default=50)
-    rows.add_argument("--guidance", type=float, default=7.5)
+    rows.add_argument("--steps", type=positive_int, default=50, help="denoising steps (default 50)")
+    rows.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     rows.add_argument("--negative-prompt", default=None)
     rows.add_argument("--height", type=positive_int)
     rows.add_argument("--width", type=positive_int)
     rows.add_argument("--adapter", help="IP-Adapter checkpoint for adapter rows that name none")
+    rows.add_argument("--image-encoder", metavar="PATH",
+                      help="CLIP vision folder for the adapter rows (default: image_encoder next to the weights; "
+                           "for the bundled checkpoints/shapes-ip-adapter.safetensors, the bundled CLIP)")
     speed = parser.add_argument_group("speed")
     speed.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default 8)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the UNet and the VAE decoder")
@@ -42,11 +45,14 @@ def run_batch(args) -> int:
     from imageprompt.jobs import JobDefaults, JobOptions, resolve_adapter, run_job
     from imageprompt.loading import load_pipeline, resolve_model
 
+    if args.image_encoder and not Path(args.image_encoder).expanduser().is_dir():
+        raise CommandError(f"--image-encoder {args.image_encoder}: no such folder")
     model, clip, _ = resolve_model(args.model, args.clip)  # the names that go into every row's hash
     adapter = resolve_adapter(args.adapter, Path.cwd()) if args.adapter else None
+    encoder = str(Path(args.image_encoder).expanduser().resolve()) if args.image_encoder else None
     defaults = JobDefaults(seed=args.seed, num=args.num, steps=args.steps, guidance=args.guidance,
                            negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                           model=model, clip=clip, scheduler=args.scheduler, adapter=adapter)
+                           model=model, clip=clip, scheduler=args.scheduler, adapter=adapter, image_encoder=encoder)
     options = JobOptions(batch_size=args.batch_size, compile=args.compile, channels_last=args.channels_last,
                          progress=not args.no_progress)
 

@@ -54,7 +54,7 @@ def port_number(text: str) -> int:
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    from imageprompt.loading import SCHEDULERS
+    from imageprompt.schedulers import SCHEDULERS
 
     group = parser.add_argument_group("model")
     group.add_argument("--model", help="hub id, diffusers folder or .safetensors/.ckpt file "
@@ -74,8 +74,8 @@ def add_sampling_options(parser: argparse.ArgumentParser, num: bool = True) -> N
         group.add_argument("--num", type=positive_int, default=1, help="images per input (default 1)")
         group.add_argument("--batch-size", type=positive_int, default=4, help="images per forward pass")
     group.add_argument("--seed", type=int, help="seed of the first image; image i uses seed+i (default: random)")
-    group.add_argument("--steps", type=positive_int, default=50)
-    group.add_argument("--guidance", type=float, default=7.5)
+    group.add_argument("--steps", type=positive_int, default=50, help="denoising steps (default 50)")
+    group.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     group.add_argument("--negative-prompt", default=None)
     group.add_argument("--height", type=positive_int)
     group.add_argument("--width", type=positive_int)
@@ -93,6 +93,16 @@ def load_pipeline_from_args(args):
     transformers.utils.logging.disable_progress_bar()
     return load_pipeline(model=args.model, clip=args.clip, dtype=args.dtype, device=args.device,
                          attention=args.attention, scheduler=args.scheduler, config=args.config)
+
+
+def warn_unknown_words(pipe, prompts) -> None:
+    """Warn once per prompt whose words the bundled model does not know (:mod:`imageprompt.vocabulary`).
+
+    ``prompts``: ``(option, text)`` pairs such as ``("--prompt", args.prompt)``.
+    """
+    from imageprompt.vocabulary import warn_unknown_words as warn
+
+    warn(getattr(pipe, "model_name", None), prompts)
 
 
 def base_parameters(pipe, args, method: str) -> dict:

@@ -23,7 +23,8 @@ def register(subparsers) -> None:
                            "a short name (sd15, sd15_light, plus, plus-face, full-face), or 'sdipc' for the "
                            "training-free SD-IPC branch; repeatable. Without it the tab is not shown.")
     demo.add_argument("--image-encoder", metavar="PATH",
-                      help="CLIP vision folder of the adapter (default: image_encoder next to the weights)")
+                      help="CLIP vision folder of the adapter (default: image_encoder next to the weights; for the "
+                           "bundled checkpoints/shapes-ip-adapter.safetensors, the bundled CLIP)")
     add_model_options(demo)
     demo.set_defaults(func=run_demo)
 

@@ -26,6 +26,7 @@ from imageprompt.cli.common import (
     check_out_dir,
     load_pipeline_from_args,
     user_errors,
+    warn_unknown_words,
     write_outputs,
 )
 from imageprompt.images import generators
@@ -40,6 +41,7 @@ COMMAND_MODULES = [
     "imageprompt.cli.batch",
     "imageprompt.cli.tune",  # tune domain|online
     "imageprompt.world.evaluate",  # eval --suite world
+    "imageprompt.cli.words",  # words: the bundled model's vocabulary
 ]
 
 
@@ -85,6 +87,7 @@ def run_sdipc(args) -> int:
     pipe = load_pipeline_from_args(args)
     prompt = getattr(args, "prompt", None)
     alpha = getattr(args, "alpha", None)
+    warn_unknown_words(pipe, [("--prompt", prompt), ("--negative-prompt", args.negative_prompt)])
     params = base_parameters(pipe, args, args.method)
     params.update(prompt=prompt, alpha=alpha, input=Path(args.image).name, input_sha256=digest)
     params.update(apply_tuning_options(pipe, args, [image], seed))

@@ -17,10 +17,10 @@ from imageprompt.cli.common import (
     fraction,
     load_pipeline_from_args,
     positive_int,
+    warn_unknown_words,
     write_outputs,
 )
 from imageprompt.images import generators
-from imageprompt.p2p import parse_word_weights
 
 INVERSIONS = ("null-text", "negative-prompt", "ddim")
 
@@ -65,6 +65,8 @@ def register(subparsers) -> None:
 
 
 def parse_weights(items: list[str] | None) -> dict[str, float]:
+    from imageprompt.p2p import parse_word_weights  # torch: not at start-up
+
     try:
         return parse_word_weights(items)
     except ValueError as err:
@@ -124,6 +126,8 @@ def run_p2p(args) -> int:
     from imageprompt.pipelines import StableDiffusionPromptToPromptPipeline
 
     base = load_pipeline_from_args(args)
+    warn_unknown_words(base, [("--source", args.source), ("--target", target),
+                              ("--negative-prompt", args.negative_prompt)])
     pipe = StableDiffusionPromptToPromptPipeline.from_pipe(base)
     adapter = apply_adapter_options(pipe, args)
     adapter["pipeline"] = {k: v for k, v in adapter["pipeline"].items() if k.startswith(("ip_", "negative_ip_"))}

@@ -154,14 +154,19 @@ def run_tune(args) -> int:
     save_tuning(pipe, out, settings)
     if domain:
         checkpoint.unlink(missing_ok=True)
+    print_loss_summary(config, output)
+    print(out)
+    return 0
+
+
+def print_loss_summary(config, output) -> None:
+    """One line on stderr: the training loss over the first and the last tenth of the steps."""
     losses = output.losses
     if losses:
         window = max(1, len(losses) // 10)
         first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
         print(f"imageprompt: {config.mode} tuning, steps {output.start_step + 1}-{config.steps}: "
               f"training loss {first:.4f} -> {last:.4f}", file=sys.stderr)
-    print(out)
-    return 0
 
 
 # ---------------------------------------------------- vary / edit options
@@ -198,5 +203,6 @@ def apply_tuning_options(pipe, args, images, seed: int) -> dict:
         tokens = loaded.num_tokens if loaded is not None else 50
         config = TuningConfig.online(steps=args.online_steps, lr=args.online_lr, seed=seed, num_tokens=tokens)
         output = tune_online(pipe, images, config)
+        print_loss_summary(config, output)
         params["online_tuning"] = describe(output.settings)
     return params

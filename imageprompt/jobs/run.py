@@ -128,6 +128,7 @@ def run_job(
     try:
         with state.split_between_processes(entries) as mine:
             rows = validate_rows(mine, defaults, jobs.parent)
+            _warn_unknown_words(rows, defaults.model or getattr(pipe, "model_name", None))
             pending = _record_finished_rows(rows, out, writer, summary)
             progress.refresh()
             if pending:
@@ -137,7 +138,7 @@ def run_job(
                     pipe = load_pipe(_process_device(device, state))
                 apply_speed_options(pipe, options.compile, options.channels_last)
                 progress.start = time.perf_counter()  # images/s of sampling, not of loading
-                _sample(pipe, pending, out, writer, summary, options, progress)
+                _sample(pipe, pending, out, writer, summary, options, progress, defaults.image_encoder)
     finally:
         writer.close()
     summary.seconds = time.perf_counter() - start
@@ -181,6 +182,17 @@ def _process_device(device: str | None, state):
     return chosen
 
 
+def _warn_unknown_words(rows: list[Row], model: str | None) -> None:
+    """For the bundled model: one warning per prompt with words outside its vocabulary (not per row)."""
+    from imageprompt.vocabulary import warn_unknown_words
+
+    seen: set[str] = set()
+    for row in rows:
+        if not row.error:
+            warn_unknown_words(model, [(f"line {row.line} {name}", row.params.get(name))
+                                       for name in ("prompt", "target", "negative_prompt")], seen)
+
+
 def _record_finished_rows(rows: list[Row], out: Path, writer: PartWriter, summary: JobSummary) -> list[Item]:
     """Record bad rows and rows whose outputs are all complete; return the images still to sample."""
     pending = []
@@ -210,13 +222,13 @@ def plan_batches(items: list[Item], batch_size: int) -> list[list[Item]]:
 
 
 def _sample(pipe, pending: list[Item], out: Path, writer: PartWriter, summary: JobSummary,
-            options: JobOptions, progress: _Progress) -> None:
+            options: JobOptions, progress: _Progress, image_encoder: str | None = None) -> None:
     """Sample every pending image; write each row's record when its last image is saved or it fails."""
     from imageprompt.images import save_png
 
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    runner = Runner(pipe)
+    runner = Runner(pipe, image_encoder)
     left: dict[int, int] = {}
     for item in pending:
         left[item.row.line] = left.get(item.row.line, 0) + 1

@@ -90,8 +90,9 @@ SAMPLERS: dict[str, Callable] = {"vary": run_vary, "edit": run_edit, "p2p": run_
 class Runner:
     """Samples batches with one loaded pipeline: input images loaded once per row, adapters loaded when needed."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, image_encoder: str | None = None):
         self.pipe = pipe
+        self.image_encoder = image_encoder  # for the adapters; None: each adapter's own (the bundled one's: its CLIP)
         self.images: dict[int, object] = {}
         self.inversions: dict[int, object] = {}
         self.adapter: str | None = None
@@ -135,7 +136,7 @@ class Runner:
                 raise self.adapter_errors[spec]
             source, weight_name = parse_adapter_spec(spec)
             try:
-                self.pipe.load_ip_adapter(source, weight_name=weight_name)
+                self.pipe.load_ip_adapter(source, weight_name=weight_name, image_encoder=self.image_encoder)
             except Exception as err:
                 self.adapter_errors[spec] = err
                 raise

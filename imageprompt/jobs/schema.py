@@ -59,6 +59,7 @@ class JobDefaults:
     clip: str | None = None
     scheduler: str | None = "ddim"
     adapter: str | None = None
+    image_encoder: str | None = None  # CLIP vision folder of the adapter rows (default: the adapter's own)
 
 
 @dataclass
@@ -193,6 +194,8 @@ def row_key(row: Row, defaults: JobDefaults) -> str:
         "params": {k: v for k, v in row.params.items() if k != "image"},
         "model": defaults.model, "clip": defaults.clip, "scheduler": defaults.scheduler,
     }
+    if defaults.image_encoder is not None and row.kind == "adapter":  # absent otherwise: earlier keys still match
+        content["image_encoder"] = defaults.image_encoder
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
