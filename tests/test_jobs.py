@@ -275,6 +275,27 @@ def test_p2p_and_adapter_rows(images, tiny_pipe):
     assert tiny_pipe.image_adapters == []  # the pipeline is handed back without the adapter
 
 
+def test_p2p_rows_with_an_adapter(images, tiny_pipe):
+    (images / "adapter").mkdir()
+    _tiny_sd15_adapter(tiny_pipe, images / "adapter")
+    adapter = "adapter/ip-adapter.safetensors"
+    jobs = write_jobs(images / "jobs.jsonl", [
+        {"kind": "p2p", "prompt": "a red circle", "target": "a blue circle", "adapter": adapter,
+         "adapter_image": "blue.jpg", "scale": 0.6},
+        {"kind": "p2p", "prompt": "a red circle", "target": "a blue circle"},  # the same edit, plain UNet
+        {"kind": "p2p", "prompt": "a red circle", "target": "a blue circle", "adapter": adapter},  # no image
+    ])
+    out = images / "out"
+    run_job(jobs, out, pipe=tiny_pipe, defaults=JobDefaults(**FAST), options=JobOptions(batch_size=4, progress=False))
+    records = {r["line"]: r for r in results(out)}
+    assert [records[i]["status"] for i in (1, 2)] == ["done", "done"], records
+    assert "adapter_image" in records[3]["error"]
+    with_adapter, plain = (Image.open(out / records[i]["outputs"][0]) for i in (1, 2))
+    assert read_parameters(out / records[1]["outputs"][0])["scale"] == 0.6
+    assert list(with_adapter.getdata()) != list(plain.getdata())  # the image branch acted
+    assert tiny_pipe.image_adapters == []
+
+
 # --------------------------------------------------------------- two processes
 @pytest.mark.slow  # about 50 s here: two fresh processes import torch and load the model
 def test_two_processes_with_accelerate(images, tiny_model, tmp_path):

@@ -46,8 +46,11 @@ def run_edit(runner, settings: dict, items) -> list:
 
 
 def run_p2p(runner, settings: dict, items) -> list:
-    """Prompt-to-prompt (Hertz et al. 2022): each item's source and edit in one call; returns the edits."""
+    """Prompt-to-prompt (Hertz et al. 2022): each item's source and edit in one call; returns the edits.
+    With ``adapter``, its image branch (on the shared UNet) reads the row's ``adapter_image`` in both."""
     pipe = runner.p2p_pipeline()
+    if settings.get("adapter"):
+        runner.use_adapter(settings["adapter"], settings["scale"])
     edits = []
     for item in items:
         p = item.row.params
@@ -61,6 +64,8 @@ def run_p2p(runner, settings: dict, items) -> list:
             kwargs["inversion"] = runner.inversion(item.row, pipe)
         elif p.get("image"):
             kwargs.update(image=runner.image(item.row), alpha=p["alpha"])
+        if p.get("adapter_image"):
+            kwargs["ip_adapter_image"] = runner.load(p["adapter_image"])
         edits.append(pipe(**kwargs).images[-1])
     return edits
 
@@ -106,6 +111,14 @@ class Runner:
             self.images[row.line] = load_image(row.image)
         return self.images[row.line]
 
+    def load(self, path: str):
+        """Another image a row names (a p2p row's adapter image), loaded once per path."""
+        from imageprompt.images import load_image
+
+        if path not in self.images:
+            self.images[path] = load_image(path)
+        return self.images[path]
+
     def inversion(self, row: Row, pipe):
         """The row's photo inverted once for all its seeds (it does not depend on them)."""
         if row.line not in self.inversions:
@@ -146,8 +159,8 @@ class Runner:
 
     def sample(self, items: list[Item]) -> list:
         row = items[0].row
-        if row.kind != "adapter" and self.adapter is not None:
-            self.pipe.unload_ip_adapter()  # the other kinds run the plain UNet
+        if not row.params.get("adapter") and self.adapter is not None:
+            self.pipe.unload_ip_adapter()  # rows without an adapter run the plain UNet
             self.adapter = None
         images = SAMPLERS[row.kind](self, dict(row.params), items)
         if len(images) != len(items):

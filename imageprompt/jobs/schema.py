@@ -171,6 +171,12 @@ def _validate(row: Row, data, defaults: JobDefaults, base: Path) -> None:
         row.image_sha256 = sha256_file(row.image)
     if values.get("adapter"):
         values["adapter"] = resolve_adapter(values["adapter"], base)
+    if values.get("adapter_image"):  # the image prompt of a p2p row's adapter: its bytes go into the key
+        adapter_image = (base / values["adapter_image"]).expanduser()
+        if not adapter_image.is_file():
+            raise ValueError(f"{adapter_image}: no such file (field 'adapter_image')")
+        values["adapter_image"] = str(adapter_image.resolve())
+        values["adapter_image_sha256"] = sha256_file(adapter_image)
     row.params = values
     row.key = row_key(row, defaults)
 
@@ -194,7 +200,7 @@ def row_key(row: Row, defaults: JobDefaults) -> str:
         "params": {k: v for k, v in row.params.items() if k != "image"},
         "model": defaults.model, "clip": defaults.clip, "scheduler": defaults.scheduler,
     }
-    if defaults.image_encoder is not None and row.kind == "adapter":  # absent otherwise: earlier keys still match
+    if defaults.image_encoder is not None and row.params.get("adapter"):  # absent otherwise: earlier keys still match
         content["image_encoder"] = defaults.image_encoder
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
@@ -263,6 +269,10 @@ def _check_p2p(values: dict) -> None:
                                      values.get("blend"), values["cross_steps"], None, values["self_steps"],
                                      **({"blend_threshold": values["blend_threshold"]}
                                         if values.get("blend_threshold") is not None else {}))
+    if bool(values.get("adapter")) != bool(values.get("adapter_image")):
+        raise ValueError("fields 'adapter' and 'adapter_image' go together: the adapter and its image prompt")
+    if values.get("adapter"):
+        values.setdefault("scale", 1.0)
     if values.get("invert") is not None:
         if values["invert"] not in METHODS:
             raise ValueError(f"field 'invert' must be one of {', '.join(METHODS)}, got {values['invert']!r}")
@@ -277,9 +287,9 @@ KINDS: dict[str, Kind] = {
     "p2p": Kind("p2p",
                 {"prompt": str, "target": str, "mode": str, "weights": dict, "blend": list, "blend_threshold": float,
                  "cross_steps": (float, list), "self_steps": (float, list), "image": str, "alpha": float,
-                 "invert": str},
+                 "invert": str, "adapter": str, "adapter_image": str, "scale": float},
                 required=("prompt",), defaults={"mode": "replace", "cross_steps": 0.8, "self_steps": 0.4, "alpha": 0.5},
-                check=_check_p2p, module="imageprompt.pipelines.pipeline_p2p"),
+                grouped=("adapter", "scale"), check=_check_p2p, module="imageprompt.pipelines.pipeline_p2p"),
     "adapter": Kind("ip-adapter", {"image": str, "prompt": str, "adapter": str, "scale": float},
                     required=("image", "adapter"), defaults={"scale": 1.0}, grouped=("adapter", "scale"),
                     module="imageprompt.ip_adapter"),
