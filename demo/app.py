@@ -165,8 +165,9 @@ def launch(*, model: str | None = None, clip: str | None = None, dtype: str | No
     """
     import diffusers.utils.logging
     import transformers.utils.logging
+    from imageprompt.pipelines.loading import load_pipeline
 
-    from imageprompt.loading import load_pipeline, resolve_model
+    from imageprompt.loading import resolve_model
 
     model, clip, notice = resolve_model(model, clip)
     notice = notice or bundled_notice(model)

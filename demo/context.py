@@ -14,14 +14,24 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from imageprompt.demo.limits import KEEP_RUNS, MAX_IMAGES, MAX_SIDE, MAX_STEPS
 
 from imageprompt.images import generation_parameters, save_png
 
-if TYPE_CHECKING:
-    from imageprompt.demo.validation import Sampling
+
+@dataclass
+class Sampling:
+    """The checked values of the "Advanced options" accordion."""
+
+    num_images: int
+    steps: int
+    guidance: float
+    seed: int
+    width: int
+    height: int
+    negative_prompt: str | None
 
 
 @dataclass

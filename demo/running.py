@@ -12,9 +12,9 @@ import warnings
 from collections.abc import Callable
 
 import gradio as gr
-from imageprompt.demo.context import DemoContext, write_results
+from imageprompt.demo.context import DemoContext, Sampling, write_results
 from imageprompt.demo.limits import GPU
-from imageprompt.demo.validation import Sampling, escape, page_error
+from imageprompt.demo.validation import escape, page_error
 
 from imageprompt.images import generators
 

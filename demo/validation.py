@@ -12,18 +12,14 @@ import html
 import re
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import gradio as gr
+from imageprompt.demo.context import DemoContext, Sampling
 from imageprompt.demo.limits import MAX_INPUT_PIXELS, SEED_MAX
 from PIL import Image
 
 from imageprompt.images import ImageInputError, load_image, sha256_file
-
-if TYPE_CHECKING:
-    from imageprompt.demo.context import DemoContext
 
 
 def escape(message: str) -> str:
@@ -102,19 +98,6 @@ def check_words(ctx: DemoContext, prompts: list[tuple[str, str | None]]) -> None
         message = unknown_words_message(ctx.model_name, text, what)
         if message:
             gr.Warning(escape(message))
-
-
-@dataclass
-class Sampling:
-    """The checked values of the "Advanced options" accordion."""
-
-    num_images: int
-    steps: int
-    guidance: float
-    seed: int
-    width: int
-    height: int
-    negative_prompt: str | None
 
 
 def check_sampling(ctx: DemoContext, *, steps, guidance, width, height, negative_prompt, num_images=1,

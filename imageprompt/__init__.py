@@ -7,7 +7,7 @@ __all__ = ["SDIPCConverter", "StableDiffusionImagePromptPipeline", "load_pipelin
 _LAZY = {
     "SDIPCConverter": "imageprompt.conversion",
     "StableDiffusionImagePromptPipeline": "imageprompt.pipelines.pipeline_sdipc",
-    "load_pipeline": "imageprompt.loading",
+    "load_pipeline": "imageprompt.pipelines.loading",
 }
 
 

@@ -27,7 +27,7 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_model):
     """The SD-IPC pipeline on the tiny model, loaded through :func:`imageprompt.load_pipeline` (CPU, fp32)."""
-    from imageprompt.loading import load_pipeline
+    from imageprompt.pipelines.loading import load_pipeline
 
     model_dir, clip_dir = tiny_model
     pipe = load_pipeline(str(model_dir), str(clip_dir), device="cpu", dtype="fp32")

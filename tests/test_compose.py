@@ -108,7 +108,7 @@ def test_sibling_pipelines_share_adapters_and_backend(base, encoder, tmp_path):
 
 
 def test_from_pipe_keeps_the_shared_modules_dtype(tiny_model):
-    from imageprompt.loading import load_pipeline
+    from imageprompt.pipelines.loading import load_pipeline
 
     half = load_pipeline(str(tiny_model[0]), str(tiny_model[1]), device="cpu", dtype="bf16")
     sibling = StableDiffusionPromptToPromptPipeline.from_pipe(half)

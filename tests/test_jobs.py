@@ -48,7 +48,7 @@ def fake_load(monkeypatch, tiny_pipe):
         calls.append(kwargs)
         return tiny_pipe
 
-    monkeypatch.setattr("imageprompt.loading.load_pipeline", load_pipeline)
+    monkeypatch.setattr("imageprompt.pipelines.loading.load_pipeline", load_pipeline)
     return calls
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from imageprompt.pipelines.loading import load_pipeline
 
-from imageprompt.loading import ModelLoadError, load_pipeline, model_kind, resolve_dtype
+from imageprompt.loading import ModelLoadError, model_kind, resolve_dtype
 
 
 def test_model_kind(tmp_path, tiny_model):

@@ -222,7 +222,7 @@ def test_train_adapter_writes_only_beside_out_at_the_models_size(tiny_model, cap
     assert sorted(p.name for p in work.iterdir()) == ["b-image_encoder", "b.safetensors", "runs"]
     assert "image encoder: b-image_encoder" in err
 
-    from imageprompt.loading import load_pipeline
+    from imageprompt.pipelines.loading import load_pipeline
 
     pipe = load_pipeline(str(tiny_model[0]), str(tiny_model[1]), device="cpu", dtype="fp32")
     pipe.load_ip_adapter("b.safetensors")  # finds b-image_encoder by itself
@@ -239,6 +239,8 @@ def test_help_does_not_import_torch():
 def test_no_hub_probe_for_local_folders_or_offline(tiny_model, monkeypatch):
     import socket
 
+    from imageprompt.pipelines.loading import load_pipeline
+
     import imageprompt.loading as loading
 
     def no_network(*args, **kwargs):
@@ -247,11 +249,11 @@ def test_no_hub_probe_for_local_folders_or_offline(tiny_model, monkeypatch):
     monkeypatch.setattr(socket, "create_connection", no_network)
     loading._hub_reachable.cache_clear()
     monkeypatch.setattr(loading, "_env_offline", lambda: False)
-    pipe = loading.load_pipeline(str(tiny_model[0]), str(tiny_model[1]), device="cpu")  # local folders
+    pipe = load_pipeline(str(tiny_model[0]), str(tiny_model[1]), device="cpu")  # local folders
     assert pipe.model_name == str(tiny_model[0])
     monkeypatch.setattr(loading, "_env_offline", lambda: True)
     with pytest.raises(loading.ModelLoadError, match="HF_HUB_OFFLINE is set"):
-        loading.load_pipeline("someone/not-cached", str(tiny_model[1]), device="cpu")
+        load_pipeline("someone/not-cached", str(tiny_model[1]), device="cpu")
     loading._hub_reachable.cache_clear()
 
 

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from imageprompt.pipelines.loading import load_pipeline
 
 from imageprompt.attention_maps import render_attention_maps, token_labels
 from imageprompt.cli.main import main
 from imageprompt.images import read_parameters
-from imageprompt.loading import load_pipeline
 from imageprompt.p2p import (
     PromptToPromptController,
     global_alignment,

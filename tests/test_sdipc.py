@@ -186,7 +186,7 @@ def test_xformers_falls_back_to_sdpa_with_one_warning():
 
 
 def test_saved_pipeline_round_trip(tiny_pipe, tmp_path, red_image):
-    from imageprompt.loading import load_pipeline
+    from imageprompt.pipelines.loading import load_pipeline
 
     tiny_pipe.save_pretrained(tmp_path / "saved")
     again = load_pipeline(str(tmp_path / "saved"), device="cpu", dtype="fp32")

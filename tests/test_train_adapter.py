@@ -28,7 +28,7 @@ def shapes(tmp_path_factory):
 
 
 def fresh_pipe(tiny_model):
-    from imageprompt.loading import load_pipeline
+    from imageprompt.pipelines.loading import load_pipeline
 
     pipe = load_pipeline(str(tiny_model[0]), str(tiny_model[1]), device="cpu", dtype="fp32")
     pipe.set_progress_bar_config(disable=True)

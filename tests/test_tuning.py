@@ -18,7 +18,7 @@ SMALL = dict(num_tokens=4, batch_size=2)
 @pytest.fixture(scope="module")
 def pipe(tiny_model):
     """A pipeline of our own: tuning adds hooks and LoRA layers, which other tests' shared pipeline must not see."""
-    from imageprompt.loading import load_pipeline
+    from imageprompt.pipelines.loading import load_pipeline
 
     model_dir, clip_dir = tiny_model
     pipe = load_pipeline(str(model_dir), str(clip_dir), device="cpu", dtype="fp32")

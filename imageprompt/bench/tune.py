@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from imageprompt.loading import load_pipeline
+    from imageprompt.pipelines.loading import load_pipeline
     from imageprompt.world import evaluate
 
     settings = evaluate.EvalSettings.quick() if args.quick else evaluate.EvalSettings()

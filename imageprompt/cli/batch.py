@@ -43,7 +43,8 @@ def register(subparsers) -> None:
 
 def run_batch(args) -> int:
     from imageprompt.jobs import JobDefaults, JobOptions, resolve_adapter, run_job
-    from imageprompt.loading import load_pipeline, resolve_model
+    from imageprompt.loading import resolve_model
+    from imageprompt.pipelines.loading import load_pipeline
 
     if args.image_encoder and not Path(args.image_encoder).expanduser().is_dir():
         raise CommandError(f"--image-encoder {args.image_encoder}: no such folder")

@@ -86,7 +86,7 @@ def load_pipeline_from_args(args):
     import diffusers.utils.logging
     import transformers.utils.logging
 
-    from imageprompt.loading import load_pipeline
+    from imageprompt.pipelines.loading import load_pipeline
 
     # the sampling bar is the one the user wants to see; the loading bars are noise
     diffusers.utils.logging.disable_progress_bar()

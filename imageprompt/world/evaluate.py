@@ -234,7 +234,7 @@ def format_table(rows: list[Row]) -> str:
 def load_bundled(device: str | None = "cpu"):
     """The bundled model through the project's own loader (SD-IPC ready)."""
     from imageprompt.checkpoints import BUNDLED_CLIP, BUNDLED_MODEL
-    from imageprompt.loading import load_pipeline
+    from imageprompt.pipelines.loading import load_pipeline
 
     pipe = load_pipeline(model=str(BUNDLED_MODEL), clip=str(BUNDLED_CLIP), device=device, dtype="fp32")
     pipe.set_progress_bar_config(disable=True)
@@ -267,7 +267,7 @@ def _run(args) -> int:
             setattr(settings, key, getattr(args, key))
     if args.model or args.clip:
         from imageprompt.checkpoints import BUNDLED_CLIP, BUNDLED_MODEL
-        from imageprompt.loading import load_pipeline
+        from imageprompt.pipelines.loading import load_pipeline
 
         pipe = load_pipeline(model=args.model or str(BUNDLED_MODEL), clip=args.clip or str(BUNDLED_CLIP),
                              device=args.device, dtype="fp32")

@@ -1,0 +1,77 @@
+"""The package's layout: layers point one way (no import circles, not even inside functions),
+and no module grows past ~500 lines."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDERS = {"imageprompt": "imageprompt", "imageprompt.pipelines": "pipelines", "imageprompt.demo": "demo",
+           "imageprompt.checkpoints": "checkpoints"}
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for package, folder in FOLDERS.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = [p for p in path.relative_to(ROOT / folder).with_suffix("").parts if p != "__init__"]
+            found[".".join([package, *parts])] = path
+    return found
+
+
+def imports(path: Path, known: set[str]) -> set[str]:
+    """Modules of ours that ``path`` imports anywhere (type-checking-only imports left out)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in
+                   ast.unparse(node.test) for n in ast.walk(node)}
+    out = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        out |= {n for n in names if n in known}
+    return out
+
+
+def test_no_import_circles():
+    mods = modules()
+    graph = {name: imports(path, set(mods)) - {name} for name, path in mods.items()}
+    state, stack, circles = {}, [], []
+
+    def visit(name):
+        state[name] = "open"
+        stack.append(name)
+        for other in graph[name]:
+            if state.get(other) == "open":
+                circles.append(" -> ".join(stack[stack.index(other):] + [other]))
+            elif other not in state:
+                visit(other)
+        stack.pop()
+        state[name] = "done"
+
+    for name in graph:
+        if name not in state:
+            visit(name)
+    assert len(mods) > 50 and not circles, circles
+
+
+def test_the_library_does_not_import_the_layers_above_it():
+    mods = modules()
+    above = ("imageprompt.cli", "imageprompt.demo", "imageprompt.jobs", "imageprompt.bench", "imageprompt.world")
+    # imageprompt.testing builds tiny models for the tests and benchmarks, with the world's tokenizer writer
+    support = ("imageprompt.pipelines", "imageprompt.testing")
+    core = [name for name in mods if not name.startswith((*above, *support))]
+    for name in core:
+        wrong = {m for m in imports(mods[name], set(mods)) if m.startswith((*above, "imageprompt.pipelines"))}
+        assert not wrong, f"{name} imports {sorted(wrong)}"
+
+
+def test_no_module_is_over_500_lines():
+    long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > 500}
+    assert not long, long
