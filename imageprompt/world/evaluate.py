@@ -249,6 +249,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images-per-sample", type=int)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--guidance-scale", type=float)
+    parser.add_argument("--alpha", type=float, help="SD-IPC edit: weight of the text at positions EOS..76 (0.5)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--model", help="default: the bundled shapes-world model")
     parser.add_argument("--clip", help="default: the bundled shapes-world CLIP")
@@ -262,7 +263,7 @@ def _run(args) -> int:
 
         torch.set_num_threads(args.threads)
     settings = EvalSettings.quick() if args.quick else EvalSettings()
-    for key in ("samples", "images_per_sample", "steps", "guidance_scale", "seed"):
+    for key in ("samples", "images_per_sample", "steps", "guidance_scale", "seed", "alpha"):
         if getattr(args, key, None) is not None:
             setattr(settings, key, getattr(args, key))
     if args.model or args.clip:
