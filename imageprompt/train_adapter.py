@@ -115,18 +115,17 @@ def initial_state_dict(unet, image_embed_dim: int, seed: int = 0) -> dict:
 
 def save_adapter(state: dict, path: str | Path) -> Path:
     """Write the official format atomically: flattened ``image_proj.*``/``ip_adapter.*`` (.safetensors) or a .bin."""
+    from imageprompt.images import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".bin":
-        torch.save(state, tmp)
-    else:
-        from safetensors.torch import save_file
+        return atomic_write(path, lambda handle: torch.save(state, handle))
+    from safetensors.torch import save
 
-        save_file({f"{part}.{k}": v.contiguous() for part in state for k, v in state[part].items()}, str(tmp),
-                  metadata={"format": "pt"})
-    tmp.replace(path)
-    return path
+    data = save({f"{part}.{k}": v.contiguous() for part in state for k, v in state[part].items()},
+                metadata={"format": "pt"})
+    return atomic_write(path, lambda handle: handle.write(data))
 
 
 @dataclass

@@ -350,8 +350,17 @@ def test_bundled_model_meaning_quick(bundled_pipe):
 
 QUICK = evaluate.EvalSettings(samples=20, images_per_sample=1, steps=12, batch=20)
 QUICK_NAMES = ("text-to-image", "SD-IPC variation", "SD-IPC edit", "p2p replace", "IP-Adapter (world)")
-# Measured with QUICK on the shipped model (CPU, seeded); thresholds are those figures less 10 points.
+# Measured with QUICK on the shipped model (CPU, seeded; 25 s); thresholds are those figures less 10 points.
+# Left out: figures whose threshold would sit at chance (t2i shape 0.47, SD-IPC edit 0.30 / 0.70, p2p mask
+# IoU >= 0.7 0.20, IP-Adapter shape 0.60 with chance 1/3): they are in the full table (-m slow) and the notes.
 MEASURED_QUICK = {
+    ("text-to-image", "colour"): 0.77,  # chance 1/5, n = 30
+    ("text-to-image", "position"): 0.87,  # chance 1/5
+    ("SD-IPC variation", "keeps colour"): 0.95,
+    ("SD-IPC variation", "keeps shape"): 0.85,  # chance 1/3
+    ("SD-IPC variation", "keeps background"): 0.95,  # chance 1/3
+    ("p2p replace", "colour changed to the target"): 1.0,
+    ("IP-Adapter (world)", "keeps colour"): 0.80,
 }
 THRESHOLDS = {key: round(value - 0.10, 2) for key, value in MEASURED_QUICK.items()}
 
@@ -363,9 +372,13 @@ def test_bundled_model_full_table(bundled_pipe):
     rows = evaluate.run_suite(bundled_pipe, evaluate.EvalSettings())
     print(evaluate.format_table(rows))
     by = {(r.measurement, r.metric): r.value for r in rows}
-    # well above chance (colour 0.2, shape 0.33); the aims (0.9 / 0.8) are not reached yet
-    assert by["text-to-image", "colour"] >= 0.5 and by["text-to-image", "shape"] >= 0.5
-    assert by["p2p replace", "colour changed to the target"] >= 0.6
+    # the shipped model's full table (docs/bundled-model.md), less 10 points
+    assert by["text-to-image", "single object: colour"] >= 0.84
+    assert by["text-to-image", "single object: named background"] >= 0.84
+    assert by["SD-IPC variation", "keeps colour"] >= 0.85 and by["SD-IPC variation", "keeps background"] >= 0.85
+    assert by["SD-IPC variation", "keeps shape"] >= 0.63
+    assert by["p2p replace", "colour changed to the target"] >= 0.82
+    assert by["text encoder probe", "padding states: cosine to the EOS state"] >= 0.95
 
 
 # ----------------------------------------------------------------------------- the training script
