@@ -280,10 +280,17 @@ def image_branches(unet) -> dict[str, DecoupledImageBranch]:
             if isinstance(p.image_branch, DecoupledImageBranch)}
 
 
-def branch_scales(unet) -> list:
-    """The current scale of each installed adapter (from the first layer's branch; 1.0 if none)."""
-    branches = list(image_branches(unet).values())
-    return list(branches[0].scale) if branches else []
+def layer_scales(unet) -> dict[str, list]:
+    """Each cross-attention layer's scales, one per installed adapter (InstantStyle makes them differ)."""
+    return {name: list(branch.scale) for name, branch in image_branches(unet).items()}
+
+
+def _reinstall(unet, adapters: list, scales: dict[str, list]) -> None:
+    """Install ``adapters`` with per-layer ``scales`` (layers or adapters not listed get 1.0)."""
+    install_adapters(unet, adapters)
+    for name, branch in image_branches(unet).items():
+        for i, value in enumerate(scales.get(name, [])[: len(adapters)]):
+            branch.scale[i] = value
 
 
 def set_branch_scales(unet, scale, count: int | None = None) -> None:
@@ -311,26 +318,28 @@ def set_branch_scales(unet, scale, count: int | None = None) -> None:
                 branch.scale[i] = config
 
 
-def add_adapter(unet, adapter, scale=1.0) -> None:
-    """Install ``adapter`` after those already on ``unet``, keeping their scales."""
-    kept, scales = loaded_adapters(unet), branch_scales(unet)
-    install_adapters(unet, [*kept, adapter], [*scales, 1.0])
-    set_branch_scales(unet, [*scales, scale])
+def add_adapter(unet, adapter, scale: float = 1.0) -> None:
+    """Install ``adapter`` after those already on ``unet``, keeping their (per-layer) scales."""
+    kept, scales = loaded_adapters(unet), layer_scales(unet)
+    _reinstall(unet, [*kept, adapter], {name: [*values, scale] for name, values in scales.items()}
+               if kept else {})
+    if not kept:
+        set_branch_scales(unet, scale)
 
 
 def remove_adapters(unet, kind: type) -> None:
-    """Uninstall the adapters that are instances of ``kind``, keeping the others and their scales."""
-    adapters, scales = loaded_adapters(unet), branch_scales(unet) or [1.0] * len(loaded_adapters(unet))
-    kept = [(a, s) for a, s in zip(adapters, scales) if not isinstance(a, kind)]
-    if len(kept) != len(adapters):
-        install_adapters(unet, [a for a, _ in kept], [s for _, s in kept])
+    """Uninstall the adapters that are instances of ``kind``, keeping the others and their (per-layer) scales."""
+    adapters, scales = loaded_adapters(unet), layer_scales(unet)
+    keep = [i for i, a in enumerate(adapters) if not isinstance(a, kind)]
+    if len(keep) != len(adapters):
+        _reinstall(unet, [adapters[i] for i in keep], {n: [v[i] for i in keep] for n, v in scales.items()})
 
 
 @contextlib.contextmanager
 def adapters_suspended(unet):
     """Run the UNet without its image adapters for a while (inversion of a photo under its text);
     they come back with their scales afterwards, even on error."""
-    adapters, scales = loaded_adapters(unet), branch_scales(unet)
+    adapters, scales = loaded_adapters(unet), layer_scales(unet)
     if not adapters:
         yield
         return
@@ -338,7 +347,7 @@ def adapters_suspended(unet):
     try:
         yield
     finally:
-        install_adapters(unet, adapters, scales)
+        _reinstall(unet, adapters, scales)
 
 
 # ------------------------------------------------------- image embeddings

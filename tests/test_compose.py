@@ -186,3 +186,20 @@ def test_a_type_error_inside_the_library_is_not_a_user_error(tiny_model, tmp_pat
                  "--clip", str(tiny_model[1]), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 1 and "unexpected TypeError" in err and "--debug" in err
+
+
+def test_per_block_scales_survive_adding_removing_and_suspending(base, encoder):
+    from imageprompt.ip_adapter import adapters_suspended, layer_scales
+    from imageprompt.sdipc_branch import disable_sdipc_branch
+
+    base.load_ip_adapter(official_state_dict(base.unet, "sd15", encoder.config), image_encoder=encoder)
+    base.set_ip_adapter_scale({"up": {"block_1": [0.0, 1.0]}})  # InstantStyle: layers differ
+    before = layer_scales(base.unet)
+    assert len({tuple(v) for v in before.values()}) > 1
+    enable_sdipc_branch(base, scale=0.5)
+    assert layer_scales(base.unet) == {name: [*v, 0.5] for name, v in before.items()}
+    disable_sdipc_branch(base)
+    assert layer_scales(base.unet) == before
+    with adapters_suspended(base.unet):
+        assert base.image_adapters == [] and layer_scales(base.unet) == {}
+    assert layer_scales(base.unet) == before and [a.kind for a in base.image_adapters] == ["sd15"]
