@@ -296,6 +296,31 @@ def test_p2p_rows_with_an_adapter(images, tiny_pipe):
     assert tiny_pipe.image_adapters == []
 
 
+def test_a_second_run_on_the_same_folder_is_refused(images, tiny_pipe):
+    from imageprompt.jobs import JobError, output_lock
+
+    jobs = write_jobs(images / "jobs.jsonl", [{"kind": "vary", "image": "red.png", "num": 2}])
+    out = images / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "from imageprompt.jobs import output_lock\n"
+                               "with output_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)",
+                               str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(JobError, match=f"in use by another batch run \\(pid {holder.pid}\\)"):
+            run_job(jobs, out, pipe=tiny_pipe, defaults=JobDefaults(**FAST), options=JobOptions(progress=False))
+        assert not (out / RESULTS).exists() and not list(out.glob("*.png"))  # nothing touched
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died: the operating system released its lock, so the next run goes ahead
+    summary = run_job(jobs, out, pipe=tiny_pipe, defaults=JobDefaults(**FAST), options=JobOptions(progress=False))
+    assert summary.done == 1 and len(results(out)) == 1
+    with output_lock(out), pytest.raises(JobError, match="in use"):  # also within one process
+        run_job(jobs, out, pipe=tiny_pipe, defaults=JobDefaults(**FAST), options=JobOptions(progress=False))
+
+
 # --------------------------------------------------------------- two processes
 @pytest.mark.slow  # about 50 s here: two fresh processes import torch and load the model
 def test_two_processes_with_accelerate(images, tiny_model, tmp_path):

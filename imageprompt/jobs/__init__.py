@@ -47,20 +47,23 @@ from imageprompt.jobs.schema import (
     validate_rows,
 )
 from imageprompt.jobs.storage import (
+    LOCK,
     PARTS,
     RESULTS,
     PartWriter,
     fold_parts,
     is_complete,
     merge_results,
+    output_lock,
     output_parameters,
     read_records,
     remove_temporaries,
 )
 
 __all__ = [
-    "KEY_VERSION", "KINDS", "PARTS", "RESULTS", "SAMPLERS", "Item", "JSONError", "JobDefaults", "JobError",
+    "KEY_VERSION", "KINDS", "LOCK", "PARTS", "RESULTS", "SAMPLERS", "Item", "JSONError", "JobDefaults", "JobError",
     "JobOptions", "JobSummary", "Kind", "PartWriter", "Row", "Runner", "apply_speed_options", "fold_parts",
-    "is_complete", "kind_unavailable", "merge_results", "output_parameters", "plan_batches", "read_manifest",
-    "read_records", "remove_temporaries", "resolve_adapter", "row_key", "run_job", "validate_row", "validate_rows",
+    "is_complete", "kind_unavailable", "merge_results", "output_lock", "output_parameters", "plan_batches",
+    "read_manifest", "read_records", "remove_temporaries", "resolve_adapter", "row_key", "run_job", "validate_row",
+    "validate_rows",
 ]

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from imageprompt.jobs.storage import (
     fold_parts,
     is_complete,
     merge_results,
+    output_lock,
     output_parameters,
     remove_temporaries,
     row_record,
@@ -114,9 +116,16 @@ def run_job(
     jobs, out = Path(jobs), Path(out)
     entries = read_manifest(jobs)  # every process reads the whole file; it is small next to the images
     state = PartialState(cpu=_cpu_run(device))
+    with contextlib.ExitStack() as held:
+        if state.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            held.enter_context(output_lock(out))  # before anything is folded or written
+        return _run(jobs, out, entries, state, pipe, load_pipe, defaults, options, device)
+
+
+def _run(jobs, out, entries, state, pipe, load_pipe, defaults, options, device) -> JobSummary:
     history: dict[str, dict] = {}
     if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         remove_temporaries(out)
         history = fold_parts(out)
     state.wait_for_everyone()  # nobody writes before the leftovers of a killed run are folded

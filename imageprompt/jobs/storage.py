@@ -3,7 +3,8 @@
 - output PNGs, each carrying its row's hash (:func:`output_parameters`, :func:`is_complete`);
 - one part file per process under :data:`PARTS`, one synced record a line (:class:`PartWriter`);
 - ``results.jsonl``, the parts merged, one record per row (:func:`fold_parts`, :func:`merge_results`),
-  written atomically with :func:`imageprompt.images.atomic_write`.
+  written atomically with :func:`imageprompt.images.atomic_write`;
+- ``.imageprompt-lock``: one run per folder (:func:`output_lock`).
 """
 
 from __future__ import annotations
@@ -12,10 +13,48 @@ import json
 import os
 from pathlib import Path
 
-from imageprompt.jobs.schema import KINDS, Row
+from imageprompt.jobs.schema import KINDS, JobError, Row
 
+LOCK = ".imageprompt-lock"
 RESULTS = "results.jsonl"
 PARTS = ".imageprompt-parts"  # per-process results of the current run, inside the output folder
+
+
+# --------------------------------------------------------------- one run per folder
+class output_lock:  # noqa: N801 - used as a context manager, like open()
+    """An exclusive lock on ``out`` for one run (``fcntl.flock`` on ``out/.imageprompt-lock``).
+
+    The operating system releases it when the holder exits, however it exits, so a
+    killed run never leaves a stale lock. A second run on the folder gets a
+    :class:`JobError` naming the holder's pid instead of mixing its parts with the
+    first run's. Under ``accelerate launch`` only the main process takes it: one lock per run.
+    """
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / LOCK
+        self.handle = None
+
+    def __enter__(self):
+        import fcntl
+
+        self.handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole run
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "unknown"
+            self.handle.close()
+            raise JobError(f"{self.path.parent} is in use by another batch run (pid {holder}); "
+                           "run one job per output folder, or wait for it to finish") from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(str(os.getpid()))
+        self.handle.flush()
+        return self
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)  # a finished run leaves nothing behind
+        self.handle.close()  # releases the lock
 
 
 # --------------------------------------------------------------- outputs
