@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 MAX_SIDE = 2048  # larger inputs are downscaled (CLIP sees 224 px anyway)
+MAX_PROMPT_CHARS = 2000  # longer prompts are truncated before tokenizing (CLIP reads 77 tokens anyway)
 # Files taken as images when a folder is read (training data, tuning sets, batch inputs).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 

@@ -340,3 +340,226 @@ def test_two_processes_with_accelerate(images, tiny_model, tmp_path):
     assert [r["status"] for r in records] == ["done"] * 5 + ["failed"]
     assert len(list(out.glob("*.png"))) == 5
     assert {r["process"] for r in records} == {0, 1}  # the rows were split
+
+
+# --------------------------------------------------------------- hostile rows: bounds, parsing, isolation
+def test_size_fields_have_upper_bounds_and_an_override(images):
+    from imageprompt.jobs import Limits
+
+    rows = [{"kind": "vary", "image": "red.png", "num": 1_000_000_000},
+            {"kind": "vary", "image": "red.png", "width": 100_000},
+            {"kind": "vary", "image": "red.png", "height": 100_000},
+            {"kind": "vary", "image": "red.png", "steps": 10**9},
+            {"kind": "vary", "image": "red.png", "seed": 2**64},
+            {"kind": "vary", "image": "red.png", "num": 64, "width": 2048, "height": 2048, "steps": 500}]
+    checked = validate_rows(list(enumerate(rows, start=1)), JobDefaults(), images)
+    errors = [row.error for row in checked]
+    for error, field in zip(errors, ("num", "width", "height", "steps", "seed")):
+        assert error and f"field {field!r}" in error, error
+    assert "--max-num" in errors[0] and "--max-side" in errors[1] and "--allow-large" in errors[3]
+    assert errors[5] is None  # at the bounds
+    assert checked[0].num == 1 or checked[0].key == ""  # nothing built for a refused row
+    big = validate_rows(list(enumerate(rows[:4], start=1)), JobDefaults(limits=Limits.unbounded()), images)
+    assert [row.error for row in big] == [None] * 4
+    assert big[0].output_name(999_999_999).endswith("-999999999.png")  # one name, not a billion
+
+
+def test_cli_bounds_flags(images, fake_load, capsys):
+    jobs = write_jobs(images / "jobs.jsonl", [{"kind": "vary", "image": "red.png", "num": 3}])
+    assert cli(jobs, "--out", images / "a", "--max-num", "2") == 1
+    assert fake_load == []
+    error = results(images / "a")[0]["error"]
+    assert "field 'num' must be at most 2" in error
+    assert cli(jobs, "--out", images / "b", "--max-num", "2", "--allow-large") == 0
+    assert results(images / "b")[0]["images"] == 3
+
+
+def test_manifest_lines_are_parsed_one_by_one(tmp_path):
+    path = tmp_path / "jobs.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"kind": "vary", "image": "a.png"}\n'
+                     + b"[" * 100_000 + b"]" * 100_000 + b"\n"
+                     + b'{"kind": "vary", "image": "a.png", "seed": ' + b"9" * 5000 + b"}\n"
+                     + b'{"kind": "vary", "image": "caf\xe9.png"}\n'
+                     + b"[1, 2]\n\n"
+                     + b'"just a string"\n'
+                     + b'{"kind": "vary", "image": "b.png"}')
+    entries = dict(read_manifest(path))
+    assert entries[1] == {"kind": "vary", "image": "a.png"}  # the byte-order mark is skipped
+    assert "nested too deep" in entries[2]
+    assert "not valid JSON" in entries[3] and "digits" in entries[3]
+    assert "not UTF-8" in entries[4]
+    assert "must be a JSON object, got list" in entries[5]
+    assert 6 not in entries  # blank
+    assert "got str" in entries[7]
+    assert entries[8] == {"kind": "vary", "image": "b.png"}
+    rows = validate_rows(list(entries.items()), JobDefaults(), tmp_path)
+    assert all(row.error for row in rows[1:6])
+
+
+def test_overlong_line_is_a_failed_row(tmp_path, monkeypatch):
+    monkeypatch.setattr("imageprompt.jobs.schema.MAX_LINE_BYTES", 1000)
+    path = tmp_path / "jobs.jsonl"
+    path.write_text('{"kind": "vary", "prompt": "' + "x" * 5000 + '"}\n{"kind": "vary", "image": "a.png"}\n')
+    entries = read_manifest(path)
+    assert [line for line, _ in entries] == [1, 2]
+    assert "longer than" in entries[0][1] and entries[1][1] == {"kind": "vary", "image": "a.png"}
+
+
+def test_long_prompts_are_truncated_with_one_warning(images):
+    from imageprompt.images import MAX_PROMPT_CHARS
+
+    rows = [{"kind": "edit", "image": "red.png", "prompt": "a dog " * 1000},
+            {"kind": "edit", "image": "red.png", "prompt": "on the beach", "negative_prompt": "x" * 100_000}]
+    with pytest.warns(UserWarning, match="2 prompt\\(s\\) longer than") as caught:
+        checked = validate_rows(list(enumerate(rows, start=1)), JobDefaults(), images)
+    assert len(caught) == 1
+    assert [row.error for row in checked] == [None, None]
+    assert len(checked[0].params["prompt"]) == MAX_PROMPT_CHARS
+    assert len(checked[1].params["negative_prompt"]) == MAX_PROMPT_CHARS
+    assert checked[1].params["prompt"] == "on the beach"
+
+
+def test_input_is_checked_to_be_an_image_before_it_is_hashed(images, monkeypatch):
+    big = images / "big.png"
+    with open(big, "wb") as handle:
+        handle.truncate(4 << 30)  # sparse: 4 GB of zeros
+    hashed = []
+    monkeypatch.setattr("imageprompt.images.sha256_file", lambda path: hashed.append(path) or "0" * 64)
+    tic = time.perf_counter()
+    row, = validate_rows([(1, {"kind": "vary", "image": "big.png"})], JobDefaults(), images)
+    assert time.perf_counter() - tic < 2 and hashed == []
+    assert "not an image file" in row.error and "field 'image'" in row.error
+    row, = validate_rows([(1, {"kind": "vary", "image": "red.png"})], JobDefaults(), images)
+    assert row.error is None and hashed == [images / "red.png"]
+
+
+def test_row_key_includes_dtype_and_attention(images, tiny_pipe):
+    def key(**kwargs):
+        row, = validate_rows([(1, {"kind": "vary", "image": "red.png"})], JobDefaults(**kwargs), images)
+        return row.key
+
+    keys = {key(), key(dtype="float32"), key(dtype="float16"), key(dtype="float32", attention="xformers"),
+            key(dtype="float32", attention="sdpa")}
+    assert len(keys) == 5
+    jobs, out = write_jobs(images / "jobs.jsonl", [{"kind": "vary", "image": "red.png"}]), images / "out"
+    run_job(jobs, out, pipe=tiny_pipe, defaults=JobDefaults(**FAST), options=JobOptions(progress=False))
+    # a given pipeline fills in its own dtype and backend
+    assert results(out)[0]["key"] == key(**FAST, dtype="float32", attention="sdpa")
+
+
+def test_an_exception_while_sampling_fails_only_its_row(images, tiny_pipe, monkeypatch):
+    from imageprompt.jobs import sampling
+
+    real = sampling.SAMPLERS["vary"]
+
+    def vary(runner, settings, items):
+        if any(item.row.id == "boom" for item in items):
+            raise MemoryError("cannot allocate")
+        return real(runner, settings, items)
+
+    monkeypatch.setitem(sampling.SAMPLERS, "vary", vary)
+    jobs = write_jobs(images / "jobs.jsonl", [{"kind": "vary", "image": "red.png", "seed": 1},
+                                              {"kind": "vary", "image": "red.png", "id": "boom"},
+                                              {"kind": "vary", "image": "blue.jpg", "seed": 3}])
+    out = images / "out"
+    summary = run_job(jobs, out, pipe=tiny_pipe, defaults=JobDefaults(**FAST),
+                      options=JobOptions(batch_size=4, progress=False))
+    records = results(out)
+    assert [r["status"] for r in records] == ["done", "failed", "done"]
+    assert "MemoryError: cannot allocate" in records[1]["error"] and summary.failed == 1
+
+
+def test_an_exception_while_checking_a_row_fails_only_that_row(images, tiny_pipe, monkeypatch):
+    import imageprompt.jobs.run as run_module
+
+    real = run_module.is_complete
+
+    def is_complete(path, key):
+        if path.name.startswith("boom-"):
+            raise MemoryError("cannot allocate")
+        return real(path, key)
+
+    monkeypatch.setattr(run_module, "is_complete", is_complete)
+    jobs = write_jobs(images / "jobs.jsonl", [{"kind": "vary", "image": "red.png", "id": "boom"},
+                                              {"kind": "vary", "image": "red.png"}])
+    out = images / "out"
+    run_job(jobs, out, pipe=tiny_pipe, defaults=JobDefaults(**FAST), options=JobOptions(progress=False))
+    records = results(out)
+    assert [r["status"] for r in records] == ["failed", "done"]
+    assert "MemoryError" in records[0]["error"]
+
+
+def test_results_of_done_rows_are_written_when_the_job_dies(images, tiny_pipe, monkeypatch):
+    import imageprompt.jobs.run as run_module
+
+    real = run_module._sample
+
+    def dies(pipe, pending, out, writer, summary, *args):
+        real(pipe, pending[:1], out, writer, summary, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "_sample", dies)
+    jobs = write_jobs(images / "jobs.jsonl", [{"kind": "vary", "image": "red.png"}, {"kind": "vary", "image": "x"}])
+    out = images / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_job(jobs, out, pipe=tiny_pipe, defaults=JobDefaults(**FAST), options=JobOptions(progress=False))
+    assert [r["status"] for r in results(out)] == ["done", "failed"]
+
+
+def _hostile_job_in_child(jobs, out, pipe, report):
+    import resource
+
+    limit = 4 << 30
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        summary = run_job(jobs, out, pipe=pipe, defaults=JobDefaults(**FAST),
+                          options=JobOptions(batch_size=4, progress=False))
+        report.write_text(json.dumps({"done": summary.done, "failed": summary.failed}))
+    except BaseException as err:  # noqa: BLE001 - reported to the parent
+        report.write_text(json.dumps({"error": repr(err)}))
+    os._exit(0)
+
+
+def test_hostile_rows_under_a_4_gib_memory_limit(images, tiny_pipe):
+    big = images / "sparse.png"
+    with open(big, "wb") as handle:
+        handle.truncate(4 << 30)
+    good = {"kind": "vary", "image": "red.png"}
+    lines = [
+        json.dumps(good).encode(),  # line 1, after a byte-order mark
+        json.dumps({"kind": "vary", "image": "red.png", "num": 1_000_000_000}).encode(),
+        json.dumps({"kind": "vary", "image": "red.png", "width": 100_000}).encode(),
+        json.dumps({"kind": "vary", "image": "red.png", "height": 100_000}).encode(),
+        json.dumps({"kind": "vary", "image": "red.png", "steps": 10**9}).encode(),
+        json.dumps({"kind": "vary", "image": "red.png", "seed": 2**64}).encode(),
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"kind": "vary", "image": "red.png", "seed": ' + b"9" * 5000 + b"}",
+        b'{"kind": "vary", "image": "r\xffed.png"}',
+        b"[1, 2, 3]",
+        json.dumps({"kind": "vary", "image": "sparse.png"}).encode(),
+        json.dumps({"kind": "edit", "image": "blue.jpg", "prompt": "a dog " * 5_000_000}).encode(),  # 30M characters
+        json.dumps({"kind": "vary", "image": "blue.jpg", "seed": 2}).encode(),
+    ]
+    jobs = images / "jobs.jsonl"
+    jobs.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")
+    out, report = images / "out", images / "report.json"
+    tic = time.monotonic()
+    child = multiprocessing.get_context("fork").Process(target=_hostile_job_in_child,
+                                                        args=(jobs, out, tiny_pipe, report))
+    child.start()
+    child.join(120)
+    took = time.monotonic() - tic
+    if child.is_alive():
+        child.kill()
+        child.join()
+    assert report.exists(), f"the job died (exit {child.exitcode})"
+    assert json.loads(report.read_text()) == {"done": 3, "failed": 10}
+    assert took < 60  # the three good rows sample in well under a second each here
+    records = {r["line"]: r for r in results(out)}
+    assert sorted(records) == list(range(1, 14))
+    assert {line for line, r in records.items() if r["status"] == "done"} == {1, 12, 13}
+    reasons = {line: records[line]["error"] for line in range(2, 12)}
+    for line, field in ((2, "num"), (3, "width"), (4, "height"), (5, "steps"), (6, "seed"), (11, "image")):
+        assert f"field {field!r}" in reasons[line], reasons[line]
+    assert "nested too deep" in reasons[7] and "digits" in reasons[8]
+    assert "not UTF-8" in reasons[9] and "JSON object" in reasons[10]

@@ -32,6 +32,13 @@ def register(subparsers) -> None:
     rows.add_argument("--image-encoder", metavar="PATH",
                       help="CLIP vision folder for the adapter rows (default: image_encoder next to the weights; "
                            "for the bundled checkpoints/shapes-ip-adapter.safetensors, the bundled CLIP)")
+    bounds = parser.add_argument_group("bounds (a row above one fails, naming the field)")
+    bounds.add_argument("--max-num", type=positive_int, default=64, help="most images per row (default 64)")
+    bounds.add_argument("--max-side", type=positive_int, default=2048,
+                        help="largest height or width in pixels (default 2048)")
+    bounds.add_argument("--max-steps", type=positive_int, default=500, help="most sampling steps (default 500)")
+    bounds.add_argument("--allow-large", action="store_true",
+                        help="no upper bounds on num, height, width and steps (for big GPUs and trusted job files)")
     speed = parser.add_argument_group("speed")
     speed.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default 8)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the UNet and the VAE decoder")
@@ -42,7 +49,7 @@ def register(subparsers) -> None:
 
 
 def run_batch(args) -> int:
-    from imageprompt.jobs import JobDefaults, JobOptions, resolve_adapter, run_job
+    from imageprompt.jobs import JobDefaults, JobOptions, Limits, resolve_adapter, run_job
     from imageprompt.loading import resolve_model
     from imageprompt.pipelines.loading import load_pipeline
 
@@ -53,7 +60,10 @@ def run_batch(args) -> int:
     encoder = str(Path(args.image_encoder).expanduser().resolve()) if args.image_encoder else None
     defaults = JobDefaults(seed=args.seed, num=args.num, steps=args.steps, guidance=args.guidance,
                            negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                           model=model, clip=clip, scheduler=args.scheduler, adapter=adapter, image_encoder=encoder)
+                           model=model, clip=clip, scheduler=args.scheduler, adapter=adapter, image_encoder=encoder,
+                           dtype=_dtype_name(args.dtype, args.device), attention=args.attention,
+                           limits=Limits.unbounded() if args.allow_large else
+                           Limits(num=args.max_num, side=args.max_side, steps=args.max_steps))
     options = JobOptions(batch_size=args.batch_size, compile=args.compile, channels_last=args.channels_last,
                          progress=not args.no_progress)
 
@@ -76,3 +86,13 @@ def run_batch(args) -> int:
               file=sys.stderr)
         return EXIT_FAILURE
     return 0
+
+
+def _dtype_name(dtype: str | None, device: str | None) -> str:
+    """The dtype the pipeline will load with ("float16", ...), as the row keys record it."""
+    import torch
+
+    from imageprompt.loading import default_device, resolve_dtype
+
+    where = torch.device(device) if device else default_device()
+    return str(resolve_dtype(dtype, where)).replace("torch.", "")

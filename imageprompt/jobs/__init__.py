@@ -15,14 +15,20 @@ What makes a long job safe to run, kill and run again:
   image's bytes and the model settings (:func:`row_key`), so a rerun knows
   which outputs it already has; a PNG counts only if it decodes and carries that
   hash (:func:`is_complete`). Image ``i`` of a row uses seed ``seed + i`` and
-  its own generator, so it is the same whatever it was batched with.
+  its own generator and starts from the same noise whatever it was batched with. The
+  pixels are not bit-identical across batch sizes: batched kernels round differently
+  (on CPU about 1e-6 in the latents, up to 1/255 in the PNG). The row key holds what
+  changes images more than that: the dtype and the attention backend, besides the model
+  and the row's fields.
 - PNGs are written to a temporary name and renamed (:func:`imageprompt.images.save_png`).
 - Each process appends one record per row to its own part file, synced line by
   line; the main process merges the parts into ``results.jsonl`` at the end
   (and folds in the parts a killed run left behind at the start).
-- A bad row (unreadable image, empty edit prompt, unknown kind) is recorded as
-  failed and the job goes on; a failing batch is retried row by row so one bad
-  row does not fail its neighbours.
+- A bad row (unreadable image, empty edit prompt, unknown kind, a line that does
+  not parse, a size above :class:`Limits`) is recorded as failed and the job goes
+  on; a failing batch is retried row by row so one bad row does not fail its
+  neighbours, and any exception while sampling a row (``MemoryError`` included)
+  fails that row only.
 
 Rows are split across processes with accelerate (``accelerate launch -m
 imageprompt batch ...``); rows that share a kind and sampling settings are
@@ -38,6 +44,7 @@ from imageprompt.jobs.schema import (
     JobError,
     JSONError,
     Kind,
+    Limits,
     Row,
     kind_unavailable,
     read_manifest,
@@ -62,7 +69,7 @@ from imageprompt.jobs.storage import (
 
 __all__ = [
     "KEY_VERSION", "KINDS", "LOCK", "PARTS", "RESULTS", "SAMPLERS", "Item", "JSONError", "JobDefaults", "JobError",
-    "JobOptions", "JobSummary", "Kind", "PartWriter", "Row", "Runner", "apply_speed_options", "fold_parts",
+    "JobOptions", "JobSummary", "Kind", "Limits", "PartWriter", "Row", "Runner", "apply_speed_options", "fold_parts",
     "is_complete", "kind_unavailable", "merge_results", "output_lock", "output_parameters", "plan_batches",
     "read_manifest", "read_records", "remove_temporaries", "resolve_adapter", "row_key", "run_job", "validate_row",
     "validate_rows",

@@ -114,6 +114,8 @@ def run_job(
     if options.batch_size < 1:
         raise JobError(f"batch size must be at least 1, got {options.batch_size}")
     jobs, out = Path(jobs), Path(out)
+    if pipe is not None:
+        defaults = _with_pipe_identity(defaults, pipe)
     entries = read_manifest(jobs)  # every process reads the whole file; it is small next to the images
     state = PartialState(cpu=_cpu_run(device))
     with contextlib.ExitStack() as held:
@@ -148,6 +150,11 @@ def _run(jobs, out, entries, state, pipe, load_pipe, defaults, options, device) 
                 apply_speed_options(pipe, options.compile, options.channels_last)
                 progress.start = time.perf_counter()  # images/s of sampling, not of loading
                 _sample(pipe, pending, out, writer, summary, options, progress, defaults.image_encoder)
+    except BaseException:
+        writer.close()
+        if state.is_main_process and state.num_processes == 1:
+            merge_results(out, history)  # the rows recorded so far are kept, whatever ended the job
+        raise
     finally:
         writer.close()
     summary.seconds = time.perf_counter() - start
@@ -166,6 +173,21 @@ def _run(jobs, out, entries, state, pipe, load_pipe, defaults, options, device) 
     summary.seconds = time.perf_counter() - start
     summary.sampling_seconds = time.perf_counter() - progress.start
     return summary
+
+
+def _with_pipe_identity(defaults: JobDefaults, pipe) -> JobDefaults:
+    """``defaults`` with the dtype and attention backend of a loaded ``pipe`` where they are not given."""
+    import dataclasses
+
+    changes = {}
+    unet = getattr(pipe, "unet", None)
+    if defaults.dtype is None and getattr(unet, "dtype", None) is not None:
+        changes["dtype"] = str(unet.dtype).replace("torch.", "")
+    if defaults.attention is None and unet is not None:
+        backends = {getattr(p, "backend", None) for p in getattr(unet, "attn_processors", {}).values()} - {None}
+        if len(backends) == 1:
+            changes["attention"] = backends.pop()
+    return dataclasses.replace(defaults, **changes) if changes else defaults
 
 
 def _cpu_run(device: str | None) -> bool:
@@ -207,14 +229,17 @@ def _record_finished_rows(rows: list[Row], out: Path, writer: PartWriter, summar
     pending = []
     for row in rows:
         summary.rows += 1
+        if not row.error:
+            try:
+                missing = [i for i in range(row.num) if not is_complete(out / row.output_name(i), row.key)]
+            except Exception as err:  # noqa: BLE001 - MemoryError included: this row fails, the job goes on
+                row.error = _error_text(err)
         if row.error:
             writer.write(row_record(row, "failed", error=row.error))
             summary.failed += 1
             continue
-        names = row.output_names()
-        missing = [i for i, name in enumerate(names) if not is_complete(out / name, row.key)]
         if not missing:
-            writer.write(row_record(row, "done", names, images=len(names), skipped=True))
+            writer.write(row_record(row, "done", row.output_names(), images=row.num, skipped=True))
             summary.skipped += 1
         pending += [Item(row, i) for i in missing]
     return pending
@@ -268,7 +293,7 @@ def _sample(pipe, pending: list[Item], out: Path, writer: PartWriter, summary: J
         share = (time.perf_counter() - tic) / len(batch)
         for item, image in zip(batch, images):
             row = item.row
-            save_png(image, out / row.output_names()[item.index], output_parameters(pipe, row, item.seed, image))
+            save_png(image, out / row.output_name(item.index), output_parameters(pipe, row, item.seed, image))
             saved.add((row.line, item.index))
             seconds[row.line] = seconds.get(row.line, 0.0) + share
             new_images[row.line] = new_images.get(row.line, 0) + 1

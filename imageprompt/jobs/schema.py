@@ -42,6 +42,26 @@ class Kind:
 COMMON_FIELDS = {"kind": str, "id": str, "seed": int, "num": int, "steps": int, "guidance": float,
                  "negative_prompt": str, "height": int, "width": int}
 SAMPLING = ("steps", "guidance", "negative_prompt", "height", "width")
+PROMPT_FIELDS = ("prompt", "target", "negative_prompt")
+MAX_SEED = 2**64 - 1  # torch generators take seeds in 0..2**64-1
+MAX_LINE_BYTES = 64 << 20  # a longer manifest line is a failed row, not read into memory
+BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds on a row's size-like fields, so one row cannot exhaust memory or run for days.
+
+    ``None`` lifts a bound (``imageprompt batch --allow-large``). The defaults suit one 24 GB GPU.
+    """
+
+    num: int | None = 64  # images per row
+    side: int | None = 2048  # height and width, pixels
+    steps: int | None = 500  # sampling steps
+
+    @classmethod
+    def unbounded(cls) -> Limits:
+        return cls(None, None, None)
 
 
 @dataclass
@@ -60,6 +80,9 @@ class JobDefaults:
     scheduler: str | None = "ddim"
     adapter: str | None = None
     image_encoder: str | None = None  # CLIP vision folder of the adapter rows (default: the adapter's own)
+    dtype: str | None = None  # "float16", ...: goes into the row keys (None: left out, as before)
+    attention: str | None = None  # attention backend, "sdpa" or "xformers": goes into the row keys
+    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass
@@ -76,14 +99,19 @@ class Row:
     image_sha256: str | None = None
     key: str = ""
     error: str | None = None
+    truncated: list[str] = field(default_factory=list)  # prompt fields cut to MAX_PROMPT_CHARS
 
     @property
     def label(self) -> str:
         text = self.id or (self.image.stem if self.image else self.params.get("target") or self.params.get("prompt"))
         return re.sub(r"[^A-Za-z0-9._-]+", "_", text or "").strip("._")[:60] or "row"
 
+    def output_name(self, index: int) -> str:
+        """The file name of image ``index`` (seed ``seed + index``)."""
+        return f"{self.label}-{self.kind}-{self.key[:12]}-{self.seed + index}.png"
+
     def output_names(self) -> list[str]:
-        return [f"{self.label}-{self.kind}-{self.key[:12]}-{self.seed + i}.png" for i in range(self.num)]
+        return [self.output_name(i) for i in range(self.num)]
 
     def settings(self) -> tuple:
         """Rows with equal settings are sampled in the same batches."""
@@ -115,11 +143,49 @@ def validate_row(line: int, data, defaults: JobDefaults, base: Path) -> Row:
         _validate(row, data, defaults, base)
     except (ValueError, TypeError, OSError) as err:
         row.error = str(err)
+    except Exception as err:  # noqa: BLE001 - MemoryError, RecursionError...: this row's failure, not the job's
+        row.error = f"{type(err).__name__}: {err}"
     return row
 
 
+def _check_image(path: Path, name: str) -> None:
+    """Cheap check that ``path`` is an image (its header only), before its bytes are hashed."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file" + (f" (field {name!r})" if name != "image" else ""))
+    try:
+        with Image.open(path):
+            pass
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not an image file (or a format Pillow cannot read) (field {name!r})") from None
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"{path}: image too large to open safely ({err}) (field {name!r})") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read image ({err}) (field {name!r})") from None
+
+
+def _check_bounds(values: dict, limits: Limits) -> None:
+    """Lower and upper bounds of the size-like fields; the message names the field and the override."""
+    for name in ("num", "steps"):
+        if values[name] < 1:
+            raise ValueError(f"field {name!r} must be at least 1, got {values[name]}")
+    bounds = {"num": (limits.num, "num"), "steps": (limits.steps, "steps"),
+              "height": (limits.side, "side"), "width": (limits.side, "side")}
+    for name, (bound, option) in bounds.items():
+        if bound is not None and values[name] is not None and values[name] > bound:
+            raise ValueError(f"field {name!r} must be at most {bound}, got {values[name]} "
+                             f"(raise the bound with `imageprompt batch --max-{option} N` or --allow-large)")
+    for name in ("height", "width"):
+        if values[name] is not None and (values[name] < 8 or values[name] % 8):
+            raise ValueError(f"field {name!r} must be a positive multiple of 8, got {values[name]}")
+    if not 0 <= values["seed"] <= MAX_SEED - (values["num"] - 1):
+        raise ValueError(f"field 'seed' must be between 0 and 2**64-1 for every image of the row "
+                         f"(seed + num - 1), got {values['seed']}")
+
+
 def _validate(row: Row, data, defaults: JobDefaults, base: Path) -> None:
-    from imageprompt.images import sha256_file
+    from imageprompt.images import MAX_PROMPT_CHARS, sha256_file
 
     if not isinstance(data, dict):
         raise ValueError(f"a row must be a JSON object, got {type(data).__name__}")
@@ -150,14 +216,13 @@ def _validate(row: Row, data, defaults: JobDefaults, base: Path) -> None:
     values.update({name: getattr(defaults, name, None) for name in spec.fields if hasattr(defaults, name)})
     values.update(spec.defaults)
     values.update({k: v for k, v in data.items() if v is not None})
-    for name in ("num", "steps"):
-        if values[name] < 1:
-            raise ValueError(f"field {name!r} must be at least 1, got {values[name]}")
+    _check_bounds(values, defaults.limits)
     if values["guidance"] < 0:
         raise ValueError(f"field 'guidance' must be >= 0, got {values['guidance']}")
-    for name in ("height", "width"):
-        if values[name] is not None and (values[name] < 8 or values[name] % 8):
-            raise ValueError(f"field {name!r} must be a positive multiple of 8, got {values[name]}")
+    for name in PROMPT_FIELDS:  # cap before anything tokenizes it (a 28M-character prompt crashed the tokenizer)
+        if isinstance(values.get(name), str) and len(values[name]) > MAX_PROMPT_CHARS:
+            values[name] = values[name][:MAX_PROMPT_CHARS]
+            row.truncated.append(name)
     if spec.check is not None:
         spec.check(values)
 
@@ -166,15 +231,13 @@ def _validate(row: Row, data, defaults: JobDefaults, base: Path) -> None:
     values.pop("id", None)
     if "image" in values:
         row.image = (base / values["image"]).expanduser()
-        if not row.image.is_file():
-            raise ValueError(f"{row.image}: no such file")
+        _check_image(row.image, "image")  # before hashing: a huge file that is no image fails at once
         row.image_sha256 = sha256_file(row.image)
     if values.get("adapter"):
         values["adapter"] = resolve_adapter(values["adapter"], base)
     if values.get("adapter_image"):  # the image prompt of a p2p row's adapter: its bytes go into the key
         adapter_image = (base / values["adapter_image"]).expanduser()
-        if not adapter_image.is_file():
-            raise ValueError(f"{adapter_image}: no such file (field 'adapter_image')")
+        _check_image(adapter_image, "adapter_image")
         values["adapter_image"] = str(adapter_image.resolve())
         values["adapter_image_sha256"] = sha256_file(adapter_image)
     row.params = values
@@ -190,7 +253,7 @@ def resolve_adapter(spec: str, base: Path) -> str:
 
 
 def row_key(row: Row, defaults: JobDefaults) -> str:
-    """sha256 of what decides a row's images: kind, settings, seed, input bytes, model.
+    """sha256 of what decides a row's images: kind, settings, seed, input bytes, model, dtype, attention backend.
 
     ``num`` and ``id`` are left out (image ``i`` does not depend on them), so
     raising ``num`` on a rerun only samples the new images.
@@ -202,29 +265,66 @@ def row_key(row: Row, defaults: JobDefaults) -> str:
     }
     if defaults.image_encoder is not None and row.params.get("adapter"):  # absent otherwise: earlier keys still match
         content["image_encoder"] = defaults.image_encoder
+    for name in ("dtype", "attention"):  # the kernels change the pixels; absent when unknown, as in earlier keys
+        if getattr(defaults, name) is not None:
+            content[name] = getattr(defaults, name)
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def read_manifest(path: str | os.PathLike) -> list[tuple[int, object]]:
-    """``(line number, parsed JSON or JSONError)`` for each non-blank line; raises :class:`JobError` for the file."""
+    """``(line number, parsed JSON or JSONError)`` for each non-blank line; raises :class:`JobError` for the file.
+
+    Each line is read and parsed on its own, so a bad line (not UTF-8, not JSON, nested too deep,
+    an integer too long, longer than :data:`MAX_LINE_BYTES`) is one failed row and the others still run.
+    A UTF-8 byte-order mark at the start of the file is skipped.
+    """
     path = Path(path)
     if not path.is_file():
         raise JobError(f"{path}: no such job file")
     entries = []
-    try:
-        with open(path, encoding="utf-8") as handle:
-            for number, text in enumerate(handle, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    entries.append((number, json.loads(text)))
-                except json.JSONDecodeError as err:
-                    entries.append((number, JSONError(f"not valid JSON: {err}")))
-    except UnicodeDecodeError as err:
-        raise JobError(f"{path}: not a UTF-8 text file ({err})") from None
+    with open(path, "rb") as handle:
+        number = 0
+        while True:
+            raw = handle.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                break
+            number += 1
+            if number == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM):]
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):  # skip the rest of the line without holding it
+                    raw = handle.readline(1 << 20)
+                entries.append((number, JSONError(f"line longer than {MAX_LINE_BYTES >> 20} MiB")))
+                continue
+            entry = _parse_line(raw)
+            if entry is not None:
+                entries.append((number, entry))
     if not entries:
         raise JobError(f"{path}: no rows (expected one JSON object a line)")
     return entries
+
+
+def _parse_line(raw: bytes):
+    """One manifest line parsed; a :class:`JSONError` saying why it cannot be; None for a blank line."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return JSONError(f"line is not UTF-8 text ({err})")
+    if not text.strip():
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        return JSONError(f"not valid JSON: {err}")
+    except RecursionError:
+        return JSONError("not valid JSON: nested too deep")
+    except ValueError as err:  # e.g. an integer of more than 4300 digits
+        return JSONError(f"not valid JSON: {err}")
+    except MemoryError:
+        return JSONError("not valid JSON: too large to parse in the memory available")
+    if not isinstance(data, dict):
+        return JSONError(f"a row must be a JSON object, got {type(data).__name__}")
+    return data
 
 
 class JSONError(str):
@@ -232,10 +332,20 @@ class JSONError(str):
 
 
 def validate_rows(entries: list[tuple[int, object]], defaults: JobDefaults, base: Path) -> list[Row]:
+    """Validate each entry of :func:`read_manifest`; one warning for all the prompts that were truncated."""
+    from imageprompt.images import MAX_PROMPT_CHARS
+
     rows = []
     for line, data in entries:
         rows.append(Row(line, error=str(data)) if isinstance(data, JSONError) else
                     validate_row(line, data, defaults, base))
+    cut = [f"line {row.line} {name}" for row in rows for name in row.truncated]
+    if cut:
+        import warnings
+
+        shown = ", ".join(cut[:5]) + (f" and {len(cut) - 5} more" if len(cut) > 5 else "")
+        warnings.warn(f"{len(cut)} prompt(s) longer than {MAX_PROMPT_CHARS} characters truncated to "
+                      f"{MAX_PROMPT_CHARS}: {shown}", stacklevel=2)
     return rows
 
 
