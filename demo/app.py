@@ -45,6 +45,7 @@ from imageprompt.demo.limits import (
     QUEUE_SIZE,
 )
 from imageprompt.demo.tabs import TABS, Tab
+from imageprompt.demo.validation import readable_numbers, set_debug
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ def build_demo(
                 if tab.available(ctx):
                     with gr.Tab(tab.title):
                         tab.build(ctx)
+    readable_numbers(demo)  # API callers may send steps='abc': a gr.Error naming the control
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
     demo.imageprompt_context = ctx  # for tests and embedding apps
     return demo
@@ -156,7 +158,7 @@ def launch(*, model: str | None = None, clip: str | None = None, dtype: str | No
            attention: str = "sdpa", scheduler: str | None = "ddim", config: str | None = None,
            adapters: list[str] | None = None, image_encoder: str | None = None, host: str = "127.0.0.1",
            port: int | None = 7860, share: bool = False, max_queue: int = QUEUE_SIZE,
-           max_file_size: str | int | None = MAX_FILE_SIZE) -> int:
+           max_file_size: str | int | None = MAX_FILE_SIZE, debug: bool = False) -> int:
     """``imageprompt demo``: load the model, serve the page and wait until interrupted.
 
     Arguments as :func:`imageprompt.loading.load_pipeline`, :func:`load_adapters` (``adapters``: specs like
@@ -169,6 +171,7 @@ def launch(*, model: str | None = None, clip: str | None = None, dtype: str | No
 
     from imageprompt.loading import resolve_model
 
+    set_debug(debug)  # refused requests: one log line each, the traceback only with --debug
     model, clip, notice = resolve_model(model, clip)
     notice = notice or bundled_notice(model)
     if notice:

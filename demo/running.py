@@ -1,7 +1,8 @@
 """Running a job: one at a time across all tabs, failures shown in the page, warnings passed on.
 
 Known failures (the library's exceptions for bad input or missing weights, running out of GPU memory)
-become a readable ``gr.Error``; anything else is logged with its traceback and summarised in the page.
+become a readable ``gr.Error`` and one line in the server log (the traceback only with ``--debug``);
+anything else is logged with its traceback and summarised in the page.
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ def shows_errors(fn: Callable) -> Callable:
             raise page_error("Out of GPU memory: try fewer images or a smaller size.") from None
         except user_errors() as err:
             raise page_error(str(err)) from None
-        except Exception as err:
+        except Exception as err:  # a bug, not a refusal: logged with its traceback
             logger.exception("demo request failed")
-            raise page_error(f"Unexpected {type(err).__name__}: {err}") from None
+            raise page_error(f"Unexpected {type(err).__name__}: {err}", log=False) from None
 
     return wrapper
 

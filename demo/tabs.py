@@ -35,6 +35,8 @@ from imageprompt.demo.validation import (
     check_prompt,
     check_sampling,
     check_words,
+    checked_number,
+    optional_prompt,
     read_image,
 )
 
@@ -89,7 +91,7 @@ def edit_tab(ctx: DemoContext) -> None:
         check_words(ctx, [("the edit text", prompt)])
         sampling = check_sampling(ctx, num_images=num_images, steps=steps, guidance=guidance, seed=seed, width=width,
                                   height=height, negative_prompt=negative_prompt)
-        alpha = float(alpha)
+        alpha = checked_number("Alpha", alpha, float, 0.0, 2.0)
         params = parameters(ctx, "sdipc-edit", sampling, prompt=prompt, alpha=alpha, **source)
         return sample(ctx, "sdipc-edit", dict(image=picture, prompt=prompt, alpha=alpha), sampling, params)
 
@@ -119,7 +121,8 @@ def ip_adapter_tab(ctx: DemoContext) -> None:
         picture, source = read_image(ctx, image, "an image prompt")
         sampling = check_sampling(ctx, num_images=num_images, steps=steps, guidance=guidance, seed=seed, width=width,
                                   height=height, negative_prompt=negative_prompt)
-        text = (prompt or "").strip()
+        text = optional_prompt(prompt, "the text prompt")
+        scale = checked_number("Adapter scale", scale, float, 0.0, 2.0)
         check_words(ctx, [("the text prompt", text)])
         method = "ip-adapter-edit" if text else "ip-adapter-variation"
         count = len(ctx.adapters)
@@ -205,7 +208,7 @@ def real_edit_tab(ctx: DemoContext) -> None:
         method = check_inversion(method)
         sampling = check_sampling(ctx, steps=steps, guidance=guidance, width=width, height=height,
                                   negative_prompt=negative_prompt)
-        inner_steps = int(inner_steps)
+        inner_steps = checked_number("Null-text inner steps", inner_steps, int, 1, 20)
         params = parameters(ctx, "p2p", sampling, invert=method, scheduler="ddim",
                             inner_steps=inner_steps if method == "null-text" else None, **settings, **about)
         pipe = p2p_pipeline(ctx, ddim=True)

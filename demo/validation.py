@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import html
+import logging
+import math
 import re
 import warnings
 from collections.abc import Callable
@@ -16,10 +18,10 @@ from pathlib import Path
 
 import gradio as gr
 from imageprompt.demo.context import DemoContext, Sampling
-from imageprompt.demo.limits import MAX_INPUT_PIXELS, SEED_MAX
+from imageprompt.demo.limits import MAX_INPUT_PIXELS, MAX_WORD_WEIGHT, SEED_MAX
 from PIL import Image
 
-from imageprompt.images import ImageInputError, load_image, sha256_file
+from imageprompt.images import MAX_PROMPT_CHARS, ImageInputError, load_image, sha256_file
 
 
 def escape(message: str) -> str:
@@ -27,9 +29,23 @@ def escape(message: str) -> str:
     return html.escape(message, quote=False)
 
 
-def page_error(message: str) -> gr.Error:
-    """A readable error in the page (``gr.Error``), with the message shown as text."""
-    return gr.Error(escape(message))
+logger = logging.getLogger("imageprompt.demo")
+DEBUG = {"on": False}  # set by ``imageprompt demo --debug`` (:func:`set_debug`)
+
+
+def set_debug(on: bool) -> None:
+    """With ``on``, refused requests also print their traceback to the server log (``imageprompt demo --debug``)."""
+    DEBUG["on"] = bool(on)
+
+
+def page_error(message: str, log: bool = True) -> gr.Error:
+    """A readable error in the page (``gr.Error``), with the message shown as text.
+
+    A refused request is one line in the server log (``log``); its traceback only with :func:`set_debug`.
+    """
+    if log:
+        logger.warning("request refused: %s", message.splitlines()[0][:300] if message else "")
+    return gr.Error(escape(message), print_exception=DEBUG["on"])
 
 
 # ----------------------------------------------------------------- images
@@ -79,11 +95,70 @@ def read_image(ctx: DemoContext, path: str | None, what: str = "an image") -> tu
     return image, {"input": name, "input_sha256": sha256_file(path)}
 
 
-# ------------------------------------------------------- prompts, numbers
+# ----------------------------------------------------------------- numbers
+def readable_number_errors(preprocess: Callable, label: str | None) -> Callable:
+    """Wrap a ``gr.Slider``/``gr.Number`` ``preprocess`` so that an API caller's non-number (``steps='abc'``)
+    or non-finite value is a readable ``gr.Error`` naming the control, not gradio's generic failure."""
+    name = label or "A number"
+
+    @functools.wraps(preprocess)
+    def wrapper(payload):
+        if payload is not None:
+            try:
+                value = float(payload)
+            except (TypeError, ValueError, OverflowError):
+                raise page_error(f"{name} must be a number, got {str(payload)[:40]!r}") from None
+            if not math.isfinite(value):
+                raise page_error(f"{name} must be a finite number, got {payload!r}")
+            payload = value
+        return preprocess(payload)
+
+    return wrapper
+
+
+def readable_numbers(blocks) -> None:
+    """Apply :func:`readable_number_errors` to every slider and number box of ``blocks`` (a ``gr.Blocks``)."""
+    for block in blocks.blocks.values():
+        if isinstance(block, (gr.Slider, gr.Number)) and not hasattr(block.preprocess, "__wrapped__"):
+            block.preprocess = readable_number_errors(block.preprocess, block.label)
+
+
+def checked_number(name: str, value, cast, low, high):
+    """``cast(value)`` if it is a number within ``[low, high]``, else a ``gr.Error`` naming ``name``."""
+    try:
+        number = cast(float(value)) if cast is int and isinstance(value, str) else cast(value)
+    except (TypeError, ValueError, OverflowError):
+        raise page_error(f"{name} must be a number, got {str(value)[:40]!r}") from None
+    if isinstance(number, float) and not math.isfinite(number):
+        raise page_error(f"{name} must be a finite number, got {value!r}")
+    if not low <= number <= high:
+        raise page_error(f"{name} must be between {low} and {high}, got {number}")
+    return number
+
+
+# ----------------------------------------------------------------- prompts
+def cap_text(text: str | None, what: str) -> str | None:
+    """``text`` cut to :data:`~imageprompt.images.MAX_PROMPT_CHARS` characters, with one warning in the page."""
+    if text is None:
+        return None
+    text = str(text)
+    if len(text) <= MAX_PROMPT_CHARS:
+        return text
+    gr.Warning(escape(f"{what[:1].upper()}{what[1:]} has {len(text)} characters; only the first "
+                      f"{MAX_PROMPT_CHARS} are read (the model reads at most 77 tokens)."))
+    return text[:MAX_PROMPT_CHARS]
+
+
 def check_prompt(prompt: str | None, what: str = "a prompt") -> str:
-    if prompt is None or not str(prompt).strip():
+    prompt = cap_text(prompt, what)
+    if prompt is None or not prompt.strip():
         raise page_error(f"Write {what} first.")
-    return str(prompt).strip()
+    return prompt.strip()
+
+
+def optional_prompt(prompt: str | None, what: str) -> str:
+    """An optional text box's text, capped (:func:`cap_text`) and stripped; ``""`` when empty."""
+    return (cap_text(prompt, what) or "").strip()
 
 
 def check_words(ctx: DemoContext, prompts: list[tuple[str, str | None]]) -> None:
@@ -104,15 +179,7 @@ def check_sampling(ctx: DemoContext, *, steps, guidance, width, height, negative
                    seed=0) -> Sampling:
     """The accordion's values as numbers, or a ``gr.Error`` naming the one out of range (API callers skip the UI)."""
 
-    def number(name, value, cast, low, high):
-        try:
-            value = cast(value)
-        except (TypeError, ValueError):
-            raise page_error(f"{name} must be a number, got {value!r}") from None
-        if not low <= value <= high:
-            raise page_error(f"{name} must be between {low} and {high}, got {value}")
-        return value
-
+    number = checked_number
     low, high = ctx.size_range
     sampling = Sampling(
         num_images=number("Number of images", num_images, int, 1, ctx.max_images),
@@ -121,7 +188,7 @@ def check_sampling(ctx: DemoContext, *, steps, guidance, width, height, negative
         seed=number("Seed", seed if seed is not None else 0, int, 0, SEED_MAX),
         width=number("Width", width, int, low, high),
         height=number("Height", height, int, low, high),
-        negative_prompt=(negative_prompt or "").strip() or None,
+        negative_prompt=optional_prompt(negative_prompt, "the negative prompt") or None,
     )
     factor = ctx.pipe.vae_scale_factor
     for name, value in (("Width", sampling.width), ("Height", sampling.height)):
@@ -144,13 +211,19 @@ def check_edit(source: str, target: str | None, mode: str, weights_text: str | N
 
     source = check_prompt(source, "the source prompt")
     try:
-        weights = parse_word_weights(words(weights_text))
+        weights = parse_word_weights(words(cap_text(weights_text, "the word weights")))
     except ValueError as err:  # "expects WORD=NUMBER, got 'dog'"
         raise page_error(f"Word weights: {err}") from None
-    blend = words(blend_text) or None
+    for word, weight in weights.items():
+        if abs(weight) > MAX_WORD_WEIGHT:
+            raise page_error(f"Word weights: {word}={weight:g} is too large; use weights between "
+                             f"-{MAX_WORD_WEIGHT} and {MAX_WORD_WEIGHT}")
+    blend = words(cap_text(blend_text, "the blend words")) or None
     target = None if mode == "reweight" else check_prompt(target, "the target prompt")
-    settings = dict(mode=mode, weights=weights or None, blend_words=blend, blend_threshold=float(blend_threshold),
-                    cross_steps=float(cross_steps), self_steps=float(self_steps))
+    settings = dict(mode=mode, weights=weights or None, blend_words=blend,
+                    blend_threshold=checked_number("Blend threshold", blend_threshold, float, 0.0, 1.0),
+                    cross_steps=checked_number("Cross-attention steps", cross_steps, float, 0.0, 1.0),
+                    self_steps=checked_number("Self-attention steps", self_steps, float, 0.0, 1.0))
     target = validate_edit(source, target, mode, weights, blend, settings["cross_steps"], None,
                            settings["self_steps"], settings["blend_threshold"])
     return dict(source_prompt=source, target_prompt=None if mode == "reweight" else target, **settings)

@@ -8,7 +8,6 @@ refuses (without running) anything but tensors. The mechanism that uses them is
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
@@ -121,6 +120,69 @@ def check_weight_suffix(path: Path) -> None:
         raise ModelLoadError(f"{path}: IP-Adapter weights must be .safetensors or .bin, got {found!r}")
 
 
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+def pickle_refusal(path: str | Path, err: BaseException) -> str:
+    """Why a pickled ``.bin`` was refused, in whole sentences (never torch's hint to load it unsafely)."""
+    import re
+
+    text = str(err)
+    found = re.search(r"(?:unsupported global:? GLOBAL|unsupported GLOBAL) ([\w.]+)", text, re.IGNORECASE)
+    if found:
+        why = f"It asks to import {found.group(1)}, which is not a tensor."
+    elif isinstance(err, EOFError) or "Ran out of input" in text:
+        why = "The file is empty or cut short."
+    elif "invalid load key" in text or "not a zip file" in text.lower():
+        why = "The file is not a PyTorch archive."
+    else:
+        why = "It is not a PyTorch archive of plain tensors."
+    return (f"{path}: refused: not a plain tensor archive, and nothing in it was run. {why} "
+            "Only .bin files holding tensors are read; prefer .safetensors.")
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a malformed ``.safetensors`` file with a message naming it and what is wrong.
+
+    Reads only the 8-byte header length and the JSON header: an empty file, a header longer than the file,
+    a pickle renamed ``.safetensors`` and a tensor that ends past the end of the file are all caught here.
+    """
+    import json
+    import struct
+
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelLoadError(f"{path}: the file is empty, not a .safetensors file.")
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ModelLoadError(f"{path}: only {size} bytes, too short to be a .safetensors file.")
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8 or length > MAX_SAFETENSORS_HEADER:
+            looks = ""
+            if head[:1] == b"\x80" or head[:2] == b"PK":
+                looks = " It looks like a PyTorch pickle renamed .safetensors; it was not read."
+            raise ModelLoadError(f"{path}: not a .safetensors file: its header claims {length} bytes but the file "
+                                 f"has {size}.{looks}")
+        try:
+            header = json.loads(f.read(length))
+        except (ValueError, RecursionError):
+            raise ModelLoadError(f"{path}: not a .safetensors file: its header is not valid JSON.") from None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path}: not a .safetensors file: its header is not a JSON object.")
+    data = size - 8 - length
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise ModelLoadError(f"{path}: corrupt .safetensors header: tensor {name[:80]!r} has no valid "
+                                 "data_offsets.")
+        if not 0 <= offsets[0] <= offsets[1] <= data:
+            raise ModelLoadError(f"{path}: truncated or corrupt .safetensors file: tensor {name[:80]!r} ends at "
+                                 f"byte {offsets[1]} of the data, but the file holds {data} bytes of data.")
+
+
 def read_checkpoint(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     """``{"image_proj": {...}, "ip_adapter": {...}}`` from an official ``.safetensors`` or ``.bin`` file.
 
@@ -132,7 +194,11 @@ def read_checkpoint(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 
-        flat = load_file(str(path), device="cpu")
+        check_safetensors(path)
+        try:
+            flat = load_file(str(path), device="cpu")
+        except Exception as err:  # anything the header check above let through
+            raise ModelLoadError(f"{path}: not a readable .safetensors file ({first_sentence(err, 160)}).") from None
         state = {"image_proj": {}, "ip_adapter": {}}
         for key, value in flat.items():
             part, _, rest = key.partition(".")
@@ -141,9 +207,8 @@ def read_checkpoint(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     else:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as err:
-            raise ModelLoadError(f"{path}: refused: not a plain tensor archive ({first_sentence(err, 160)}). "
-                                 "Only .bin files holding tensors are read; prefer .safetensors.") from None
+        except Exception as err:  # UnpicklingError, RuntimeError, EOFError, KeyError (junk), ...
+            raise ModelLoadError(pickle_refusal(path, err)) from None
     if not isinstance(state, dict) or not isinstance(state.get("image_proj"), dict) \
             or not isinstance(state.get("ip_adapter"), dict) or not state["image_proj"] or not state["ip_adapter"]:
         raise ModelLoadError(f"{path}: not an IP-Adapter checkpoint (needs 'image_proj' and 'ip_adapter' weights)")

@@ -114,12 +114,27 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _refused_pickle(err: BaseException) -> bool:
+    """Whether ``err`` (or its cause) is torch refusing a pickle under ``weights_only=True``."""
+    seen = 0
+    while err is not None and seen < 8:
+        text = str(err)
+        if "weights_only" in text or "Weights only load failed" in text or "unsupported GLOBAL" in text:
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
 def _load_error(what: str, source: str, err: Exception) -> ModelLoadError:
     if not Path(source).expanduser().exists() and _offline():
         from huggingface_hub.constants import HF_HUB_CACHE
 
         why = "HF_HUB_OFFLINE is set" if _env_offline() else "the hub is unreachable"
         reason = f"not in the local Hugging Face cache ({HF_HUB_CACHE}) and {why}"
+    elif _refused_pickle(err):
+        # never repeat torch's hint to load the file unsafely
+        reason = ("refused: its .bin weights are a pickle holding more than tensors, and nothing in it was run. "
+                  "Use .safetensors weights")
     else:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return ModelLoadError(f"could not load {what} from {source!r}: {reason[:300]}\n{OFFLINE_HINT}")

@@ -37,7 +37,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 
 from imageprompt.attention import imageprompt_processors, set_attention_backend
 from imageprompt.conversion import SDIPCConverter, edit_embeds, eos_positions, variation_embeds
-from imageprompt.images import to_rgb
+from imageprompt.images import MAX_PROMPT_CHARS, to_rgb
 
 
 @dataclass
@@ -121,8 +121,13 @@ class StableDiffusionImagePromptPipeline(DiffusionPipeline, ImagePromptAdapterMi
 
     # --------------------------------------------------------------- encoding
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        """Token ids padded to the context length; prompts that are too long are truncated with a warning."""
+        """Token ids padded to the context length; prompts that are too long are truncated with a warning.
+
+        Each prompt is first cut to :data:`~imageprompt.images.MAX_PROMPT_CHARS` characters: CLIP reads at most
+        77 tokens, and tokenizing megabytes of text in full only costs time and memory.
+        """
         n = self.model_max_length
+        prompts = [p[:MAX_PROMPT_CHARS] if isinstance(p, str) else p for p in prompts]
         full = self.tokenizer(prompts, padding="longest", truncation=False).input_ids
         for ids in full:
             if len(ids) > n:

@@ -132,7 +132,7 @@ def apply_adapter_options(pipe, args, image=None) -> dict:
 
 # ------------------------------------------------------------ train-adapter
 def register(subparsers) -> None:
-    from imageprompt.cli.common import add_model_options, positive_int
+    from imageprompt.cli.common import add_model_options, positive_int, seed_number
 
     parser = subparsers.add_parser(
         "train-adapter", help="train an IP-Adapter on image-caption pairs",
@@ -152,7 +152,7 @@ def register(subparsers) -> None:
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0: none)")
     parser.add_argument("--resume", help="'latest' or a checkpoint folder (OUT-checkpoints/step-N)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_number, default=0)
     parser.add_argument("--image-encoder", metavar="PATH",
                         help="CLIP vision folder (default: the --clip model's vision tower, saved as image_encoder/ "
                              "next to --out, or as OUT-image_encoder/ when --out is in the current folder)")

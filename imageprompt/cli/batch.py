@@ -8,7 +8,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from imageprompt.cli.common import EXIT_FAILURE, CommandError, add_model_options, positive_int
+from imageprompt.cli.common import (
+    EXIT_FAILURE,
+    CommandError,
+    add_model_options,
+    finite_float,
+    positive_int,
+    seed_number,
+)
 
 
 def register(subparsers) -> None:
@@ -21,10 +28,11 @@ def register(subparsers) -> None:
     parser.add_argument("jobs", help="JSONL file, one row a line (relative image paths are read from its folder)")
     parser.add_argument("--out", required=True, help="output folder (shared by all processes)")
     rows = parser.add_argument_group("row defaults (a row's own fields win)")
-    rows.add_argument("--seed", type=int, default=0, help="seed of a row's first image; image i: seed+i (default 0)")
+    rows.add_argument("--seed", type=seed_number, default=0,
+                      help="seed of a row's first image; image i: seed+i (default 0)")
     rows.add_argument("--num", type=positive_int, default=1, help="images per row (default 1)")
     rows.add_argument("--steps", type=positive_int, default=50, help="denoising steps (default 50)")
-    rows.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    rows.add_argument("--guidance", type=finite_float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     rows.add_argument("--negative-prompt", default=None)
     rows.add_argument("--height", type=positive_int)
     rows.add_argument("--width", type=positive_int)

@@ -6,10 +6,15 @@ Import-light (no torch at import time) so that ``imageprompt --help`` stays fast
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import tempfile
+import warnings
 from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 
 
 class CommandError(Exception):
@@ -49,6 +54,14 @@ def fraction(text: str) -> float:
     return _number(text, float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]", "in [0, 1]")
 
 
+def seed_number(text: str) -> int:
+    return _number(text, int, lambda v: 0 <= v <= SEED_MAX, "an integer seed", f"in 0..{SEED_MAX} (2**64-1)")
+
+
+def finite_float(text: str) -> float:
+    return _number(text, float, math.isfinite, "a number", "a finite number")
+
+
 def port_number(text: str) -> int:
     return _number(text, int, lambda v: 1 <= v <= 65535, "a port number", "in 1..65535")
 
@@ -73,9 +86,11 @@ def add_sampling_options(parser: argparse.ArgumentParser, num: bool = True) -> N
     if num:
         group.add_argument("--num", type=positive_int, default=1, help="images per input (default 1)")
         group.add_argument("--batch-size", type=positive_int, default=4, help="images per forward pass")
-    group.add_argument("--seed", type=int, help="seed of the first image; image i uses seed+i (default: random)")
+    group.add_argument("--seed", type=seed_number,
+                       help="seed of the first image; image i uses seed+i (default: random)")
     group.add_argument("--steps", type=positive_int, default=50, help="denoising steps (default 50)")
-    group.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    group.add_argument("--guidance", type=finite_float, default=7.5,
+                       help="classifier-free guidance scale (default 7.5)")
     group.add_argument("--negative-prompt", default=None)
     group.add_argument("--height", type=positive_int)
     group.add_argument("--width", type=positive_int)
@@ -114,11 +129,49 @@ def base_parameters(pipe, args, method: str) -> dict:
 
 
 def check_out_dir(path: str) -> Path:
-    """The output folder; refused early if it is an existing file (it is created only when writing)."""
+    """The output folder, checked before any model loads (it is created only when writing).
+
+    Refused if it is an existing file, or if neither it nor (when it does not exist yet) its nearest
+    existing parent can be written to.
+    """
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {path}: exists and is not a folder")
+    probe = out.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CommandError(f"--out {path}: {probe} is not a folder, so the output folder cannot be created")
+    try:  # a real write: permissions, read-only file systems and root's rights all count
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".imageprompt-write-test-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as err:
+        what = "the folder is not writable" if probe == out.absolute() else \
+            f"cannot create it: {probe} is not writable"
+        raise CommandError(f"--out {path}: {what} ({err.strerror or type(err).__name__})") from None
     return out
+
+
+def cap_prompt(text: str | None, option: str) -> str | None:
+    """``text`` cut to :data:`~imageprompt.images.MAX_PROMPT_CHARS` characters, with one warning when it was longer.
+
+    CLIP reads at most 77 tokens; tokenizing megabytes of text only costs time and memory.
+    """
+    from imageprompt.images import MAX_PROMPT_CHARS
+
+    if text is None or len(text) <= MAX_PROMPT_CHARS:
+        return text
+    warnings.warn(f"{option} has {len(text)} characters; only the first {MAX_PROMPT_CHARS} are read "
+                  "(the model reads at most 77 tokens)", UserWarning, stacklevel=2)
+    return text[:MAX_PROMPT_CHARS]
+
+
+def cap_prompt_options(args, *names: str) -> None:
+    """Apply :func:`cap_prompt` to the options ``names`` (attribute names such as ``"negative_prompt"``) of ``args``."""
+    for name in names:
+        if getattr(args, name, None) is not None:
+            setattr(args, name, cap_prompt(getattr(args, name), "--" + name.replace("_", "-")))
 
 
 def write_outputs(images, out_dir: Path, names: list[str], parameters: list[dict]) -> list[Path]:

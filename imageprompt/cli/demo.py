@@ -47,4 +47,4 @@ def run_demo(args) -> int:
     return launch(model=args.model, clip=args.clip, dtype=args.dtype, device=args.device, attention=args.attention,
                   scheduler=args.scheduler, config=args.config, adapters=args.adapter,
                   image_encoder=args.image_encoder, host=args.host, port=args.port, share=args.share,
-                  max_queue=args.max_queue, max_file_size=args.max_file_size)
+                  max_queue=args.max_queue, max_file_size=args.max_file_size, debug=args.debug)

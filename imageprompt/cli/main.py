@@ -19,11 +19,14 @@ from pathlib import Path
 from imageprompt.cli.common import (
     EXIT_FAILURE,
     EXIT_USAGE,
+    SEED_MAX,
     CommandError,
     add_model_options,
     add_sampling_options,
     base_parameters,
+    cap_prompt_options,
     check_out_dir,
+    finite_float,
     load_pipeline_from_args,
     user_errors,
     warn_unknown_words,
@@ -63,7 +66,8 @@ def register(subparsers) -> None:
                                  description="Image + text editing: the converted image prompt blended with text.")
     edit.add_argument("image", help="reference image")
     edit.add_argument("--prompt", required=True, help="the edit text, e.g. 'on the beach'")
-    edit.add_argument("--alpha", type=float, default=0.5, help="weight of the text at positions EOS..76 (0.5-0.6)")
+    edit.add_argument("--alpha", type=finite_float, default=0.5,
+                      help="weight of the text at positions EOS..76 (0.5-0.6)")
     add_sampling_options(edit)
     add_model_options(edit)
     add_tuning_options(edit)
@@ -78,10 +82,14 @@ def run_sdipc(args) -> int:
 
     if args.method == "sdipc-edit" and not args.prompt.strip():
         raise CommandError("--prompt is empty")
+    cap_prompt_options(args, "prompt", "negative_prompt")
     out_dir = check_out_dir(args.out)
     image = load_image(args.image)  # validate input before loading any model
     digest = sha256_file(args.image)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
+    if seed + args.num - 1 > SEED_MAX:
+        raise CommandError(f"--seed {seed} with --num {args.num}: image i uses seed+i, which must stay at most "
+                           f"{SEED_MAX}")
     check_tuning_options(args)
     check_adapter_options(args)
     pipe = load_pipeline_from_args(args)

@@ -13,7 +13,9 @@ from imageprompt.cli.common import (
     add_model_options,
     add_sampling_options,
     base_parameters,
+    cap_prompt_options,
     check_out_dir,
+    finite_float,
     fraction,
     load_pipeline_from_args,
     positive_int,
@@ -53,7 +55,8 @@ def register(subparsers) -> None:
     p2p.add_argument("--invert", choices=INVERSIONS, help="how to invert --image (default null-text)")
     p2p.add_argument("--inner-steps", type=positive_int, default=10, help="null-text inner steps (default 10)")
     p2p.add_argument("--image-prompt", metavar="IMAGE", help="SD-IPC reference: every prompt is image + text")
-    p2p.add_argument("--alpha", type=float, default=0.5, help="SD-IPC text weight with --image-prompt (default 0.5)")
+    p2p.add_argument("--alpha", type=finite_float, default=0.5,
+                     help="SD-IPC text weight with --image-prompt (default 0.5)")
     p2p.add_argument("--variation-source", action="store_true",
                      help="with --image-prompt: the source is the SD-IPC variation of the image (the image alone); "
                           "the targets are image + text")
@@ -95,6 +98,7 @@ def run_p2p(args) -> int:
     from imageprompt.p2p import validate_edit
 
     # 1. Everything about the input is checked before any model loads.
+    cap_prompt_options(args, "source", "target", "negative_prompt")
     weights = parse_weights(args.weight)
     cross_steps, word_cross_steps = parse_cross_steps(args.cross_steps)
     target = validate_edit(args.source, args.target, args.mode, weights, args.blend, cross_steps, word_cross_steps,

@@ -17,6 +17,7 @@ from imageprompt.cli.common import (
     load_pipeline_from_args,
     positive_float,
     positive_int,
+    seed_number,
 )
 from imageprompt.images import IMAGE_SUFFIXES, read_jsonl
 
@@ -59,7 +60,8 @@ def _add_tune_options(parser, steps: int, lr: float) -> None:
                        help="also tune LoRA of rank R on the UNet's cross-attention to_k/to_v (default 0: off)")
     group.add_argument("--lora-lr", type=positive_float, default=1e-4, help="AdamW rate of the LoRA (default 1e-4)")
     group.add_argument("--resolution", type=positive_int, help="training image side (default: the model's native)")
-    group.add_argument("--seed", type=int, default=0, help="seed of the initialisation and every draw (default 0)")
+    group.add_argument("--seed", type=seed_number, default=0,
+                       help="seed of the initialisation and every draw (default 0)")
     group.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
                        help="autocast dtype (default auto: the model's --dtype; fp16 adds a gradient scaler)")
     group.add_argument("--gradient-checkpointing", action="store_true",
