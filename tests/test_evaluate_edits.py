@@ -103,3 +103,15 @@ def test_bundled_adapter_loads_and_measures(bundled_pipe):
     bundled_pipe.unload_ip_adapter()
     rows = evaluate_edits.ip_adapter_world(bundled_pipe, EvalSettings(samples=2, images_per_sample=1, steps=6))
     check_rows(rows, "IP-Adapter (world)", IPA_METRICS, 2)
+
+
+def test_real_image_edit_rows_cover_every_inversion(tiny_pipe):
+    from imageprompt.inversion import METHODS
+
+    rows = evaluate_edits.real_image_edits(tiny_pipe, EvalSettings(samples=1, images_per_sample=1, steps=2))
+    assert {r.measurement for r in rows} == {f"real-image edit [{m}]" for m in METHODS}
+    by = {(r.measurement, r.metric): r for r in rows}
+    for method in METHODS:
+        name = f"real-image edit [{method}]"
+        assert 0 < by[name, "reconstruction PSNR"].value <= 60 and by[name, "reconstruction PSNR"].unit == "dB"
+        assert 0 <= by[name, "background SSIM"].value <= 1 and by[name, "seconds per edit"].value > 0

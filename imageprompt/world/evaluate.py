@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from imageprompt import world
 from imageprompt.world import COLORS, SHAPES
-from imageprompt.world.evaluate_edits import ip_adapter_world, p2p_blend_background, p2p_replace
+from imageprompt.world.evaluate_edits import ip_adapter_world, p2p_blend_background, p2p_replace, real_image_edits
 from imageprompt.world.measures import (
     EvalSettings,
     Measurement,
@@ -199,6 +199,7 @@ MEASUREMENTS: dict[str, Measurement] = {
     "p2p replace": p2p_replace,
     "IP-Adapter (world)": ip_adapter_world,
     "p2p local blend": p2p_blend_background,
+    "real-image edit": real_image_edits,
     "text encoder probe": text_encoder_probe,
 }
 
