@@ -162,13 +162,15 @@ def real_image_edits(pipe, settings: EvalSettings) -> list[Row]:
     p2p = p2p_pipeline(pipe)
     p2p.scheduler = DDIMScheduler.from_config(p2p.scheduler.config)
     cases = p2p_replace_cases(settings.samples)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor  # the photos at the model's own size
     rows = []
     for method in METHODS:
         rec, bg_psnr, bg_mse, bg_ssim, success, seconds = [], [], [], [], [], []
         for i, (source, target, _old, new) in enumerate(cases):
             (spec,), _ = world.parse_caption(source)
             scene = world.render([world.ObjectSpec(spec.shape, spec.color, spec.position, "large")],
-                                 list(world.BACKGROUNDS)[i % len(world.BACKGROUNDS)], np.random.default_rng([7, i]))
+                                 list(world.BACKGROUNDS)[i % len(world.BACKGROUNDS)], np.random.default_rng([7, i]),
+                                 size=size)
             photo = np.asarray(scene.image)
             start = time.perf_counter()
             inversion = p2p.invert(scene.image, source, method, num_inference_steps=settings.steps,
