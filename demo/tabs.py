@@ -177,7 +177,7 @@ def p2p_tab(ctx: DemoContext) -> None:
 
 
 def real_edit_tab(ctx: DemoContext) -> None:
-    """A real photo: invert it (null-text, negative-prompt or DDIM), then edit its description with prompt-to-prompt."""
+    """A real photo: invert it (null-text, negative-prompt, DDIM or direct), then edit its description (p2p)."""
     with gr.Row():
         with gr.Column(scale=2):
             image = image_input("Photo", elem_id="real-image")
@@ -185,8 +185,9 @@ def real_edit_tab(ctx: DemoContext) -> None:
                                 placeholder="e.g. a large red circle in the center on a white background",
                                 elem_id="real-source")
             edit = edit_controls()
-            method = gr.Radio(["null-text", "negative-prompt", "ddim"], value="negative-prompt", label="Inversion",
-                              info="null-text: most faithful, slowest · negative-prompt: fast · ddim: plain")
+            method = gr.Radio(["null-text", "negative-prompt", "ddim", "direct"], value="negative-prompt",
+                              label="Inversion", info="null-text: most faithful, slowest · negative-prompt: fast · "
+                                                      "ddim: plain · direct: exact source, fast")
             run = gr.Button("Invert and edit", variant="primary", elem_id="real-run")
             with gr.Accordion("Advanced options", open=False):
                 inner = gr.Slider(1, 20, value=10, step=1, label="Null-text inner steps")

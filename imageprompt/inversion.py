@@ -12,20 +12,31 @@
 - Negative-prompt inversion (Miyake et al., "Negative-prompt Inversion: Fast
   Image Inversion for Editing with Text-guided Diffusion Models", 2023): no
   optimisation; the source prompt's embedding is used as the unconditional one.
+- Direct Inversion (Ju et al., "PnP Inversion: Boosting Diffusion-based Editing
+  with 3 Lines of Code", ICLR 2024): no optimisation; the DDIM trajectory
+  ``z*_0 .. z*_T`` is kept, and after every step of the edit the gap
+  ``z*_{t-1} - z_src,t-1`` is added to the source branch only
+  (:func:`direct_correction`), so the source retraces the inversion exactly and
+  the targets, unchanged, read the source's attention from the photo's own path.
 
 All functions expect a DDIM scheduler whose ``set_timesteps`` has been called
-for the run (the same steps and spacing as the edit).
+for the run (the same steps and spacing as the edit). Inversion refuses other
+schedulers and ``eta != 0`` (:func:`check_sampler`), and runs in float32 even
+when the pipeline samples in fp16/bf16 (:func:`float32_modules`): the VAE
+encode and the inversion steps, with the results cast back to the UNet's dtype.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import PIL.Image
 import torch
 import torch.nn.functional as F
 
-METHODS = ("null-text", "negative-prompt", "ddim")
+METHODS = ("null-text", "negative-prompt", "ddim", "direct")
 
 
 @dataclass
@@ -34,8 +45,9 @@ class Inversion:
 
     ``latents``: the inverted noise ``x_T`` ``(1, C, h, w)``; ``uncond_embeds``:
     one unconditional embedding per step (null-text), one for all steps
-    (negative-prompt: the source embedding), or None (DDIM: the empty prompt);
-    ``trajectory``: the DDIM latents ``x_0 .. x_T``.
+    (negative-prompt: the source embedding), or None (DDIM and direct: the empty
+    prompt); ``trajectory``: the DDIM latents ``x_0 .. x_T`` (direct: the path the
+    edit's source branch is pulled back onto).
     """
 
     latents: torch.Tensor
@@ -49,6 +61,49 @@ class Inversion:
         if isinstance(self.uncond_embeds, list):
             return self.uncond_embeds[step]
         return self.uncond_embeds
+
+
+def check_sampler(scheduler, eta: float = 0.0) -> None:
+    """Refuse what inversion cannot be retraced with: a scheduler other than DDIM, or DDIM with ``eta != 0``."""
+    from diffusers import DDIMScheduler
+
+    if not isinstance(scheduler, DDIMScheduler):
+        raise ValueError(f"inversion needs the DDIM scheduler, the pipeline has {type(scheduler).__name__}; "
+                         "load it with scheduler ddim")
+    if eta != 0:
+        raise ValueError(f"inversion needs deterministic DDIM sampling (eta 0), got eta {eta}: "
+                         "noise added while sampling would leave the inverted path")
+
+
+def direct_correction(latents: torch.Tensor, inversion: Inversion, step: int) -> torch.Tensor:
+    """Direct Inversion after edit step ``step``: add ``z*_{t-1} - z_src,t-1`` to the source row (row 0) only.
+
+    ``latents``: the batch after the scheduler step (source first, then the targets); ``z*_{t-1}`` is
+    ``inversion.trajectory[T - step - 1]``. The targets are returned untouched.
+    """
+    trajectory = inversion.trajectory
+    target = trajectory[len(trajectory) - step - 2].to(device=latents.device, dtype=latents.dtype)
+    gap = target[0] - latents[0]
+    latents = latents.clone()
+    latents[0] = latents[0] + gap
+    return latents
+
+
+@contextmanager
+def float32_modules(*modules: torch.nn.Module) -> Iterator[None]:
+    """Run ``modules`` in float32 for the block and restore their dtypes after (fp16/bf16 -> fp32 -> back is exact).
+
+    Inverting in half precision drifts or overflows to NaN latents (black images)."""
+    dtypes = [module.dtype for module in modules]
+    try:
+        for module, dtype in zip(modules, dtypes):
+            if dtype != torch.float32:
+                module.to(torch.float32)
+        yield
+    finally:
+        for module, dtype in zip(modules, dtypes):
+            if dtype != torch.float32:
+                module.to(dtype)
 
 
 def ddim_step(scheduler, noise: torch.Tensor, t: int, latents: torch.Tensor) -> torch.Tensor:
@@ -157,29 +212,33 @@ def negative_prompt_inversion(cond: torch.Tensor) -> torch.Tensor:
 def invert(pipe, image: PIL.Image.Image, prompt_embeds: torch.Tensor, method: str = "null-text",
            num_inference_steps: int = 50, guidance_scale: float = 7.5, height: int | None = None,
            width: int | None = None, num_inner_steps: int = 10, early_stop_epsilon: float = 1e-5) -> Inversion:
-    """Invert a photo described by ``prompt_embeds`` ``(1, 77, D)`` with ``method`` (see :data:`METHODS`)."""
-    from diffusers import DDIMScheduler
+    """Invert a photo described by ``prompt_embeds`` ``(1, 77, D)`` with ``method`` (see :data:`METHODS`).
 
+    Runs in float32 (UNet and VAE upcast for the call when they are fp16/bf16); the latents, trajectory and
+    embeddings come back in the UNet's own dtype."""
     if method not in METHODS:
         raise ValueError(f"unknown inversion {method!r}; choose from {', '.join(METHODS)}")
-    if not isinstance(pipe.scheduler, DDIMScheduler):
-        raise ValueError(f"inversion needs the DDIM scheduler, the pipeline has {type(pipe.scheduler).__name__}")
+    check_sampler(pipe.scheduler)
     if not isinstance(num_inner_steps, int) or num_inner_steps < 1:
         raise ValueError(f"`num_inner_steps` must be a positive integer, got {num_inner_steps!r}")
     device = pipe._execution_device
+    dtype = pipe.unet.dtype
     height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
     pipe.scheduler.set_timesteps(num_inference_steps, device=device)
     timesteps = pipe.scheduler.timesteps
-    cond = prompt_embeds.to(device=device, dtype=pipe.unet.dtype)
-    latents = encode_image(pipe, image, height, width).to(pipe.unet.dtype)
-    trajectory = ddim_inversion(pipe, latents, cond, timesteps)
-    if method == "null-text":
-        empty, _ = pipe.encode_text([""], device)
-        uncond = null_text_inversion(pipe, trajectory, cond, empty, timesteps, guidance_scale, num_inner_steps,
-                                     early_stop_epsilon)
-    elif method == "negative-prompt":
-        uncond = negative_prompt_inversion(cond)
-    else:
-        uncond = None
+    with float32_modules(pipe.unet, pipe.vae):
+        cond = prompt_embeds.to(device=device, dtype=torch.float32)
+        latents = encode_image(pipe, image, height, width).float()
+        trajectory = ddim_inversion(pipe, latents, cond, timesteps)
+        if method == "null-text":
+            empty, _ = pipe.encode_text([""], device)
+            uncond = null_text_inversion(pipe, trajectory, cond, empty.float(), timesteps, guidance_scale,
+                                         num_inner_steps, early_stop_epsilon)
+            uncond = [u.to(dtype) for u in uncond]
+        elif method == "negative-prompt":
+            uncond = negative_prompt_inversion(cond).to(dtype)
+        else:
+            uncond = None
+    trajectory = [x.to(dtype) for x in trajectory]
     return Inversion(trajectory[-1], uncond, trajectory, method, num_inference_steps, guidance_scale)

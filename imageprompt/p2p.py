@@ -12,8 +12,17 @@ target rows reuse the source's attention:
 - self-attention: for the first ``self_steps`` of the steps, at the layers up
   to ``self_res`` latent rows, the target uses the source's probabilities;
 - local blend (Sec. 3.3 and the authors' code): the chosen words' cross maps
-  at ``map_res`` are summed over steps, max-pooled 3x3, upsampled, normalised,
-  thresholded, and ``x_t = x_src + mask * (x_t - x_src)`` after each step.
+  at ``map_res`` (the targets' maps *after* the edit, as the authors' store
+  keeps them) are summed over steps, max-pooled 3x3, upsampled, normalised,
+  thresholded, less the unpooled mask of any excluded words, and
+  ``x_t = x_src + mask * (x_t - x_src)`` after each step from ``blend_start``.
+
+Step rules follow the authors' code: the cross-attention window of a fraction
+``f`` is steps ``[0, int(f * (num_steps + 1)))`` (``get_time_words_attention_alpha``),
+the self-attention window ``[0, int(f * num_steps))``; refinement maps padding
+position ``j`` to ``j``. One deliberate difference: a replaced word of another
+token count shifts the later words, and we map them in order (the authors'
+``mapper[j, j]`` reads the wrong source words there).
 
 The fast path: ``P_src @ V_tgt == SDPA(Q_src, K_src, V_tgt)``, so self-attention
 replacement only swaps the target rows' queries and keys and stays on the fused
@@ -28,22 +37,26 @@ from __future__ import annotations
 
 import contextlib
 import math
-import string
 
 import torch
 import torch.nn.functional as F
 
 from imageprompt.attention import attend, imageprompt_processors
+from imageprompt.p2p_align import (  # noqa: F401 (re-exported: the mappers are part of the p2p API)
+    global_alignment,
+    normalize_word,
+    refinement_mapper,
+    replacement_mapper,
+    token_weights,
+    word_positions,
+    word_token_spans,
+)
 
 MODES = ("replace", "refine", "reweight")
 BLEND_THRESHOLD = 0.3
 
 
 # ------------------------------------------------------------- text checks
-def normalize_word(word: str) -> str:
-    return word.lower().strip(string.punctuation)
-
-
 def prompt_words(prompt: str) -> list[str]:
     """Whitespace-separated words, lower-cased and stripped of punctuation (how words are matched)."""
     return [normalize_word(w) for w in prompt.split()]
@@ -79,12 +92,12 @@ def parse_word_weights(items: list[str] | None) -> dict[str, float]:
 
 def validate_edit(source: str, target: str | None, mode: str, weights: dict | None = None,
                   blend_words=None, cross_steps=0.8, word_cross_steps: dict | None = None, self_steps=0.4,
-                  blend_threshold: float = BLEND_THRESHOLD) -> str:
+                  blend_threshold: float = BLEND_THRESHOLD, blend_exclude=None, blend_start: float = 0.0) -> str:
     """Check an edit on the text alone (no model needed); returns the target prompt.
 
     Raises ``ValueError``/``TypeError`` naming the problem: an unknown mode,
     replace with different word counts, a weight/blend/per-word-steps word that
-    is not in the prompt, or steps outside [0, 1].
+    is not in the prompt, steps outside [0, 1], or blend exclusions/start without blend words.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
@@ -119,116 +132,27 @@ def validate_edit(source: str, target: str | None, mode: str, weights: dict | No
             raise ValueError(f"blend word {word!r} is in neither the source nor the target prompt")
     if not 0.0 <= blend_threshold <= 1.0:
         raise ValueError(f"`blend_threshold` must be in [0, 1], got {blend_threshold}")
+    if isinstance(blend_start, bool) or not isinstance(blend_start, (int, float)) or not 0.0 <= blend_start <= 1.0:
+        raise ValueError(f"`blend_start` must be a fraction in [0, 1], got {blend_start!r}")
+    if (blend_exclude or blend_start) and not blend_words:
+        raise ValueError("`blend_exclude` and `blend_start` refine a local blend: give `blend_words` too")
+    for word in blend_exclude or ():
+        if normalize_word(word) not in src_words | tgt_words:
+            raise ValueError(f"blend-exclude word {word!r} is in neither the source nor the target prompt")
     return target
 
 
-# --------------------------------------------------------- token alignment
-def word_token_spans(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
-    """``(word, token positions)`` for each word; position 0 is BOS. CLIP's BPE splits on whitespace first."""
-    spans, position = [], 1
-    for word in prompt.split():
-        count = len(tokenizer.encode(word, add_special_tokens=False))
-        spans.append((normalize_word(word), list(range(position, position + count))))
-        position += count
-    return spans
-
-
-def word_positions(tokenizer, prompt: str, word: str, length: int) -> list[int]:
-    """Token positions of every occurrence of ``word`` in ``prompt`` (within the context length)."""
-    word = normalize_word(word)
-    return [p for w, span in word_token_spans(tokenizer, prompt) if w == word for p in span if p < length - 1]
-
-
-def replacement_mapper(tokenizer, source: str, target: str, length: int) -> torch.Tensor:
-    """``(length, length)`` matrix ``M`` with ``target_probs = source_probs @ M`` (word swap).
-
-    Words correspond one for one; a word whose token count differs spreads the
-    source tokens' attention evenly over its target tokens. After the words,
-    EOS and padding map in order.
-    """
-    mapper = torch.zeros(length, length)
-    mapper[0, 0] = 1.0
-    end_s = end_t = 1
-    for (_, src), (_, tgt) in zip(word_token_spans(tokenizer, source), word_token_spans(tokenizer, target)):
-        src, tgt = [p for p in src if p < length], [p for p in tgt if p < length]
-        if src and tgt:
-            if len(src) == len(tgt):
-                mapper[src, tgt] = 1.0
-            else:
-                mapper[torch.tensor(src)[:, None], torch.tensor(tgt)[None, :]] = 1.0 / len(tgt)
-        end_s, end_t = end_s + len(src), end_t + len(tgt)
-    i, j = end_s, end_t
-    while j < length:
-        mapper[min(i, length - 1), j] = 1.0
-        i, j = i + 1, j + 1
-    return mapper
-
-
-def global_alignment(x: list[int], y: list[int]) -> list[int]:
-    """Needleman-Wunsch alignment (gap 0, match 1, mismatch -1): for each ``y`` index, its ``x`` index or -1.
-
-    Tie-breaking follows the authors' ``seq_aligner``: insertion, deletion, then diagonal.
-    """
-    n, m = len(x), len(y)
-    score = [[0] * (m + 1) for _ in range(n + 1)]
-    trace = [[0] * (m + 1) for _ in range(n + 1)]
-    for j in range(1, m + 1):
-        trace[0][j] = 1
-    for i in range(1, n + 1):
-        trace[i][0] = 2
-    for i in range(1, n + 1):
-        for j in range(1, m + 1):
-            left, up = score[i][j - 1], score[i - 1][j]
-            diag = score[i - 1][j - 1] + (1 if x[i - 1] == y[j - 1] else -1)
-            best = max(left, up, diag)
-            score[i][j] = best
-            trace[i][j] = 1 if best == left else 2 if best == up else 3
-    mapping = [-1] * m
-    i, j = n, m
-    while i > 0 or j > 0:
-        if trace[i][j] == 3:
-            i, j = i - 1, j - 1
-            mapping[j] = i
-        elif trace[i][j] == 1:
-            j -= 1
-        else:
-            i -= 1
-    return mapping
-
-
-def refinement_mapper(tokenizer, source: str, target: str, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(index, keep)``: target position ``j`` takes source position ``index[j]`` where ``keep[j]`` is 1.
-
-    New tokens of the target (``keep`` 0) keep their own attention. Padding after
-    EOS maps in order.
-    """
-    x = tokenizer.encode(source)[:length]
-    y = tokenizer.encode(target)[:length]
-    mapping = global_alignment(x, y)
-    index = torch.zeros(length, dtype=torch.long)
-    keep = torch.ones(length)
-    for j, i in enumerate(mapping):
-        index[j], keep[j] = max(i, 0), float(i >= 0)
-    for j in range(len(y), length):
-        index[j] = min(len(x) + j - len(y), length - 1)
-    return index, keep
-
-
-def token_weights(tokenizer, prompt: str, weights: dict, length: int) -> torch.Tensor:
-    """``(length,)`` multipliers: 1, and ``value`` at the tokens of each weighted word."""
-    vector = torch.ones(length)
-    for word, value in weights.items():
-        vector[word_positions(tokenizer, prompt, word, length)] = float(value)
-    return vector
-
-
 def step_alphas(tokenizer, prompt: str, num_steps: int, cross_steps, word_cross_steps, length: int) -> torch.Tensor:
-    """``(num_steps, length)``: 1 where the target's cross-attention is replaced at that step and token."""
+    """``(num_steps, length)``: 1 where the target's cross-attention is replaced at that step and token.
+
+    A window ``(start, end)`` covers steps ``int(start * (num_steps + 1))`` up to (not including)
+    ``int(end * (num_steps + 1))``: the authors' ``ptp_utils.get_time_words_attention_alpha`` rule.
+    """
     def window(steps, name):
         start, end = step_window(steps, name)
-        alpha = torch.zeros(num_steps)
-        alpha[int(start * num_steps):int(end * num_steps)] = 1.0
-        return alpha
+        alpha = torch.zeros(num_steps + 1)
+        alpha[int(start * (num_steps + 1)):int(end * (num_steps + 1))] = 1.0
+        return alpha[:num_steps]
 
     alphas = window(cross_steps, "cross_steps")[:, None].repeat(1, length)
     for word, steps in (word_cross_steps or {}).items():
@@ -260,21 +184,34 @@ class LocalBlend:
 
     ``token_masks`` is ``(prompts, length)``: 1 at the blend words' tokens of each
     prompt. A target's mask is the union of its own and the source's.
+    ``exclude_masks`` (same shape, or None): the tokens of words whose region is
+    taken out of the mask (the authors' ``substruct_words``: their maps are not
+    max-pooled, and the source's and the target's regions are both removed).
     """
 
-    def __init__(self, token_masks: torch.Tensor, threshold: float = BLEND_THRESHOLD, pool: int = 3):
+    def __init__(self, token_masks: torch.Tensor, threshold: float = BLEND_THRESHOLD, pool: int = 3,
+                 exclude_masks: torch.Tensor | None = None):
         self.token_masks = token_masks
+        self.exclude_masks = exclude_masks
         self.threshold = threshold
         self.pool = pool
 
-    def mask(self, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """``maps`` ``(prompts, h, w, length)`` -> boolean ``(targets, 1, H, W)``."""
-        word_maps = (maps * self.token_masks.to(maps)[:, None, None, :]).sum(-1)[:, None]
-        word_maps = F.max_pool2d(word_maps, self.pool, stride=1, padding=self.pool // 2)
+    def _region(self, maps: torch.Tensor, token_masks: torch.Tensor, size: tuple[int, int],
+                pool: bool) -> torch.Tensor:
+        word_maps = (maps * token_masks.to(maps)[:, None, None, :]).sum(-1)[:, None]
+        if pool:
+            word_maps = F.max_pool2d(word_maps, self.pool, stride=1, padding=self.pool // 2)
         word_maps = F.interpolate(word_maps, size=size)
         word_maps = word_maps / word_maps.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
         above = word_maps > self.threshold
         return above[:1] | above[1:]
+
+    def mask(self, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """``maps`` ``(prompts, h, w, length)`` -> boolean ``(targets, 1, H, W)``."""
+        mask = self._region(maps, self.token_masks, size, pool=True)
+        if self.exclude_masks is not None:
+            mask = mask & ~self._region(maps, self.exclude_masks, size, pool=False)
+        return mask
 
     def __call__(self, latents: torch.Tensor, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x_t = x_src + mask * (x_t - x_src)`` for every target row; the source row is unchanged."""
@@ -294,6 +231,10 @@ class PromptToPromptController:
         mode: ``"replace"``, ``"refine"`` or ``"reweight"``.
         weights: ``{word: multiplier}`` on the target's cross-attention (any mode).
         blend_words: words whose maps form the local-blend mask (None: no blend).
+        blend_threshold: mask threshold on the normalised maps.
+        blend_exclude: words whose region is removed from the blend mask (the authors' ``substruct_words``).
+        blend_start: fraction of the steps before blending starts (the authors' ``start_blend``;
+            step ``s`` blends when ``s >= int(blend_start * num_steps)``).
         cross_steps: fraction ``f`` or ``(start, end)`` of the steps with cross-attention control.
         word_cross_steps: ``{word: fraction or (start, end)}`` overriding ``cross_steps`` per word.
         self_steps: fraction or ``(start, end)`` of the steps with self-attention replacement.
@@ -305,12 +246,13 @@ class PromptToPromptController:
     def __init__(self, tokenizer, source: str, targets: str | list[str] | None, mode: str = "replace",
                  weights: dict | None = None, blend_words=None, blend_threshold: float = BLEND_THRESHOLD,
                  cross_steps=0.8, word_cross_steps: dict | None = None, self_steps=0.4,
-                 self_res: int | None = None, map_res: int | None = None, length: int | None = None):
+                 self_res: int | None = None, map_res: int | None = None, length: int | None = None,
+                 blend_exclude=None, blend_start: float = 0.0):
         targets = [targets] if targets is None or isinstance(targets, str) else list(targets)
         if not targets:
             raise ValueError("give at least one target prompt")
         targets = [validate_edit(source, t, mode, weights, blend_words, cross_steps, word_cross_steps, self_steps,
-                                 blend_threshold) for t in targets]
+                                 blend_threshold, blend_exclude, blend_start) for t in targets]
         for name, res in (("self_res", self_res), ("map_res", map_res)):
             if res is not None and (not isinstance(res, int) or res < 1):
                 raise ValueError(f"`{name}` must be a positive number of latent rows, got {res!r}")
@@ -326,13 +268,18 @@ class PromptToPromptController:
             self.index = torch.stack([p[0] for p in pairs])
             self.keep = torch.stack([p[1] for p in pairs])
         self.weights = torch.stack([token_weights(tokenizer, t, weights, L) for t in targets]) if weights else None
-        self.blend = None
-        if blend_words:
+        self.blend, self.blend_start = None, float(blend_start)
+
+        def token_masks(words):
             masks = torch.zeros(len(targets) + 1, L)
             for row, prompt in enumerate([source, *targets]):
-                for word in blend_words:
+                for word in words:
                     masks[row, word_positions(tokenizer, prompt, word, L)] = 1.0
-            self.blend = LocalBlend(masks, blend_threshold)
+            return masks
+
+        if blend_words:
+            self.blend = LocalBlend(token_masks(blend_words), blend_threshold,
+                                    exclude_masks=token_masks(blend_exclude) if blend_exclude else None)
         self.num_prompts = len(targets) + 1
         self.setup(1, (64, 64))
 
@@ -349,7 +296,8 @@ class PromptToPromptController:
         self.alphas = torch.stack([step_alphas(self.tokenizer, t, num_steps, self.cross_steps, self.word_cross_steps,
                                                self.length) for t in self.targets], dim=1)  # (steps, T, L)
         start, end = step_window(self.self_steps, "self_steps")
-        self.self_window = (int(start * num_steps), int(end * num_steps))
+        self.self_window = (int(start * num_steps), int(end * num_steps))  # the authors' self-replace rule
+        self.blend_from = int(self.blend_start * num_steps)
         self._device_tensors(device)
         self.maps_sum, self.maps_count = None, 0
         self.blend_mask = None
@@ -362,6 +310,8 @@ class PromptToPromptController:
                 setattr(self, name, value.to(device))
         if self.blend is not None and device is not None:
             self.blend.token_masks = self.blend.token_masks.to(device)
+            if self.blend.exclude_masks is not None:
+                self.blend.exclude_masks = self.blend.exclude_masks.to(device)
 
     def set_step(self, step: int) -> None:
         self.step = step
@@ -370,7 +320,7 @@ class PromptToPromptController:
 
     def end_step(self, latents: torch.Tensor) -> torch.Tensor:
         """After a sampling step: local blend on the ``(prompts, C, H, W)`` latents, then advance the step."""
-        if self.blend is not None and self.maps_sum is not None:
+        if self.blend is not None and self.maps_sum is not None and self.step >= self.blend_from:
             latents, self.blend_mask = self.blend(latents, self.maps_sum)
         self.set_step(self.step + 1)
         return latents
@@ -387,7 +337,7 @@ class PromptToPromptController:
         return height, tokens // height
 
     def record(self, probs: torch.Tensor) -> None:
-        """Add the conditional rows' ``(prompts, heads, tokens, length)`` probabilities to the map sum."""
+        """Add the conditional rows' ``(prompts, heads, tokens, length)`` (edited) probabilities to the map sum."""
         height, width = self.layer_size(probs.shape[2])
         maps = probs.float().mean(1).reshape(probs.shape[0], height, width, -1)
         self.maps_sum = maps if self.maps_sum is None else self.maps_sum + maps
@@ -432,10 +382,10 @@ class PromptToPromptController:
         mask = None if attention_mask is None else attention_mask[first:].float()
         scores = query[first:].float() @ key[first:].float().transpose(-1, -2) * query.shape[-1] ** -0.5
         probs = (scores if mask is None else scores + mask).softmax(-1)
-        if record:
-            self.record(probs)
         if self.cross_active:
             probs = torch.cat([probs[:1], self.edit_cross(probs[0], probs[1:])])
+        if record:  # after the edit: the authors' store holds the maps that the edit overwrote in place
+            self.record(probs)
         out = (probs @ value[first:].float()).to(query.dtype)
         if first == 0:
             return out

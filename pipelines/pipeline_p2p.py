@@ -10,8 +10,8 @@ attention. The source may be
   on a beach" -> "this image, in the snow"),
 - an SD-IPC variation (``image`` with ``image_mode="variation"``: the source is
   the image alone, the targets are image + text), or
-- a real photo inverted with :meth:`invert` (null-text, negative-prompt or DDIM
-  inversion), passed as ``inversion``.
+- a real photo inverted with :meth:`invert` (null-text, negative-prompt, DDIM or
+  direct inversion), passed as ``inversion``.
 
 Image adapters loaded on the UNet (IP-Adapter, the SD-IPC branch) apply to every
 prompt of the batch: pass ``ip_adapter_image`` as for the other pipelines. Their
@@ -30,7 +30,7 @@ from imageprompt.pipelines.pipeline_sdipc import StableDiffusionImagePromptPipel
 
 from imageprompt.attention_maps import token_labels
 from imageprompt.conversion import edit_embeds, eos_positions, variation_embeds
-from imageprompt.inversion import METHODS, Inversion, invert
+from imageprompt.inversion import METHODS, Inversion, check_sampler, direct_correction, invert
 from imageprompt.ip_adapter import adapters_suspended
 from imageprompt.p2p import (
     BLEND_THRESHOLD,
@@ -68,6 +68,7 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
         """Invert a real photo described by ``prompt`` so that it can be edited (see :mod:`imageprompt.inversion`).
 
         Image adapters loaded on the UNet are suspended while inverting: the photo is inverted under its text.
+        Inversion runs in float32 (and returns the UNet's dtype) and needs the DDIM scheduler.
         """
         if method not in METHODS:
             raise ValueError(f"unknown inversion {method!r}; choose from {', '.join(METHODS)}")
@@ -114,6 +115,8 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
         weights: dict[str, float] | None = None,
         blend_words: list[str] | None = None,
         blend_threshold: float = BLEND_THRESHOLD,
+        blend_exclude: list[str] | None = None,
+        blend_start: float = 0.0,
         cross_steps: float | tuple[float, float] = 0.8,
         word_cross_steps: dict[str, float | tuple[float, float]] | None = None,
         self_steps: float | tuple[float, float] = 0.4,
@@ -148,6 +151,8 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
             weights: ``{word: multiplier}`` of the target's cross-attention, in any mode.
             blend_words: words whose cross-attention maps form the local-blend mask.
             blend_threshold: mask threshold on the normalised maps (0.3).
+            blend_exclude: words whose region is taken out of the blend mask (the authors' ``substruct_words``).
+            blend_start: fraction of the steps before local blending starts (the authors' ``start_blend``; 0).
             cross_steps: fraction ``f`` (the first ``f`` of the steps) or ``(start, end)`` of cross-attention control.
             word_cross_steps: per-word override of ``cross_steps``.
             self_steps: fraction or ``(start, end)`` of self-attention replacement.
@@ -173,6 +178,8 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
         self.check_p2p_inputs(source_prompt, target_prompt, mode, weights, blend_words, blend_threshold, cross_steps,
                               word_cross_steps, self_steps, image, inversion, num_inference_steps, guidance_scale,
                               latents, image_mode)
+        if inversion is not None:  # the edit must retrace the inversion: DDIM, eta 0
+            check_sampler(self.scheduler, eta)
         self.check_inputs(None, source_prompt, negative_prompt, height, width, 1, guidance_scale, num_inference_steps,
                           alpha, None, callback_on_step_end_tensor_inputs)
         self.check_ip_adapter_inputs(ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image)
@@ -184,6 +191,7 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
         controller = PromptToPromptController(
             self.tokenizer, source_prompt, target_prompt, mode, weights, blend_words, blend_threshold, cross_steps,
             word_cross_steps, self_steps, self_res, map_res, length=self.model_max_length,
+            blend_exclude=blend_exclude, blend_start=blend_start,
         )
         prompts = [controller.source, *controller.targets]
         rows = len(prompts)
@@ -221,6 +229,8 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
         controller.setup(num_inference_steps, latent_size, device, default_resolution(self.unet.config, latent_size[0]))
 
         def on_step_end(pipe, step, timestep, tensors):
+            if inversion is not None and inversion.method == "direct":  # Ju et al. 2024: source row only
+                tensors["latents"] = direct_correction(tensors["latents"], inversion, step)
             tensors["latents"] = controller.end_step(tensors["latents"])
             if inversion is not None and isinstance(inversion.uncond_embeds, list) and step + 1 < len(timesteps):
                 null = inversion.uncond_at(step + 1).to(device=device, dtype=cond.dtype)

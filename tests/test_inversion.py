@@ -152,3 +152,142 @@ def test_inversion_errors(p2p_pipe, photo):
             p2p_pipe.invert(photo, SOURCE, "ddim", num_inference_steps=2)
     finally:
         p2p_pipe.scheduler = ddim
+
+
+# Direct Inversion (Ju et al., ICLR 2024) and inversion safety
+
+
+def test_direct_inversion_reconstructs_photo_exactly_for_a_latent_free_model(p2p_pipe, photo, monkeypatch):
+    monkeypatch.setattr(p2p_pipe.unet, "forward", fixed_noise_unet)
+    result = p2p_pipe.invert(photo, SOURCE, "direct", num_inference_steps=5)
+    assert result.method == "direct" and result.uncond_embeds is None and len(result.trajectory) == 6
+    out = p2p_pipe(SOURCE, TARGET, inversion=result, num_inference_steps=5, output_type="latent")
+    expected = inv.encode_image(p2p_pipe, photo, 32, 32)
+    assert (out.images[:1] - expected).abs().max().item() < 1e-5
+
+
+def test_direct_inversion_reconstructs_better_than_ddim_on_the_tiny_model(p2p_pipe, photo):
+    expected = inv.encode_image(p2p_pipe, photo, 32, 32)
+    errors = {}
+    for method in ("ddim", "direct"):
+        result = p2p_pipe.invert(photo, SOURCE, method, num_inference_steps=4)
+        out = p2p_pipe(SOURCE, TARGET, inversion=result, num_inference_steps=4, output_type="latent")
+        errors[method] = (out.images[:1] - expected).abs().max().item()
+    assert errors["ddim"] > 1e-2  # guidance 7.5 takes plain DDIM off the inverted path
+    assert errors["direct"] < 1e-5  # the source branch ends on the photo's latent
+
+
+def test_direct_correction_moves_the_source_row_only(p2p_pipe, photo, monkeypatch):
+    result = p2p_pipe.invert(photo, SOURCE, "direct", num_inference_steps=3)
+    stepped, seen = [], []
+    step = p2p_pipe.scheduler.step
+
+    def recording_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        stepped.append(out[0].clone())
+        return out
+
+    def callback(pipe, i, t, tensors):
+        seen.append(tensors["latents"].clone())
+        return tensors
+
+    monkeypatch.setattr(p2p_pipe.scheduler, "step", recording_step)
+    p2p_pipe(SOURCE, [TARGET, "a red cat on the snow"], inversion=result, num_inference_steps=3,
+             output_type="latent", callback_on_step_end=callback)
+    assert len(stepped) == len(seen) == 3
+    for i, (raw, corrected) in enumerate(zip(stepped, seen)):
+        assert torch.equal(corrected[1:], raw[1:])  # the targets are not offset (no local blend here)
+        assert torch.allclose(corrected[0], result.trajectory[2 - i][0], atol=1e-6)  # the source is back on z*
+        assert not torch.allclose(raw[0], corrected[0], atol=1e-4)  # and it needed the correction
+
+
+def test_direct_correction_function():
+    trajectory = [torch.full((1, 4, 2, 2), float(k)) for k in range(3)]
+    result = inv.Inversion(trajectory[-1], None, trajectory, "direct", 2, 7.5)
+    latents = torch.randn(3, 4, 2, 2)
+    out = inv.direct_correction(latents, result, 0)
+    assert torch.allclose(out[0], trajectory[1][0]) and torch.equal(out[1:], latents[1:])
+    assert not torch.equal(out, latents)  # the input is left as it was
+    assert torch.allclose(inv.direct_correction(latents, result, 1)[0], trajectory[0][0])
+
+
+def test_inversion_refuses_non_ddim_schedulers_and_eta(p2p_pipe, photo):
+    from diffusers import EulerDiscreteScheduler
+
+    result = p2p_pipe.invert(photo, SOURCE, "direct", num_inference_steps=2)
+    with pytest.raises(ValueError, match="deterministic DDIM sampling \\(eta 0\\), got eta 0.5"):
+        p2p_pipe(SOURCE, TARGET, inversion=result, num_inference_steps=2, eta=0.5)
+    with pytest.raises(ValueError, match="got eta 1"):
+        inv.check_sampler(p2p_pipe.scheduler, eta=1)
+    inv.check_sampler(p2p_pipe.scheduler, eta=0.0)
+    ddim = p2p_pipe.scheduler
+    try:
+        p2p_pipe.scheduler = EulerDiscreteScheduler.from_config(ddim.config)
+        for method in ("direct", "null-text"):
+            with pytest.raises(ValueError, match="needs the DDIM scheduler, the pipeline has EulerDiscreteScheduler"):
+                p2p_pipe.invert(photo, SOURCE, method, num_inference_steps=2)
+        with pytest.raises(ValueError, match="needs the DDIM scheduler"):
+            p2p_pipe(SOURCE, TARGET, inversion=result, num_inference_steps=2)
+    finally:
+        p2p_pipe.scheduler = ddim
+    p2p_pipe(SOURCE, TARGET, inversion=result, num_inference_steps=2, output_type="latent")  # eta 0 is fine
+
+
+def test_inversion_runs_in_float32_under_bf16(tiny_model, photo):
+    from diffusers import DDIMScheduler
+    from imageprompt.pipelines import StableDiffusionPromptToPromptPipeline
+    from imageprompt.pipelines.loading import load_pipeline
+
+    model_dir, clip_dir = tiny_model
+    base = load_pipeline(str(model_dir), str(clip_dir), device="cpu", dtype="bf16")
+    pipe = StableDiffusionPromptToPromptPipeline.from_pipe(base)
+    pipe.set_progress_bar_config(disable=True)
+    if not isinstance(pipe.scheduler, DDIMScheduler):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    assert pipe.unet.dtype == torch.bfloat16
+    dtypes = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: dtypes.append((module.dtype, args[0].dtype)))
+    try:
+        for method in ("direct", "null-text"):
+            result = pipe.invert(photo, SOURCE, method, num_inference_steps=2, num_inner_steps=2)
+            assert result.latents.dtype == torch.bfloat16 and all(x.dtype == torch.bfloat16 for x in result.trajectory)
+            assert all(torch.isfinite(x.float()).all() for x in result.trajectory)
+            if method == "null-text":
+                assert all(u.dtype == torch.bfloat16 for u in result.uncond_embeds)
+    finally:
+        handle.remove()
+    assert dtypes and set(dtypes) == {(torch.float32, torch.float32)}  # every inversion pass ran in fp32
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.vae.dtype == torch.bfloat16  # restored after
+    out = pipe(SOURCE, TARGET, inversion=result, num_inference_steps=2, output_type="latent")
+    assert out.images.dtype == torch.bfloat16 and torch.isfinite(out.images.float()).all()
+
+
+def test_cli_p2p_real_photo_direct_inversion(tiny_model, tmp_path, noise_image):
+    from imageprompt.cli.main import main
+    from imageprompt.images import read_parameters
+
+    model_dir, clip_dir = tiny_model
+    photo = tmp_path / "photo.png"
+    noise_image.save(photo)
+    out = tmp_path / "out"
+    code = main(["p2p", "--source", SOURCE, "--target", "a red cat on the snow", "--image", str(photo),
+                 "--invert", "direct", "--steps", "2", "--model", str(model_dir), "--clip", str(clip_dir),
+                 "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    params = read_parameters(out / "photo-edit.png")
+    assert params["invert"] == "direct" and params["input"] == "photo.png" and params["inner_steps"] is None
+    assert (out / "photo-source.png").exists()
+
+
+def test_direct_is_a_cli_and_batch_inversion(tmp_path, noise_image):
+    from imageprompt.cli.p2p import INVERSIONS
+    from imageprompt.jobs import JobDefaults
+    from imageprompt.jobs.schema import validate_row
+
+    assert "direct" in inv.METHODS and set(INVERSIONS) == set(inv.METHODS)
+    noise_image.save(tmp_path / "photo.png")
+    row = {"kind": "p2p", "prompt": SOURCE, "target": TARGET, "image": "photo.png", "invert": "direct"}
+    checked = validate_row(1, row, JobDefaults(), tmp_path)
+    assert checked.error is None and checked.params["invert"] == "direct"
+    wrong = validate_row(2, dict(row, invert="edict"), JobDefaults(), tmp_path)
+    assert "must be one of null-text, negative-prompt, ddim, direct" in wrong.error

@@ -42,9 +42,8 @@ def textbook_editor(ctl, processor, query, key, value, attention_mask=None):
     prompts = ctl.num_prompts
     base, own = probs[-prompts], probs[-prompts + 1:]
     height = ctl.layer_size(query.shape[2])[0]
+    record = processor.is_cross_attention and height == ctl.map_res
     if processor.is_cross_attention:
-        if height == ctl.map_res:
-            ctl.record(probs[-prompts:])
         if ctl.step < ctl.num_steps:
             alpha = ctl.alphas[ctl.step][:, None, None, :]
             if ctl.mode == "replace":
@@ -60,6 +59,8 @@ def textbook_editor(ctl, processor, query, key, value, attention_mask=None):
     elif ctl.self_window[0] <= ctl.step < ctl.self_window[1] and height <= ctl.self_res:
         own = base.expand_as(own)
     probs = torch.cat([probs[:-prompts], base[None], own])
+    if record:  # the edited maps, as the authors' store keeps them
+        ctl.record(probs[-prompts:])
     return probs @ value
 
 
@@ -165,6 +166,20 @@ def test_local_blend_keeps_latents_outside_the_mask(p2p_pipe, noise):
     assert (target[~outside] - source.expand_as(target)[~outside]).abs().max() > 1e-3
 
 
+def test_blend_start_and_exclude(p2p_pipe, noise):
+    kw = dict(source_prompt=SOURCE, target_prompt=TARGET, blend_words=["cat", "dog"], blend_threshold=0.93,
+              map_res=16)
+    never = latents_of(p2p_pipe, noise, blend_start=1.0, **kw)  # blending starts after the last step
+    plain = latents_of(p2p_pipe, noise, source_prompt=SOURCE, target_prompt=TARGET, map_res=16)
+    assert never.blend_mask is None and torch.equal(never.images, plain.images)
+    late = latents_of(p2p_pipe, noise, blend_start=0.5, **kw)
+    full = latents_of(p2p_pipe, noise, **kw)
+    assert late.blend_mask is not None and not torch.allclose(late.images, full.images, atol=1e-3)
+    excluded = latents_of(p2p_pipe, noise, blend_exclude=["beach"], **kw)
+    assert (excluded.blend_mask <= full.blend_mask).all()  # exclusion only removes from the mask
+    assert excluded.blend_mask.sum() < full.blend_mask.sum()
+
+
 def test_sdipc_image_prompt_source_matches_sdipc_edit(p2p_pipe, tiny_pipe, noise, red_image):
     out = latents_of(p2p_pipe, noise, source_prompt="on the beach", target_prompt="on the snow", image=red_image,
                      alpha=0.6)
@@ -208,7 +223,7 @@ def test_global_alignment_and_refinement_keep_new_tokens(tiny_pipe):
     index, keep = refinement_mapper(tiny_pipe.tokenizer, "a cat on the beach", "a big cat on the beach", 77)
     assert keep[:8].tolist() == [1, 1, 0, 1, 1, 1, 1, 1]
     assert index[:8].tolist()[:2] == [0, 1] and index[3:8].tolist() == [2, 3, 4, 5, 6]
-    assert index[8] == 7 and index[-1] == 75
+    assert index[8] == 8 and index[-1] == 76  # padding maps to the same position (the authors' rule)
 
 
 def test_step_alphas_per_word(tiny_pipe):
@@ -243,6 +258,9 @@ def test_edit_cross_modes(tiny_pipe):
     (dict(target_prompt=TARGET, mode="swap"), "unknown mode 'swap'"),
     (dict(mode="reweight"), "reweight needs at least one word weight"),
     (dict(target_prompt=TARGET, map_res=4), "`map_res` 4 names no cross-attention layer"),
+    (dict(target_prompt=TARGET, blend_exclude=["beach"]), "give `blend_words` too"),
+    (dict(target_prompt=TARGET, blend_words=["cat"], blend_exclude=["tree"]), "blend-exclude word 'tree'"),
+    (dict(target_prompt=TARGET, blend_words=["cat"], blend_start=1.5), "`blend_start` must be a fraction"),
 ])
 def test_bad_input_fails_before_sampling(p2p_pipe, kwargs, message):
     calls = []
@@ -279,6 +297,18 @@ def test_cli_p2p_end_to_end(tiny_model, tmp_path, capsys):
     assert edit["weights"] == {"dog": 2.0} and edit["word_cross_steps"] == {"dog": 0.3}
     assert edit["cross_steps"] == 0.6 and edit["self_steps"] == 0.5 and edit["seed"] == 7 and edit["steps"] == 2
     assert read_parameters(maps)["role"] == "attention"
+    assert edit["blend_exclude"] is None and edit["blend_start"] == 0.0
+
+
+def test_cli_p2p_blend_exclude_and_start(tiny_model, tmp_path, capsys):
+    model_dir, clip_dir = tiny_model
+    out = tmp_path / "out"
+    code = main(["p2p", "--source", SOURCE, "--target", TARGET, "--blend", "cat", "dog", "--blend-exclude", "beach",
+                 "--blend-start", "0.5", "--steps", "2", "--seed", "7", "--model", str(model_dir),
+                 "--clip", str(clip_dir), "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    edit = read_parameters(out / "p2p-edit-7.png")
+    assert edit["blend_exclude"] == ["beach"] and edit["blend_start"] == 0.5
 
 
 def test_cli_p2p_real_photo(tiny_model, tmp_path, noise_image, capsys):
@@ -300,6 +330,8 @@ def test_cli_p2p_real_photo(tiny_model, tmp_path, noise_image, capsys):
     (["--target", TARGET, "--weight", "snow=2"], "weight word 'snow' is not in the target"),
     (["--target", TARGET, "--weight", "dog"], "--weight expects WORD=NUMBER"),
     (["--target", TARGET, "--blend", "tree"], "blend word 'tree' is in neither"),
+    (["--target", TARGET, "--blend-exclude", "beach"], "give `blend_words` too"),
+    (["--target", TARGET, "--blend", "cat", "--blend-exclude", "tree"], "blend-exclude word 'tree'"),
     (["--target", TARGET, "--cross-steps", "1.5"], "must be in [0, 1]"),
     (["--target", TARGET, "--mode", "swap"], "unknown mode 'swap'"),
     (["--target", TARGET, "--invert", "ddim"], "--invert needs --image"),

@@ -24,7 +24,7 @@ from imageprompt.cli.common import (
 )
 from imageprompt.images import generators
 
-INVERSIONS = ("null-text", "negative-prompt", "ddim")
+INVERSIONS = ("null-text", "negative-prompt", "ddim", "direct")
 
 
 def register(subparsers) -> None:
@@ -41,6 +41,10 @@ def register(subparsers) -> None:
     p2p.add_argument("--blend", nargs="+", action="extend", metavar="WORD",
                      help="local blend: only the region of these words changes")
     p2p.add_argument("--blend-threshold", type=fraction, default=0.3, help="mask threshold (default 0.3)")
+    p2p.add_argument("--blend-exclude", nargs="+", action="extend", metavar="WORD",
+                     help="take these words' region out of the blend mask (the authors' substruct_words)")
+    p2p.add_argument("--blend-start", type=fraction, default=0.0,
+                     help="fraction of the steps before blending starts (the authors' start_blend; default 0)")
     p2p.add_argument("--weight", nargs="+", action="extend", metavar="WORD=VALUE",
                      help="scale a target word's cross-attention, e.g. --weight snow=2")
     p2p.add_argument("--cross-steps", action="append", metavar="F|WORD=F",
@@ -102,7 +106,7 @@ def run_p2p(args) -> int:
     weights = parse_weights(args.weight)
     cross_steps, word_cross_steps = parse_cross_steps(args.cross_steps)
     target = validate_edit(args.source, args.target, args.mode, weights, args.blend, cross_steps, word_cross_steps,
-                           args.self_steps, args.blend_threshold)
+                           args.self_steps, args.blend_threshold, args.blend_exclude, args.blend_start)
     if args.invert and not args.image:
         raise CommandError("--invert needs --image PHOTO")
     if args.image and args.image_prompt:
@@ -137,7 +141,8 @@ def run_p2p(args) -> int:
     adapter["pipeline"] = {k: v for k, v in adapter["pipeline"].items() if k.startswith(("ip_", "negative_ip_"))}
     params = base_parameters(base, args, "p2p")
     params.update(source=args.source, target=target, mode=args.mode, weights=weights or None, blend=args.blend,
-                  blend_threshold=args.blend_threshold, cross_steps=cross_steps,
+                  blend_threshold=args.blend_threshold, blend_exclude=args.blend_exclude,
+                  blend_start=args.blend_start, cross_steps=cross_steps,
                   word_cross_steps=word_cross_steps or None, self_steps=args.self_steps, self_res=args.self_res,
                   map_res=args.map_res, seed=seed)
     if photo is not None:
@@ -154,7 +159,8 @@ def run_p2p(args) -> int:
         inversion = pipe.invert(photo, args.source, method, args.steps, args.guidance, args.height, args.width,
                                 num_inner_steps=args.inner_steps)
     result = pipe(args.source, None if args.mode == "reweight" else target, mode=args.mode, weights=weights or None,
-                  blend_words=args.blend, blend_threshold=args.blend_threshold, cross_steps=cross_steps,
+                  blend_words=args.blend, blend_threshold=args.blend_threshold, blend_exclude=args.blend_exclude,
+                  blend_start=args.blend_start, cross_steps=cross_steps,
                   word_cross_steps=word_cross_steps or None, self_steps=args.self_steps, self_res=args.self_res,
                   map_res=args.map_res, image=reference, alpha=args.alpha, inversion=inversion,
                   image_mode="variation" if args.variation_source else "edit",
