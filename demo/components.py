@@ -88,7 +88,11 @@ def step_controls() -> dict:
         cross = gr.Slider(0.0, 1.0, value=0.8, step=0.05, label="Cross-attention steps (fraction)")
         self_ = gr.Slider(0.0, 1.0, value=0.4, step=0.05, label="Self-attention steps (fraction)")
         threshold = gr.Slider(0.0, 1.0, value=0.3, step=0.05, label="Blend threshold")
-    return dict(cross=cross, self=self_, threshold=threshold)
+    with gr.Row():
+        exclude = gr.Textbox(value="", label="Blend: exclude words (their region never changes)",
+                             placeholder="e.g. square", max_lines=1)
+        start = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Blend start (fraction of the steps)")
+    return dict(cross=cross, self=self_, threshold=threshold, exclude=exclude, start=start)
 
 
 def p2p_outputs(name: str) -> tuple[gr.Gallery, gr.Image, gr.File]:

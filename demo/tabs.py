@@ -156,9 +156,10 @@ def p2p_tab(ctx: DemoContext) -> None:
                 label="Examples (shapes world)")
 
     def p2p(source, target, mode, blend, weights, cross_steps, self_steps, blend_threshold, steps, guidance, seed,
-            width, height, negative_prompt, progress=gr.Progress(track_tqdm=True)):
+            width, height, negative_prompt, exclude="", blend_start=0.0, progress=gr.Progress(track_tqdm=True)):
 
-        settings = check_edit(source, target, mode, weights, blend, cross_steps, self_steps, blend_threshold)
+        settings = check_edit(source, target, mode, weights, blend, cross_steps, self_steps, blend_threshold,
+                              exclude, blend_start)
         check_words(ctx, [("the source prompt", settings["source_prompt"]),
                           ("the target prompt", settings["target_prompt"])])
         sampling = check_sampling(ctx, steps=steps, guidance=guidance, seed=seed, width=width, height=height,
@@ -172,7 +173,7 @@ def p2p_tab(ctx: DemoContext) -> None:
         return write_edit_results(ctx, result, params, f"p2p-{sampling.seed}")
 
     inputs = [source, edit["target"], edit["mode"], edit["blend"], edit["weights"], steps_["cross"], steps_["self"],
-              steps_["threshold"], *opts.inputs]
+              steps_["threshold"], *opts.inputs, steps_["exclude"], steps_["start"]]  # new ones last: API callers
     on_run(run, p2p, inputs, [gallery, maps, files], "p2p")
 
 
@@ -200,10 +201,11 @@ def real_edit_tab(ctx: DemoContext) -> None:
                 [image, source, edit["target"]], label="Examples (shapes world)")
 
     def real_edit(image, source, target, mode, blend, weights, method, inner_steps, cross_steps, self_steps,
-                  blend_threshold, steps, guidance, width, height, negative_prompt,
+                  blend_threshold, steps, guidance, width, height, negative_prompt, exclude="", blend_start=0.0,
                   progress=gr.Progress(track_tqdm=True)):
         photo, about = read_image(ctx, image, "a photo")
-        settings = check_edit(source, target, mode, weights, blend, cross_steps, self_steps, blend_threshold)
+        settings = check_edit(source, target, mode, weights, blend, cross_steps, self_steps, blend_threshold,
+                              exclude, blend_start)
         check_words(ctx, [("the source prompt", settings["source_prompt"]),
                           ("the target prompt", settings["target_prompt"])])
         method = check_inversion(method)
@@ -221,7 +223,7 @@ def real_edit_tab(ctx: DemoContext) -> None:
         return write_edit_results(ctx, result, params, f"real-{method}")
 
     inputs = [image, source, edit["target"], edit["mode"], edit["blend"], edit["weights"], method, inner,
-              steps_["cross"], steps_["self"], steps_["threshold"], *opts.inputs]
+              steps_["cross"], steps_["self"], steps_["threshold"], *opts.inputs, steps_["exclude"], steps_["start"]]
     on_run(run, real_edit, inputs, [gallery, maps, files], "real_edit")
 
 

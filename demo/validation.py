@@ -205,7 +205,7 @@ def words(text: str | None) -> list[str]:
 
 
 def check_edit(source: str, target: str | None, mode: str, weights_text: str | None, blend_text: str | None,
-               cross_steps, self_steps, blend_threshold) -> dict:
+               cross_steps, self_steps, blend_threshold, exclude_text: str | None = None, blend_start=0.0) -> dict:
     """Prompt-to-prompt settings checked on the text alone, before any sampling (``gr.Error`` when they don't fit)."""
     from imageprompt.p2p import parse_word_weights, validate_edit
 
@@ -224,8 +224,12 @@ def check_edit(source: str, target: str | None, mode: str, weights_text: str | N
                     blend_threshold=checked_number("Blend threshold", blend_threshold, float, 0.0, 1.0),
                     cross_steps=checked_number("Cross-attention steps", cross_steps, float, 0.0, 1.0),
                     self_steps=checked_number("Self-attention steps", self_steps, float, 0.0, 1.0))
+    exclude = words(cap_text(exclude_text, "the excluded blend words")) or None
+    start = checked_number("Blend start", blend_start, float, 0.0, 1.0)
+    if exclude or start:  # only then, so that earlier parameters stay as they were
+        settings.update(blend_exclude=exclude, blend_start=start)
     target = validate_edit(source, target, mode, weights, blend, settings["cross_steps"], None,
-                           settings["self_steps"], settings["blend_threshold"])
+                           settings["self_steps"], settings["blend_threshold"], exclude, start)
     return dict(source_prompt=source, target_prompt=None if mode == "reweight" else target, **settings)
 
 

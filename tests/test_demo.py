@@ -378,3 +378,16 @@ def test_launch_shows_the_model_notice_in_the_terminal(monkeypatch, tiny_model, 
     assert demo.imageprompt_context.adapter_names == ["sdipc"] and demo.imageprompt_context.scheduler == "ddim"
     out = capsys.readouterr().out
     assert demo.local_url in out and "--share" in out and "share=True" not in out
+
+
+def test_blend_start_and_exclude_reach_the_edit_settings():
+    from imageprompt.demo.validation import check_edit
+
+    plain = check_edit("a red square and a blue circle", "a red square and a green circle", "replace", "",
+                       "circle", 0.8, 0.4, 0.3)
+    assert "blend_exclude" not in plain and "blend_start" not in plain  # earlier parameters unchanged
+    settings = check_edit("a red square and a blue circle", "a red square and a green circle", "replace", "",
+                          "circle", 0.8, 0.4, 0.3, "square", 0.25)
+    assert settings["blend_exclude"] == ["square"] and settings["blend_start"] == 0.25
+    with pytest.raises(Exception, match="Blend start"):
+        check_edit("a red circle", "a blue circle", "replace", "", "circle", 0.8, 0.4, 0.3, "", 1.5)

@@ -275,6 +275,18 @@ def test_p2p_and_adapter_rows(images, tiny_pipe):
     assert tiny_pipe.image_adapters == []  # the pipeline is handed back without the adapter
 
 
+def test_p2p_rows_take_blend_start_and_exclude(images):
+    rows = validate_rows(list(enumerate([
+        {"kind": "p2p", "prompt": "a red square and a blue circle", "target": "a red square and a green circle",
+         "blend": ["circle"], "blend_exclude": ["square"], "blend_start": 0.3},
+        {"kind": "p2p", "prompt": "a red circle", "target": "a blue circle", "blend": ["circle"],
+         "blend_exclude": ["dog"]},
+    ], start=1)), JobDefaults(**FAST), images)
+    assert rows[0].error is None and rows[0].params["blend_exclude"] == ["square"]
+    assert rows[0].params["blend_start"] == 0.3
+    assert rows[1].error and "dog" in rows[1].error
+
+
 def test_p2p_rows_with_an_adapter(images, tiny_pipe):
     (images / "adapter").mkdir()
     _tiny_sd15_adapter(tiny_pipe, images / "adapter")

@@ -58,8 +58,9 @@ def run_p2p(runner, settings: dict, items) -> list:
                       weights=p.get("weights"), blend_words=p.get("blend"), cross_steps=p["cross_steps"],
                       self_steps=p["self_steps"], **_sampling_kwargs(settings, [item]))
         kwargs["generator"] = kwargs["generator"][0]
-        if p.get("blend_threshold") is not None:
-            kwargs["blend_threshold"] = p["blend_threshold"]
+        for name in ("blend_threshold", "blend_exclude", "blend_start"):
+            if p.get(name) is not None:
+                kwargs[name] = p[name]
         if p.get("image") and p.get("invert"):
             kwargs["inversion"] = runner.inversion(item.row, pipe)
         elif p.get("image"):

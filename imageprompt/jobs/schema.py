@@ -378,7 +378,9 @@ def _check_p2p(values: dict) -> None:
     values["target"] = validate_edit(values["prompt"], values.get("target"), values["mode"], values.get("weights"),
                                      values.get("blend"), values["cross_steps"], None, values["self_steps"],
                                      **({"blend_threshold": values["blend_threshold"]}
-                                        if values.get("blend_threshold") is not None else {}))
+                                        if values.get("blend_threshold") is not None else {}),
+                                     blend_exclude=values.get("blend_exclude"),
+                                     blend_start=values.get("blend_start") or 0.0)
     if bool(values.get("adapter")) != bool(values.get("adapter_image")):
         raise ValueError("fields 'adapter' and 'adapter_image' go together: the adapter and its image prompt")
     if values.get("adapter"):
@@ -396,6 +398,7 @@ KINDS: dict[str, Kind] = {
                  required=("image", "prompt"), defaults={"alpha": 0.5}, grouped=("alpha",), check=_check_edit),
     "p2p": Kind("p2p",
                 {"prompt": str, "target": str, "mode": str, "weights": dict, "blend": list, "blend_threshold": float,
+                 "blend_exclude": list, "blend_start": float,
                  "cross_steps": (float, list), "self_steps": (float, list), "image": str, "alpha": float,
                  "invert": str, "adapter": str, "adapter_image": str, "scale": float},
                 required=("prompt",), defaults={"mode": "replace", "cross_steps": 0.8, "self_steps": 0.4, "alpha": 0.5},
