@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 from imageprompt.checkpoints import BUNDLED_CLIP, BUNDLED_MODEL
+from PIL import Image
 
 from imageprompt import world
 from imageprompt.world import evaluate, evaluate_edits
@@ -115,3 +117,26 @@ def test_real_image_edit_rows_cover_every_inversion(tiny_pipe):
         name = f"real-image edit [{method}]"
         assert 0 < by[name, "reconstruction PSNR"].value <= 60 and by[name, "reconstruction PSNR"].unit == "dB"
         assert 0 <= by[name, "background SSIM"].value <= 1 and by[name, "seconds per edit"].value > 0
+
+
+def test_pie_bench_layout_runs_with_any_model(tiny_pipe, tmp_path, capsys):
+    from imageprompt.inversion import METHODS
+    from imageprompt.world.pie_bench import decode_mask, pie_bench
+
+    mask = decode_mask([512 * 100 + 100, 50, 512 * 101 + 100, 50])  # two runs, plus the border
+    assert mask.shape == (512, 512) and mask[100, 100:150].all() and mask[101, 120] and not mask[200, 200]
+    assert mask[0].all() and mask[:, -1].all() and mask.sum() == 100 + 4 * 511
+    (tmp_path / "annotation_images" / "0_random").mkdir(parents=True)
+    Image.new("RGB", (60, 40), (200, 30, 30)).save(tmp_path / "annotation_images" / "0_random" / "0.jpg")
+    (tmp_path / "mapping_file.json").write_text(json.dumps({"000": {
+        "image_path": "0_random/0.jpg", "original_prompt": "a [red] circle", "editing_prompt": "a [blue] circle",
+        "editing_instruction": "make it blue", "editing_type_id": "0", "blended_word": "red blue",
+        "mask": [512 * 200, 512 * 100]}}))
+    rows = pie_bench(tiny_pipe, tmp_path, EvalSettings(steps=2))
+    assert {r.measurement for r in rows} == {f"PIE-Bench [{m}]" for m in METHODS}
+    assert all(r.n == 1 for r in rows) and not any(r.metric == "edit success" for r in rows)
+
+    from imageprompt.cli.main import main
+
+    assert main(["eval", "--suite", "pie-bench", "--model", str(tiny_pipe.model_name)]) == 1
+    assert "--data" in capsys.readouterr().err

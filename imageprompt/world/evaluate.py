@@ -243,7 +243,11 @@ def load_bundled(device: str | None = "cpu"):
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--suite", default="world", choices=["world"], help="measurement suite")
+    parser.add_argument("--suite", default="world", choices=["world", "pie-bench"],
+                        help="world: the shapes world (the bundled model by default); pie-bench: real-photo editing "
+                             "on a folder in PIE-Bench's layout (--data), any model")
+    parser.add_argument("--data", help="with --suite pie-bench: the folder holding mapping_file.json")
+    parser.add_argument("--limit", type=int, help="with --suite pie-bench: the first N cases only")
     parser.add_argument("--only", action="append", help="run only this measurement (repeatable)")
     parser.add_argument("--quick", action="store_true", help="the small subset the tests run")
     parser.add_argument("--samples", type=int, help="captions / references per measurement")
@@ -263,6 +267,8 @@ def _run(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.suite == "pie-bench" and not args.data:
+        raise ValueError("--suite pie-bench needs --data DIR (a folder holding mapping_file.json)")
     settings = EvalSettings.quick() if args.quick else EvalSettings()
     for key in ("samples", "images_per_sample", "steps", "guidance_scale", "seed", "alpha"):
         if getattr(args, key, None) is not None:
@@ -277,7 +283,12 @@ def _run(args) -> int:
     else:
         pipe = load_bundled(args.device)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    rows = run_suite(pipe, settings, args.only, progress=log)
+    if args.suite == "pie-bench":
+        from imageprompt.world.pie_bench import pie_bench
+
+        rows = pie_bench(pipe, args.data, settings, args.limit)
+    else:
+        rows = run_suite(pipe, settings, args.only, progress=log)
     print(format_table(rows))
     return 0
 

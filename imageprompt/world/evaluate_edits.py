@@ -144,64 +144,36 @@ def p2p_blend_background(pipe, settings: EvalSettings) -> list[Row]:
 
 
 def real_image_edits(pipe, settings: EvalSettings) -> list[Row]:
-    """Real-photo editing as PIE-Bench measures it, on world scenes as the photos: for each inversion
-    method, invert the scene under its caption, then edit its colour word with prompt-to-prompt.
-
-    Per method: reconstruction PSNR (the edit call's source image against the photo), background
-    PSNR / MSE / SSIM of the edit against the photo outside the object (the ground-truth mask
-    and the edited object's, dilated by two pixels), edit success by the world's reader, and
-    seconds per edit (inversion included). Metrics: scikit-image's.
-    """
-    import time
-
+    """Real-photo editing as PIE-Bench measures it (:mod:`imageprompt.world.pie_bench`), on world
+    scenes as the photos: for each inversion method, invert the scene under its caption, then swap
+    its colour word with prompt-to-prompt. The edited region is the ground-truth object and the
+    edited object, dilated by two pixels; the edit took if the object has the target colour."""
     from diffusers import DDIMScheduler
-    from skimage.metrics import mean_squared_error, structural_similarity
 
     from imageprompt.inversion import METHODS
+    from imageprompt.world.pie_bench import EditCase, inversion_rows
 
     p2p = p2p_pipeline(pipe)
     p2p.scheduler = DDIMScheduler.from_config(p2p.scheduler.config)
-    cases = p2p_replace_cases(settings.samples)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor  # the photos at the model's own size
-    rows = []
-    for method in METHODS:
-        rec, bg_psnr, bg_mse, bg_ssim, success, seconds = [], [], [], [], [], []
-        for i, (source, target, _old, new) in enumerate(cases):
-            (spec,), _ = world.parse_caption(source)
-            scene = world.render([world.ObjectSpec(spec.shape, spec.color, spec.position, "large")],
-                                 list(world.BACKGROUNDS)[i % len(world.BACKGROUNDS)], np.random.default_rng([7, i]),
-                                 size=size)
-            photo = np.asarray(scene.image)
-            start = time.perf_counter()
-            inversion = p2p.invert(scene.image, source, method, num_inference_steps=settings.steps,
-                                   guidance_scale=settings.guidance_scale)
-            out = p2p(source, target, inversion=inversion, num_inference_steps=settings.steps,
-                      guidance_scale=settings.guidance_scale)
-            seconds.append(time.perf_counter() - start)
-            recon, edit = (np.asarray(im) for im in out.images)
-            rec.append(min(60.0, background_psnr(photo, recon, np.zeros(photo.shape[:2], bool))))
-            mask = scene.objects[0].mask.copy()
-            edited = largest(out.images[1])
-            if edited is not None:
-                mask |= edited.mask
-            for _ in range(2):
-                mask = world.reader._dilate(mask)
-            outside = ~mask
-            bg_psnr.append(min(60.0, background_psnr(photo, edit, mask)))
-            bg_mse.append(float(mean_squared_error(photo[outside], edit[outside])))
-            ssim = structural_similarity(photo, edit, channel_axis=-1, data_range=255, full=True)[1]
-            bg_ssim.append(float(ssim[outside].mean()))
-            success.append(edited is not None and edited.color == new)
-        name, n = f"real-image edit [{method}]", len(cases)
-        rows += [
-            Row(name, "reconstruction PSNR", float(np.mean(rec)), n, unit="dB"),
-            Row(name, "background PSNR", float(np.mean(bg_psnr)), n, unit="dB"),
-            Row(name, "background MSE", float(np.mean(bg_mse)), n, unit=""),
-            Row(name, "background SSIM", float(np.mean(bg_ssim)), n, unit=""),
-            Row(name, "edit success (colour changed)", frac(success), n),
-            Row(name, "seconds per edit", float(np.mean(seconds)), n, unit="s"),
-        ]
-    return rows
+    cases, truth = [], {}
+    for i, (source, target, _old, new) in enumerate(p2p_replace_cases(settings.samples)):
+        (spec,), _ = world.parse_caption(source)
+        scene = world.render([world.ObjectSpec(spec.shape, spec.color, spec.position, "large")],
+                             list(world.BACKGROUNDS)[i % len(world.BACKGROUNDS)], np.random.default_rng([7, i]),
+                             size=size)
+        cases.append(EditCase(scene.image, source, target))
+        truth[id(cases[-1])] = (scene.objects[0].mask, new)
+
+    def judge(case, edit_image):
+        mask, new = truth[id(case)]
+        edited = largest(edit_image)
+        mask = mask | edited.mask if edited is not None else mask.copy()
+        for _ in range(2):
+            mask = world.reader._dilate(mask)
+        return mask, edited is not None and edited.color == new
+
+    return inversion_rows(p2p, cases, settings, "real-image edit", METHODS, judge)
 
 
 # ----------------------------------------------------------------------------- IP-Adapter trained on the world
