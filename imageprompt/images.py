@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -53,24 +54,43 @@ def fit_size(image: Image.Image, max_side: int = MAX_SIDE) -> Image.Image:
     return image
 
 
-def load_image(path: str | os.PathLike, max_side: int = MAX_SIDE) -> Image.Image:
-    """Open, fully decode and normalise an input image, or raise :class:`ImageInputError`."""
-    path = Path(path)
-    if not path.exists():
-        raise ImageInputError(f"{path}: no such file")
-    if path.is_dir():
-        raise ImageInputError(f"{path}: is a directory, not an image")
+@contextlib.contextmanager
+def _image_errors(path: Path):
+    """Pillow's failures on ``path`` as one :class:`ImageInputError` each, the file named."""
     try:
-        with Image.open(path) as image:
-            image.draft("RGB", (max_side, max_side))  # JPEG: decode big files at reduced size
-            image.load()
-            image = to_rgb(ImageOps.exif_transpose(image))  # camera photos: apply the EXIF rotation
+        yield
     except UnidentifiedImageError:
         raise ImageInputError(f"{path}: not an image file (or a format Pillow cannot read)") from None
     except Image.DecompressionBombError as err:
         raise ImageInputError(f"{path}: image too large to open safely ({err})") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageInputError(f"{path}: cannot read image ({err})") from None
+
+
+def _existing_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise ImageInputError(f"{path}: no such file")
+    if path.is_dir():
+        raise ImageInputError(f"{path}: is a directory, not an image")
+    return path
+
+
+def check_image(path: str | os.PathLike) -> None:
+    """Raise :class:`ImageInputError` unless ``path`` opens as an image: the header only, so a huge
+    file that is not an image is refused at once (before anything reads all its bytes)."""
+    path = _existing_file(path)
+    with _image_errors(path), Image.open(path):
+        pass
+
+
+def load_image(path: str | os.PathLike, max_side: int = MAX_SIDE) -> Image.Image:
+    """Open, fully decode and normalise an input image, or raise :class:`ImageInputError`."""
+    path = _existing_file(path)
+    with _image_errors(path), Image.open(path) as image:
+        image.draft("RGB", (max_side, max_side))  # JPEG: decode big files at reduced size
+        image.load()
+        image = to_rgb(ImageOps.exif_transpose(image))  # camera photos: apply the EXIF rotation
     return fit_size(image, max_side)
 
 

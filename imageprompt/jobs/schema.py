@@ -150,19 +150,14 @@ def validate_row(line: int, data, defaults: JobDefaults, base: Path) -> Row:
 
 def _check_image(path: Path, name: str) -> None:
     """Cheap check that ``path`` is an image (its header only), before its bytes are hashed."""
-    from PIL import Image, UnidentifiedImageError
+    from imageprompt.images import ImageInputError, check_image
 
     if not path.is_file():
         raise ValueError(f"{path}: no such file" + (f" (field {name!r})" if name != "image" else ""))
     try:
-        with Image.open(path):
-            pass
-    except UnidentifiedImageError:
-        raise ValueError(f"{path}: not an image file (or a format Pillow cannot read) (field {name!r})") from None
-    except Image.DecompressionBombError as err:
-        raise ValueError(f"{path}: image too large to open safely ({err}) (field {name!r})") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"{path}: cannot read image ({err}) (field {name!r})") from None
+        check_image(path)
+    except ImageInputError as err:
+        raise ValueError(f"{err} (field {name!r})") from None
 
 
 def _check_bounds(values: dict, limits: Limits) -> None:
