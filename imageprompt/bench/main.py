@@ -160,6 +160,6 @@ def register(subparsers) -> None:
 
 
 if __name__ == "__main__":
-    from imageprompt.cli.main import main as cli_main
-
-    sys.exit(cli_main(["bench", *sys.argv[1:]]))
+    _parser = argparse.ArgumentParser(prog="python -m imageprompt.bench.main", description=__doc__.split("\n")[0])
+    add_arguments(_parser)
+    sys.exit(run(_parser.parse_args()))
