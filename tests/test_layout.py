@@ -72,6 +72,14 @@ def test_the_library_does_not_import_the_layers_above_it():
         assert not wrong, f"{name} imports {sorted(wrong)}"
 
 
+def test_the_other_front_ends_do_not_import_the_command_line():
+    mods = modules()
+    fronts = ("imageprompt.demo", "imageprompt.jobs", "imageprompt.world", "imageprompt.bench")
+    for name in (n for n in mods if n.startswith(fronts)):
+        cli = {m for m in imports(mods[name], set(mods)) if m.startswith("imageprompt.cli")}
+        assert not cli, f"{name} imports {sorted(cli)}"
+
+
 def test_no_module_is_over_500_lines():
     long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > 500}
     assert not long, long
