@@ -70,41 +70,13 @@ def _place_inds(text: str, place: int, tokenizer) -> list[int]:
     return out
 
 
-def authors_replacement_mapper(x: str, y: str, tokenizer, max_len: int = LENGTH) -> torch.Tensor:
-    """``seq_aligner.get_replacement_mapper_`` as published (``mapper[j, j]`` after the last swapped word)."""
-    words_x, words_y = x.split(" "), y.split(" ")
-    inds_replace = [i for i in range(len(words_y)) if words_y[i] != words_x[i]]
-    inds_source = [_place_inds(x, i, tokenizer) for i in inds_replace]
-    inds_target = [_place_inds(y, i, tokenizer) for i in inds_replace]
-    mapper = np.zeros((max_len, max_len))
-    i = j = cur_inds = 0
-    while i < max_len and j < max_len:
-        if cur_inds < len(inds_source) and inds_source[cur_inds][0] == i:
-            src, tgt = inds_source[cur_inds], inds_target[cur_inds]
-            if len(src) == len(tgt):
-                mapper[src, tgt] = 1
-            else:
-                for i_t in tgt:
-                    mapper[src, i_t] = 1 / len(tgt)
-            cur_inds += 1
-            i += len(src)
-            j += len(tgt)
-        elif cur_inds < len(inds_source):
-            mapper[i, j] = 1
-            i += 1
-            j += 1
-        else:
-            mapper[j, j] = 1
-            i += 1
-            j += 1
-    return torch.from_numpy(mapper).float()
+def authors_replacement_mapper(x: str, y: str, tokenizer, max_len: int = LENGTH, in_order: bool = False
+                               ) -> torch.Tensor:
+    """``seq_aligner.get_replacement_mapper_`` as published (``mapper[j, j]`` after the last swapped word).
 
-
-def in_order_replacement_mapper(x: str, y: str, tokenizer, max_len: int = LENGTH) -> torch.Tensor:
-    """The same mapper with the authors' middle branch (``mapper[i, j]``, in order) kept to the end.
-
-    For words of equal token counts this equals the authors' mapper; after a word whose
-    token count changes it keeps pairing each later source token with its own target token.
+    ``in_order``: keep the authors' middle branch (``mapper[i, j]``, in order) to the end instead. For
+    words of equal token counts this is the same mapper; after a word whose token count changes it
+    keeps pairing each later source token with its own target token.
     """
     words_x, words_y = x.split(" "), y.split(" ")
     inds_replace = [i for i in range(len(words_y)) if words_y[i] != words_x[i]]
@@ -123,8 +95,12 @@ def in_order_replacement_mapper(x: str, y: str, tokenizer, max_len: int = LENGTH
             cur_inds += 1
             i += len(src)
             j += len(tgt)
-        else:
+        elif cur_inds < len(inds_source) or in_order:
             mapper[i, j] = 1
+            i += 1
+            j += 1
+        else:
+            mapper[j, j] = 1
             i += 1
             j += 1
     return torch.from_numpy(mapper).float()
@@ -212,8 +188,9 @@ class AuthorsReference:
             self_steps = 0.0, self_steps
         self.num_self_replace = int(num_steps * self_steps[0]), int(num_steps * self_steps[1])
         if mode == "replace":
-            make = authors_replacement_mapper if mapper == "authors" else in_order_replacement_mapper
-            self.mapper = torch.stack([make(prompts[0], p, tokenizer) for p in prompts[1:]])
+            in_order = mapper != "authors"
+            self.mapper = torch.stack([authors_replacement_mapper(prompts[0], p, tokenizer, in_order=in_order)
+                                       for p in prompts[1:]])
         elif mode == "refine":
             pairs = [authors_refinement_mapper(prompts[0], p, tokenizer) for p in prompts[1:]]
             self.mapper = torch.stack([m for m, _ in pairs])
@@ -377,7 +354,7 @@ def test_different_token_count_replacement_differs_from_authors_mapper(p2p_pipe)
     assert authors[on_target, on_target] == 1 and authors[on_source, on_target] == 0  # reads "the", not "on"
     ours = replacement_mapper(tok, SOURCE, target, LENGTH)
     assert ours[on_source, on_target] == 1
-    assert torch.equal(ours, in_order_replacement_mapper(SOURCE, target, tok))
+    assert torch.equal(ours, authors_replacement_mapper(SOURCE, target, tok, in_order=True))
 
 
 def test_step_windows_are_the_authors(p2p_pipe):
