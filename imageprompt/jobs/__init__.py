@@ -31,10 +31,13 @@ What makes a long job safe to run, kill and run again:
   fails that row only.
 
 Rows are split across processes with accelerate (``accelerate launch -m
-imageprompt batch ...``); rows that share a kind and sampling settings are
-sampled together, ``batch_size`` images per forward pass.
+imageprompt batch ...``), or sampled on Ray actors across a cluster
+(:func:`run_job_ray`, :mod:`~imageprompt.jobs.ray_backend`, the optional ``ray`` extra);
+rows that share a kind and sampling settings are sampled together, ``batch_size``
+images per forward pass.
 """
 
+from imageprompt.jobs.ray_backend import RayOptions, run_job_ray
 from imageprompt.jobs.run import JobOptions, JobSummary, plan_batches, run_job
 from imageprompt.jobs.sampling import SAMPLERS, Item, Runner, apply_speed_options
 from imageprompt.jobs.schema import (
@@ -69,8 +72,8 @@ from imageprompt.jobs.storage import (
 
 __all__ = [
     "KEY_VERSION", "KINDS", "LOCK", "PARTS", "RESULTS", "SAMPLERS", "Item", "JSONError", "JobDefaults", "JobError",
-    "JobOptions", "JobSummary", "Kind", "Limits", "PartWriter", "Row", "Runner", "apply_speed_options", "fold_parts",
-    "is_complete", "kind_unavailable", "merge_results", "output_lock", "output_parameters", "plan_batches",
-    "read_manifest", "read_records", "remove_temporaries", "resolve_adapter", "row_key", "run_job", "validate_row",
-    "validate_rows",
+    "JobOptions", "JobSummary", "Kind", "Limits", "PartWriter", "RayOptions", "Row", "Runner", "apply_speed_options",
+    "fold_parts", "is_complete", "kind_unavailable", "merge_results", "output_lock", "output_parameters",
+    "plan_batches", "read_manifest", "read_records", "remove_temporaries", "resolve_adapter", "row_key", "run_job",
+    "run_job_ray", "validate_row", "validate_rows",
 ]

@@ -90,6 +90,7 @@ def run_job(
     defaults: JobDefaults | None = None,
     options: JobOptions | None = None,
     device: str | None = None,
+    sampler: Callable | None = None,
 ) -> JobSummary:
     """Run the rows of ``jobs`` (JSONL) into ``out`` and return the summary.
 
@@ -100,6 +101,9 @@ def run_job(
         options: batch size, speed options, progress bar.
         device: where to sample (default: this process's accelerator; ``"cpu"`` makes a multi-process
             launch use gloo on the CPU).
+        sampler: another engine for the images still to sample, ``fn(pending, out, writer, options, progress,
+            image_encoder)``, which writes one record per row to ``writer`` (the Ray backend,
+            :func:`imageprompt.jobs.ray_backend.run_job_ray`); ``pipe`` and ``load_pipe`` are then not used.
 
     Under ``accelerate launch`` the rows are split across processes
     (:meth:`accelerate.PartialState.split_between_processes`); every process
@@ -122,10 +126,10 @@ def run_job(
         if state.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             held.enter_context(output_lock(out))  # before anything is folded or written
-        return _run(jobs, out, entries, state, pipe, load_pipe, defaults, options, device)
+        return _run(jobs, out, entries, state, pipe, load_pipe, defaults, options, device, sampler)
 
 
-def _run(jobs, out, entries, state, pipe, load_pipe, defaults, options, device) -> JobSummary:
+def _run(jobs, out, entries, state, pipe, load_pipe, defaults, options, device, sampler=None) -> JobSummary:
     history: dict[str, dict] = {}
     if state.is_main_process:
         remove_temporaries(out)
@@ -142,7 +146,10 @@ def _run(jobs, out, entries, state, pipe, load_pipe, defaults, options, device) 
             _warn_unknown_words(rows, defaults.model or getattr(pipe, "model_name", None))
             pending = _record_finished_rows(rows, out, writer, summary)
             progress.refresh()
-            if pending:
+            if pending and sampler is not None:
+                progress.start = time.perf_counter()
+                sampler(pending, out, writer, options, progress, defaults.image_encoder)
+            elif pending:
                 if pipe is None:
                     if load_pipe is None:
                         raise JobError("run_job needs `pipe` or `load_pipe`")
@@ -256,13 +263,17 @@ def plan_batches(items: list[Item], batch_size: int) -> list[list[Item]]:
 
 
 def _sample(pipe, pending: list[Item], out: Path, writer: PartWriter, summary: JobSummary,
-            options: JobOptions, progress: _Progress, image_encoder: str | None = None) -> None:
-    """Sample every pending image; write each row's record when its last image is saved or it fails."""
+            options: JobOptions, progress: _Progress, image_encoder: str | None = None,
+            runner: Runner | None = None) -> None:
+    """Sample every pending image; write each row's record when its last image is saved or it fails.
+
+    A given ``runner`` (kept across calls by a Ray actor) is the caller's: its adapter stays loaded."""
     from imageprompt.images import save_png
 
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    runner = Runner(pipe, image_encoder)
+    own = runner is None
+    runner = runner or Runner(pipe, image_encoder)
     left: dict[int, int] = {}
     for item in pending:
         left[item.row.line] = left.get(item.row.line, 0) + 1
@@ -323,7 +334,7 @@ def _sample(pipe, pending: list[Item], out: Path, writer: PartWriter, summary: J
                             finish(items[0].row, _error_text(row_err))
             progress.refresh()
     finally:
-        if runner.adapter is not None:
+        if own and runner.adapter is not None:
             pipe.unload_ip_adapter()  # hand the pipeline back as it came
 
 
