@@ -156,7 +156,8 @@ def startup_message(local_url: str, share_url: str | None, share: bool) -> str:
 
 def launch(*, model: str | None = None, clip: str | None = None, dtype: str | None = None, device: str | None = None,
            attention: str = "sdpa", scheduler: str | None = "ddim", config: str | None = None,
-           adapters: list[str] | None = None, image_encoder: str | None = None, host: str = "127.0.0.1",
+           vae: str | None = None, clip_2: str | None = None, adapters: list[str] | None = None,
+           image_encoder: str | None = None, host: str = "127.0.0.1",
            port: int | None = 7860, share: bool = False, max_queue: int = QUEUE_SIZE,
            max_file_size: str | int | None = MAX_FILE_SIZE, debug: bool = False) -> int:
     """``imageprompt demo``: load the model, serve the page and wait until interrupted.
@@ -180,7 +181,7 @@ def launch(*, model: str | None = None, clip: str | None = None, dtype: str | No
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     pipe = load_pipeline(model=model, clip=clip, dtype=dtype, device=device, attention=attention,
-                         scheduler=scheduler, config=config)
+                         scheduler=scheduler, config=config, vae=vae, clip_2=clip_2)
     specs = list(adapters or [])
     loaded = load_adapters(pipe, specs, image_encoder) if specs else []
     demo = build_demo(pipe, notice=notice, scheduler=scheduler, queue_size=max_queue, adapters=loaded,

@@ -153,10 +153,10 @@ def p2p_pipeline(ctx: DemoContext, ddim: bool = False):
     key = "p2p-ddim" if ddim else "p2p"
     if key not in ctx.pipelines:
         from diffusers import DDIMScheduler
-        from imageprompt.pipelines import StableDiffusionPromptToPromptPipeline
+        from imageprompt.pipelines.loading import prompt_to_prompt_from
 
         # its own scheduler object: schedulers keep per-run state
         scheduler = DDIMScheduler if ddim else type(ctx.pipe.scheduler)
-        ctx.pipelines[key] = StableDiffusionPromptToPromptPipeline.from_pipe(
+        ctx.pipelines[key] = prompt_to_prompt_from(  # SD 1.x or SDXL, as the model is
             ctx.pipe, scheduler=scheduler.from_config(ctx.pipe.scheduler.config))
     return ctx.pipelines[key]

@@ -16,13 +16,15 @@ from imageprompt.attention import attention_module, cross_attention_layers
 from imageprompt.loading import ModelLoadError, _offline
 
 OFFICIAL_REPO = "h94/IP-Adapter"
-# Short names for the official SD 1.5 checkpoints (``--adapter sd15``).
+# Short names for official checkpoints (``--adapter sd15``, ``--adapter sdxl``).
 KNOWN_ADAPTERS = {
     "sd15": "models/ip-adapter_sd15.safetensors",
     "sd15_light": "models/ip-adapter_sd15_light.safetensors",
     "plus": "models/ip-adapter-plus_sd15.safetensors",
     "plus-face": "models/ip-adapter-plus-face_sd15.safetensors",
     "full-face": "models/ip-adapter-full-face_sd15.safetensors",
+    # SDXL: its bigG image encoder is next to the weights (the _vit-h ones need --image-encoder: docs/sdxl.md)
+    "sdxl": "sdxl_models/ip-adapter_sdxl.safetensors",
 }
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 

@@ -29,8 +29,9 @@ logger = logging.getLogger("imageprompt.loading")
 
 
 def load_sd_components(model: str, dtype: torch.dtype, config: str | None = None) -> dict:
-    """vae, text_encoder, tokenizer, unet, scheduler of an SD 1.x model (and any imageprompt parts it holds)."""
-    from diffusers import StableDiffusionPipeline
+    """vae, text_encoder(s), tokenizer(s), unet, scheduler of an SD 1.x or SDXL model (and any imageprompt parts
+    it holds). A single file's family is read from its tensor names (:func:`single_file_is_sdxl`)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     kind = model_kind(model)
     common = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
@@ -38,18 +39,23 @@ def load_sd_components(model: str, dtype: torch.dtype, config: str | None = None
         if kind == "file":
             # with a local --config nothing comes from the hub: no need to ask whether it answers
             local_config = config is not None and Path(config).expanduser().is_dir()
-            pipe = StableDiffusionPipeline.from_single_file(
+            single = StableDiffusionPipeline
+            if single_file_is_sdxl(model):
+                single, common = StableDiffusionXLPipeline, dict(dtype=dtype, add_watermarker=False)
+            pipe = single.from_single_file(
                 model, config=config, local_files_only=True if local_config else (_offline() or None), **common
             )
         else:
             local_only = kind == "folder" or _offline()
             try:
-                pipe = _pipeline_class(model, local_only).from_pretrained(model, local_files_only=local_only, **common)
+                cls, kwargs = _pipeline_class(model, local_only, common)
+                pipe = cls.from_pretrained(model, local_files_only=local_only, **kwargs)
             except (OSError, ValueError):
                 if local_only:
                     raise
                 # the hub is unreachable: a cached copy may still be there
-                pipe = _pipeline_class(model, True).from_pretrained(model, local_files_only=True, **common)
+                cls, kwargs = _pipeline_class(model, True, common)
+                pipe = cls.from_pretrained(model, local_files_only=True, **kwargs)
     except ModelLoadError:
         raise
     except Exception as err:  # diffusers/hub raise many types for "not there"
@@ -57,13 +63,53 @@ def load_sd_components(model: str, dtype: torch.dtype, config: str | None = None
     return dict(pipe.components)
 
 
-def _pipeline_class(model: str, local_only: bool):
-    """imageprompt's own pipeline class for folders it saved, else diffusers' generic loader."""
+def single_file_is_sdxl(path: str) -> bool:
+    """Whether a single-file checkpoint is SDXL (its second text encoder: ``conditioner.embedders.1``).
+
+    Only a ``.safetensors`` header is read; a ``.ckpt`` pickle is taken as SD 1.x.
+    """
+    import json
+    import struct
+
+    path = Path(path).expanduser()
+    if path.suffix.lower() != ".safetensors":
+        return False
+    try:
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100 * 1024 * 1024:
+                return False
+            names = json.loads(f.read(length))
+    except (OSError, ValueError, struct.error):
+        return False  # a broken file: the loader says what is wrong with it
+    return isinstance(names, dict) and any(k.startswith("conditioner.embedders.1.") for k in names)
+
+
+def load_vae(vae: str, dtype: torch.dtype):
+    """An ``AutoencoderKL`` from a hub id, folder or single file (``--vae``, e.g. madebyollama/sdxl-vae-fp16-fix)."""
+    from diffusers import AutoencoderKL
+
+    path = Path(vae).expanduser()
+    try:
+        if path.is_file():
+            return AutoencoderKL.from_single_file(str(path), dtype=dtype)
+        local_only = path.is_dir() or _offline()
+        return AutoencoderKL.from_pretrained(str(path) if path.is_dir() else vae, dtype=dtype,
+                                             local_files_only=local_only)
+    except Exception as err:
+        raise _load_error("the VAE", vae, err) from None
+
+
+def _pipeline_class(model: str, local_only: bool, common: dict):
+    """imageprompt's own pipeline class for folders it saved, else diffusers' generic loader; and the loading
+    arguments (SDXL pipelines have no safety checker: those arguments are left out, else diffusers warns)."""
     import imageprompt.pipelines as ours
     from diffusers import DiffusionPipeline
 
     name = DiffusionPipeline.load_config(model, local_files_only=local_only).get("_class_name", "")
-    return getattr(ours, name, DiffusionPipeline)
+    if "XL" in name:
+        common = {k: v for k, v in common.items() if k not in ("safety_checker", "requires_safety_checker")}
+    return getattr(ours, name, DiffusionPipeline), common
 
 
 def load_pipeline(
@@ -74,8 +120,11 @@ def load_pipeline(
     attention: str = "sdpa",
     scheduler: str | None = "ddim",
     config: str | None = None,
+    vae: str | None = None,
+    clip_2: str | None = None,
 ):
-    """Load a :class:`StableDiffusionImagePromptPipeline` ready to sample.
+    """Load a :class:`StableDiffusionImagePromptPipeline` (SD 1.x) or, when the UNet is SDXL's,
+    a :class:`StableDiffusionXLImagePromptPipeline`, ready to sample.
 
     Args:
         model: hub id, diffusers folder or single-file checkpoint (default: SD 1.5 if cached, else bundled).
@@ -85,9 +134,13 @@ def load_pipeline(
         attention: ``"sdpa"`` or ``"xformers"`` (falls back to SDPA with a warning when unusable).
         scheduler: a name from :data:`SCHEDULERS`, or None to keep the model's own.
         config: for single files, a local diffusers folder to take the configs from (no network needed).
+        vae: a VAE (hub id, folder or single file) replacing the model's own, e.g. madebyollama/sdxl-vae-fp16-fix.
+        clip_2: SDXL only: hub id or ``CLIPModel`` folder of OpenCLIP bigG, whose vision tower SD-IPC uses
+            (default: laion/CLIP-ViT-bigG-14-laion2B-39B-b160k).
     """
     quiet_torchvision_notices()  # before transformers' image processors are first imported
     from imageprompt.pipelines.pipeline_sdipc import StableDiffusionImagePromptPipeline
+    from imageprompt.pipelines.pipeline_sdipc_xl import is_sdxl_unet
 
     from imageprompt.conversion import SD1_EOS_NORM, is_sd1_text_encoder, measure_eos_norm
 
@@ -97,14 +150,19 @@ def load_pipeline(
     if notice:
         logger.warning(notice)
     parts = load_sd_components(model, torch_dtype, config)
-    if parts.get("converter") is None or parts.get("image_encoder") is None:
-        parts.update(load_clip_parts(clip, torch_dtype))
-        text_encoder, tokenizer = parts["text_encoder"], parts["tokenizer"]
-        scale = SD1_EOS_NORM if is_sd1_text_encoder(text_encoder) else measure_eos_norm(text_encoder, tokenizer)
-        parts["converter"].register_to_config(scale=float(scale))
-    names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "image_encoder", "converter",
-             "feature_extractor")
-    pipe = StableDiffusionImagePromptPipeline(**{k: parts.get(k) for k in names})
+    if vae is not None:
+        parts["vae"] = load_vae(vae, torch_dtype)
+    if is_sdxl_unet(parts["unet"]):
+        pipe = _sdxl_pipeline(parts, clip, clip_2 or DEFAULT_CLIP_BIGG, torch_dtype)
+    else:
+        if parts.get("converter") is None or parts.get("image_encoder") is None:
+            parts.update(load_clip_parts(clip, torch_dtype))
+            text_encoder, tokenizer = parts["text_encoder"], parts["tokenizer"]
+            scale = SD1_EOS_NORM if is_sd1_text_encoder(text_encoder) else measure_eos_norm(text_encoder, tokenizer)
+            parts["converter"].register_to_config(scale=float(scale))
+        names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "image_encoder", "converter",
+                 "feature_extractor")
+        pipe = StableDiffusionImagePromptPipeline(**{k: parts.get(k) for k in names})
     if scheduler is not None:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe.to(device)
@@ -112,3 +170,35 @@ def load_pipeline(
     pipe.model_name, pipe.clip_name = model, clip
     return pipe
 
+
+
+DEFAULT_CLIP_BIGG = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
+
+
+def _sdxl_pipeline(parts: dict, clip: str, clip_2: str, dtype: torch.dtype):
+    """An SDXL imageprompt pipeline from loaded SDXL components: CLIP ViT-L (``clip``: its vision tower and
+    text projection) and OpenCLIP bigG (``clip_2``: its vision tower) for SD-IPC, unless the folder holds them."""
+    from imageprompt.pipelines.pipeline_sdipc_xl import StableDiffusionXLImagePromptPipeline
+
+    from imageprompt.conversion_xl import SDXLConverter
+
+    if any(parts.get(k) is None for k in ("converter", "image_encoder", "image_encoder_2")):
+        clip_l, clip_g = load_clip_parts(clip, dtype), load_clip_parts(clip_2, dtype)
+        parts.update(image_encoder=clip_l["image_encoder"], image_encoder_2=clip_g["image_encoder"],
+                     feature_extractor=clip_l["feature_extractor"])
+        parts["converter"] = SDXLConverter.from_encoders(
+            clip_l["converter"].text_projection, parts["text_encoder"], parts["text_encoder_2"], parts["tokenizer"],
+            parts["tokenizer_2"])
+    names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler",
+             "image_encoder", "image_encoder_2", "converter", "feature_extractor")
+    return StableDiffusionXLImagePromptPipeline(**{k: parts.get(k) for k in names})
+
+
+def prompt_to_prompt_from(pipe, **kwargs):
+    """The prompt-to-prompt pipeline over ``pipe``'s modules (no copies; ``kwargs`` as ``from_pipe``):
+    SDXL's when the UNet is SDXL's, else SD 1.x's."""
+    from imageprompt.pipelines import StableDiffusionPromptToPromptPipeline, StableDiffusionXLPromptToPromptPipeline
+    from imageprompt.pipelines.pipeline_sdipc_xl import is_sdxl_unet
+
+    cls = StableDiffusionXLPromptToPromptPipeline if is_sdxl_unet(pipe.unet) else StableDiffusionPromptToPromptPipeline
+    return cls.from_pipe(pipe, **kwargs)

@@ -45,6 +45,25 @@ def p2p_pipe(tiny_pipe):
     return pipe
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """``(model_dir, clip_l_dir, clip_g_dir)``: a tiny SDXL diffusers folder and its ViT-L and bigG CLIP folders."""
+    from imageprompt.testing_xl import save_tiny_sdxl
+
+    return save_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def sdxl_pipe(tiny_sdxl):
+    """The SDXL imageprompt pipeline on the tiny SDXL, loaded through :func:`imageprompt.load_pipeline` (CPU, fp32)."""
+    from imageprompt.pipelines.loading import load_pipeline
+
+    model_dir, clip_l, clip_g = tiny_sdxl
+    pipe = load_pipeline(str(model_dir), str(clip_l), device="cpu", dtype="fp32", clip_2=str(clip_g))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture
 def red_image():
     return Image.new("RGB", (48, 40), (220, 30, 30))

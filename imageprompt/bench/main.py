@@ -103,6 +103,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--all", action="store_true", help="every row (the default without --tiny)")
     which.add_argument("--rows", nargs="*", help="row names to run; see --list")
     parser.add_argument("--list", action="store_true", help="list the rows that would run (all, or --smoke) and exit")
+    parser.add_argument("--sdxl", action="store_true",
+                        help="the Stable Diffusion XL rows instead (SDXL base shapes, 1024x1024, 30 steps unless "
+                             "--size/--steps say otherwise; tiny SDXL components with --tiny): imageprompt.bench.sdxl")
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads (default: 1 for --tiny on the CPU, where tiny components gain nothing "
                              "from more and threads contending on a loaded machine make the timings erratic; else "
@@ -123,6 +126,10 @@ def selected_rows(args) -> list[str]:
 
 
 def run(args) -> int:
+    if getattr(args, "sdxl", False):
+        from imageprompt.bench.sdxl import run as run_sdxl
+
+        return run_sdxl(args)
     names = selected_rows(args)
     if args.list:
         print("\n".join(names))
@@ -142,9 +149,9 @@ def run(args) -> int:
 
 def all_rows() -> dict:
     """Every row by name, in table order (imported here, not at start-up: ``--help`` stays fast)."""
-    from imageprompt.bench import adapter, batch, core, p2p, tune
+    from imageprompt.bench import adapter, batch, consistency, core, p2p, tune
 
-    return {**core.ROWS, **tune.ROWS, **adapter.ROWS, **p2p.ROWS, **batch.ROWS}
+    return {**core.ROWS, **tune.ROWS, **adapter.ROWS, **p2p.ROWS, **consistency.ROWS, **batch.ROWS}
 
 
 def register(subparsers) -> None:

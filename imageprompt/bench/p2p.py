@@ -30,9 +30,9 @@ def _noise(ctx, pipe, size: int):
 
 
 def _p2p_pipeline(ctx):
-    from imageprompt.pipelines import StableDiffusionPromptToPromptPipeline
+    from imageprompt.pipelines.loading import prompt_to_prompt_from
 
-    pipe = StableDiffusionPromptToPromptPipeline.from_pipe(ctx.imageprompt_pipeline())
+    pipe = prompt_to_prompt_from(ctx.imageprompt_pipeline())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

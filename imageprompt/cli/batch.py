@@ -1,6 +1,7 @@
 """``imageprompt batch JOBS.jsonl --out DIR``: run a manifest of variation and editing rows.
 
-Many GPUs or machines: ``accelerate launch -m imageprompt batch JOBS.jsonl --out DIR``.
+Many GPUs or machines: ``accelerate launch -m imageprompt batch JOBS.jsonl --out DIR``;
+on a Ray cluster: ``imageprompt batch JOBS.jsonl --out DIR --ray [ADDRESS]``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def register(subparsers) -> None:
         "batch", help="run a JSONL job file of vary/edit/p2p/adapter rows (resumable; many GPUs with accelerate)",
         description="Run one job a line from a JSONL file into --out. Reruns skip complete outputs; "
                     "results.jsonl records each row's status. Under `accelerate launch -m imageprompt batch ...` "
-                    "the rows are split across processes.",
+                    "the rows are split across processes; with --ray they run on a Ray cluster's actors.",
     )
     parser.add_argument("jobs", help="JSONL file, one row a line (relative image paths are read from its folder)")
     parser.add_argument("--out", required=True, help="output folder (shared by all processes)")
@@ -51,6 +52,13 @@ def register(subparsers) -> None:
     speed.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default 8)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the UNet and the VAE decoder")
     speed.add_argument("--channels-last", action="store_true", help="channels-last memory format for UNet and VAE")
+    cluster = parser.add_argument_group("Ray (several machines; pip install \"imageprompt[ray]\")")
+    cluster.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                         help="sample on Ray actors: the cluster at ADDRESS (auto, HOST:6379, ray://HOST:10001; "
+                              "local: a new local Ray), or without one RAY_ADDRESS, a cluster started here, "
+                              "else a local Ray; --out must be shared storage. Put JOBS before --ray")
+    cluster.add_argument("--ray-actors", type=positive_int, metavar="N",
+                         help="pipeline replicas (default: one per GPU of the cluster, else 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
     add_model_options(parser)
     parser.set_defaults(func=run_batch)
@@ -58,6 +66,11 @@ def register(subparsers) -> None:
 
 def run_batch(args) -> int:
     from imageprompt.jobs import JobDefaults, JobOptions, Limits, resolve_adapter, run_job
+
+    if args.ray is not None:
+        from imageprompt.jobs.ray_backend import import_ray
+
+        import_ray()  # without Ray, say how to install it before torch and diffusers load
     from imageprompt.loading import resolve_model
     from imageprompt.pipelines.loading import load_pipeline
 
@@ -66,10 +79,12 @@ def run_batch(args) -> int:
     model, clip, _ = resolve_model(args.model, args.clip)  # the names that go into every row's hash
     adapter = resolve_adapter(args.adapter, Path.cwd()) if args.adapter else None
     encoder = str(Path(args.image_encoder).expanduser().resolve()) if args.image_encoder else None
+    # on Ray the actors' device decides the default dtype (filled in by run_job_ray), not this machine's
+    dtype = None if args.ray is not None and not (args.dtype or args.device) else _dtype_name(args.dtype, args.device)
     defaults = JobDefaults(seed=args.seed, num=args.num, steps=args.steps, guidance=args.guidance,
                            negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                            model=model, clip=clip, scheduler=args.scheduler, adapter=adapter, image_encoder=encoder,
-                           dtype=_dtype_name(args.dtype, args.device), attention=args.attention,
+                           dtype=dtype, attention=args.attention,
                            limits=Limits.unbounded() if args.allow_large else
                            Limits(num=args.max_num, side=args.max_side, steps=args.max_steps))
     options = JobOptions(batch_size=args.batch_size, compile=args.compile, channels_last=args.channels_last,
@@ -80,10 +95,17 @@ def run_batch(args) -> int:
 
         diffusers_logging.disable_progress_bar()  # one bar: the job's
         return load_pipeline(model=args.model, clip=args.clip, dtype=args.dtype, device=device,
-                             attention=args.attention, scheduler=args.scheduler, config=args.config)
+                             attention=args.attention, scheduler=args.scheduler, config=args.config,
+                             vae=args.vae, clip_2=args.clip_2)
 
-    summary = run_job(args.jobs, args.out, load_pipe=load, defaults=defaults, options=options,
-                      device=args.device)
+    if args.ray is not None:
+        from imageprompt.jobs import RayOptions, run_job_ray
+
+        summary = run_job_ray(args.jobs, args.out, load_pipe=load, defaults=defaults, options=options,
+                              ray=RayOptions(address=args.ray or None, actors=args.ray_actors), device=args.device)
+    else:
+        summary = run_job(args.jobs, args.out, load_pipe=load, defaults=defaults, options=options,
+                          device=args.device)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:

@@ -75,6 +75,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--clip", help="hub id or CLIPModel folder for the conversion "
                                       "(default: openai/clip-vit-large-patch14, or the bundled CLIP)")
     group.add_argument("--config", help="for a single-file --model: local diffusers folder with its configs")
+    group.add_argument("--vae", help="a VAE replacing the model's (hub id, folder or single file), e.g. "
+                                     "madebyollama/sdxl-vae-fp16-fix for SDXL in fp16")
+    group.add_argument("--clip-2", help="SDXL: hub id or CLIPModel folder of OpenCLIP bigG for the conversion "
+                                        "(default: laion/CLIP-ViT-bigG-14-laion2B-39B-b160k)")
     group.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
     group.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the first available)")
     group.add_argument("--attention", choices=["sdpa", "xformers"], default="sdpa")
@@ -107,7 +111,8 @@ def load_pipeline_from_args(args):
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     return load_pipeline(model=args.model, clip=args.clip, dtype=args.dtype, device=args.device,
-                         attention=args.attention, scheduler=args.scheduler, config=args.config)
+                         attention=args.attention, scheduler=args.scheduler, config=args.config,
+                         vae=getattr(args, "vae", None), clip_2=getattr(args, "clip_2", None))
 
 
 def warn_unknown_words(pipe, prompts) -> None:

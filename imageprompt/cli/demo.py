@@ -45,6 +45,6 @@ def run_demo(args) -> int:
     from imageprompt.demo.app import launch
 
     return launch(model=args.model, clip=args.clip, dtype=args.dtype, device=args.device, attention=args.attention,
-                  scheduler=args.scheduler, config=args.config, adapters=args.adapter,
+                  scheduler=args.scheduler, config=args.config, vae=args.vae, clip_2=args.clip_2, adapters=args.adapter,
                   image_encoder=args.image_encoder, host=args.host, port=args.port, share=args.share,
                   max_queue=args.max_queue, max_file_size=args.max_file_size, debug=args.debug)

@@ -150,6 +150,9 @@ def tune(pipe, images_or_data, config: TuningConfig, progress: bool = True, chec
     checkpoint is never resumed on other data.
     """
     config.check()
+    if getattr(pipe, "image_encoder_2", None) is not None:  # SDXL's two-tower conversion has no tuning yet
+        raise ValueError("SD-IPC tuning (--online-steps, --tuned, imageprompt tune) is for SD 1.x models; "
+                         "it is not available on SDXL")
     data = images_or_data if isinstance(images_or_data, TuningData) else prepare_images(
         pipe, list(images_or_data), config.resolution)
     device = pipe._execution_device
