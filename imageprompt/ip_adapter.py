@@ -67,7 +67,9 @@ class DecoupledImageBranch(nn.Module):
     one ``(1, num_images, H, W)`` tensor per adapter), in which case each image
     is attended on its own and confined to its mask. A scale is a float, or a
     list with one float per image when masks are given. Zero scales skip the
-    adapter entirely, so scale 0 costs nothing and changes nothing.
+    adapter entirely, so scale 0 costs nothing and changes nothing. ``active`` (set by
+    :func:`set_adapter_step` from each adapter's step window) skips the adapters whose
+    window does not hold the current sampling step the same way; None: all are active.
     """
 
     def __init__(self, to_k_ip: Sequence[nn.Module], to_v_ip: Sequence[nn.Module], scale: Sequence = ()):
@@ -75,6 +77,7 @@ class DecoupledImageBranch(nn.Module):
         self.to_k_ip = nn.ModuleList(to_k_ip)
         self.to_v_ip = nn.ModuleList(to_v_ip)
         self.scale = list(scale) or [1.0] * len(self.to_k_ip)
+        self.active: list[bool] | None = None
 
     def _attend(self, processor, attn, query, tokens):
         batch, heads, _, head_dim = query.shape
@@ -97,7 +100,7 @@ class DecoupledImageBranch(nn.Module):
         out = torch.zeros_like(query)
         for i, (tokens, scale) in enumerate(zip(image_context, self.scale)):
             scales = scale if isinstance(scale, (list, tuple)) else [scale]
-            if all(s == 0 for s in scales):
+            if all(s == 0 for s in scales) or (self.active is not None and not self.active[i]):
                 continue
             projections = (self.to_k_ip[i], self.to_v_ip[i])
             mask = None if masks is None else masks[i]
@@ -240,6 +243,7 @@ class ImageAdapterStack(MultiIPAdapterImageProjection):
     def __init__(self, adapters: list):
         super().__init__([a.projection for a in adapters])
         self.adapters = list(adapters)
+        self.active: list[bool] | None = None  # what the branches were last told (set_adapter_step)
 
 
 def loaded_adapters(unet) -> list:
@@ -348,6 +352,72 @@ def adapters_suspended(unet):
         yield
     finally:
         _reinstall(unet, adapters, scales)
+
+
+# ---------------------------------------------------------- step windows
+FULL_WINDOW = (0.0, 1.0)
+
+
+def check_window(window) -> tuple[float, float]:
+    """``(begin, end)``: fractions of the sampling steps with ``0 <= begin < end <= 1``; a clear error otherwise."""
+    if isinstance(window, (str, bytes)) or not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"a step window is a (begin, end) pair of fractions, got {window!r}")
+    try:
+        begin, end = (float(x) for x in window)
+    except (TypeError, ValueError):
+        raise ValueError(f"a step window is a (begin, end) pair of numbers, got {window!r}") from None
+    if not 0.0 <= begin < end <= 1.0:  # NaN fails here too
+        raise ValueError(f"a step window needs 0 <= begin < end <= 1, got ({begin}, {end})")
+    return begin, end
+
+
+def window_steps(window, num_steps: int) -> range:
+    """The steps a window covers: ``int(begin * N)`` up to, not including, ``int(end * N)`` (prompt-to-prompt's
+    rule for its self-attention window); ``(0.5, 1.0)`` of 4 steps is steps 2 and 3."""
+    begin, end = check_window(window)
+    return range(int(begin * num_steps), int(end * num_steps))
+
+
+def adapter_windows(unet) -> list[tuple[float, float]]:
+    """Each installed adapter's step window, in order (``(0.0, 1.0)``: every step)."""
+    return [getattr(a, "window", FULL_WINDOW) for a in loaded_adapters(unet)]
+
+
+def set_adapter_windows(unet, window) -> None:
+    """Apply each adapter only between fractions ``begin`` and ``end`` of the sampling steps (ComfyUI's
+    start_at/end_at): ``(begin, end)`` for every adapter, a list with one pair (or None) per adapter, or None
+    (every step). The window is kept on the adapter itself, in ``unet.encoder_hid_proj``."""
+    adapters = loaded_adapters(unet)
+    if not adapters:
+        raise ValueError("no image adapter is loaded")
+    per_adapter = window if isinstance(window, list) and (not window or window[0] is None
+                                                          or isinstance(window[0], (list, tuple))) else [window]
+    if len(per_adapter) == 1:
+        per_adapter = per_adapter * len(adapters)
+    if len(per_adapter) != len(adapters):
+        raise ValueError(f"{len(per_adapter)} step windows for {len(adapters)} loaded adapters")
+    checked = [FULL_WINDOW if w is None else check_window(w) for w in per_adapter]
+    for adapter, value in zip(adapters, checked):
+        adapter.window = value
+
+
+def set_adapter_step(unet, step: int | None, num_steps: int | None = None) -> None:
+    """Tell the image branches that sampling step ``step`` of ``num_steps`` runs next; adapters whose window
+    does not cover it are skipped, exactly as at scale 0. ``None``: outside a sampling loop, all adapters on.
+
+    The pipelines' denoising loop calls it before every UNet call and with None afterwards."""
+    windows = adapter_windows(unet)
+    if not windows:
+        return
+    active = None
+    if step is not None and any(w != FULL_WINDOW for w in windows):
+        active = [step in window_steps(w, num_steps) for w in windows]
+    stack = unet.encoder_hid_proj  # remembers what the branches were told, so most steps change nothing
+    if stack.active == active:
+        return
+    for branch in image_branches(unet).values():
+        branch.active = active
+    stack.active = active
 
 
 # ------------------------------------------------------- image embeddings

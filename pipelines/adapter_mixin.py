@@ -14,6 +14,7 @@ from imageprompt.ip_adapter import (
     install_adapters,
     load_adapters,
     loaded_adapters,
+    set_adapter_windows,
     set_branch_scales,
 )
 
@@ -52,6 +53,120 @@ class ImagePromptAdapterMixin:
         if not self.image_adapters:
             raise ValueError("no image adapter is loaded")
         set_branch_scales(self.unet, scale, len(self.image_adapters))
+
+    def set_ip_adapter_window(self, window) -> None:
+        """Apply adapters only between fractions ``begin`` and ``end`` of the sampling steps.
+
+        ``(begin, end)`` for every adapter, a list with one pair (or None: every step) per adapter in load order,
+        or None. Step ``i`` of ``N`` is inside when ``int(begin * N) <= i < int(end * N)``; outside, the adapter
+        is skipped as at scale 0. Kept on the UNet's adapters: loading adapters again resets it.
+        """
+        set_adapter_windows(self.unet, window)
+
+    @torch.no_grad()
+    def encode_ip_adapter_image(self, ip_adapter_image, combine="concat", content_text=None,
+                                content_scale: float = 1.0, negative_ip_adapter_image=None,
+                                do_classifier_free_guidance: bool = True, text_encoder=None, tokenizer=None
+                                ) -> list[torch.Tensor]:
+        """Image prompts as ``ip_adapter_image_embeds`` (per adapter ``[negative, positive]`` along dim 0 with
+        guidance), with the references of each adapter combined and content words subtracted
+        (:mod:`imageprompt.image_embeds`).
+
+        Args:
+            ip_adapter_image / negative_ip_adapter_image: as for ``__call__``.
+            combine: ``concat`` (default: every image's tokens), ``add``, ``subtract``, ``average`` or
+                ``norm-average``; one for all adapters or a list with one per adapter. The negative embeddings of a
+                combined prompt are the mean of the images' negatives (zeros stay zeros).
+            content_text: InstantStyle's content words, subtracted from each image embedding in CLIP's projected
+                joint space (sd15-format adapters only); one for all adapters or a list (None: none).
+            content_scale: weight of the subtracted text embedding.
+            text_encoder / tokenizer: the text tower (with projection) of the adapter's CLIP. Default: the
+                pipeline's own CLIP, when it is the adapter's image encoder (as for the bundled adapter).
+        """
+        from imageprompt.image_embeds import COMBINE_MODES, combine_embeds, subtract_content
+
+        adapters = self.image_adapters
+        if ip_adapter_image is None:
+            raise ValueError("`ip_adapter_image` is required")
+        self.check_ip_adapter_inputs(ip_adapter_image, None, negative_ip_adapter_image)
+        modes = _per_adapter(combine, len(adapters), "combine")
+        texts = _per_adapter(content_text, len(adapters), "content_text")
+        for mode in modes:
+            if mode not in COMBINE_MODES:
+                raise ValueError(f"combine mode must be one of {', '.join(COMBINE_MODES)}, got {mode!r}")
+        for i, (adapter, text) in enumerate(zip(adapters, texts)):
+            if text is not None and (not isinstance(text, str) or not text.strip() or adapter.kind != "sd15"):
+                raise ValueError(f"content subtraction needs content words (a non-empty string) and an sd15-format "
+                                 f"adapter, which reads CLIP's projected image embeddings; adapter {i} is "
+                                 f"{adapter.kind!r}")
+        images = ip_adapter_image if len(adapters) > 1 else [ip_adapter_image]
+        negatives = [None] * len(adapters) if negative_ip_adapter_image is None else \
+            negative_ip_adapter_image if len(adapters) > 1 else [negative_ip_adapter_image]
+        device, out = self._execution_device, []
+        for adapter, imgs, negs, mode, text in zip(adapters, images, negatives, modes, texts):
+            imgs, negs = as_image_list(imgs), None if negs is None else as_image_list(negs)
+            if negs is not None and len(negs) not in (1, len(imgs)):
+                raise ValueError(f"{len(negs)} negative image prompts for {len(imgs)} image prompts")
+            # one image at a time: an image's embedding must not depend on the others (x - x is exactly 0)
+            pairs = [adapter.encode(self, [im], None if negs is None else [negs[min(j, len(negs) - 1)]], device)
+                     for j, im in enumerate(imgs)]
+            pos, neg = torch.cat([p for p, _ in pairs]), torch.cat([n for _, n in pairs])
+            if text is not None:
+                pos = subtract_content(pos, self._content_text_embeds(adapter, text, text_encoder, tokenizer),
+                                       content_scale)
+            pos = combine_embeds(pos, mode)
+            neg = neg if mode == "concat" else neg.mean(0, keepdim=True)
+            out.append(torch.cat([neg[None], pos[None]]) if do_classifier_free_guidance else pos[None])
+        return out
+
+    def _content_text_embeds(self, adapter, text: str, text_encoder=None, tokenizer=None) -> torch.Tensor:
+        from imageprompt.image_embeds import encoder_fingerprint, projected_text_embeds
+
+        if text_encoder is not None:
+            if tokenizer is None:
+                raise ValueError("with `text_encoder`, pass its `tokenizer` too")
+            return projected_text_embeds(text_encoder, tokenizer, [text])
+        wanted = encoder_fingerprint(adapter.image_encoder)
+        for vision, tower, tok in (("image_encoder", "text_encoder", "tokenizer"),
+                                   ("image_encoder_2", "text_encoder_2", "tokenizer_2")):  # SD 1.x; SDXL's bigG
+            encoder = getattr(self, vision, None)
+            if encoder is not None and encoder_fingerprint(encoder) == wanted:
+                model = getattr(self, tower)
+                projection = getattr(model, "text_projection", None)  # else SD-IPC's copy of CLIP's projection
+                projection = projection if projection is not None else self.converter.text_projection
+                return projected_text_embeds(model, getattr(self, tok), [text], projection)
+        raise ValueError("content subtraction needs the text tower of the adapter's own CLIP (its image encoder "
+                         "is not this pipeline's CLIP): pass text_encoder= (a CLIPTextModelWithProjection or "
+                         "CLIPModel) and tokenizer=")
+
+    def ip_adapter_records(self) -> list[dict]:
+        """What made the embeddings of each loaded adapter: its name, kind and image encoder's fingerprint."""
+        from imageprompt.image_embeds import encoder_fingerprint
+
+        return [{"name": str(a.name), "kind": a.kind,
+                 "encoder": encoder_fingerprint(getattr(a, "image_encoder", None) or self.image_encoder)}
+                for a in self.image_adapters]
+
+    def save_ip_adapter_image_embeds(self, path, embeds: list[torch.Tensor], do_classifier_free_guidance: bool = True,
+                                     extra: dict | None = None):
+        """Save embeddings from :meth:`encode_ip_adapter_image` (safetensors, with the adapters' records)."""
+        from imageprompt.image_embeds import save_image_embeds
+
+        return save_image_embeds(path, embeds, self.ip_adapter_records(), do_classifier_free_guidance, extra)
+
+    def load_ip_adapter_image_embeds(self, path, do_classifier_free_guidance: bool = True) -> list[torch.Tensor]:
+        """Embeddings saved by :meth:`save_ip_adapter_image_embeds`, checked against the loaded adapters, as
+        ``ip_adapter_image_embeds``; a file saved with guidance also serves sampling without it."""
+        from imageprompt.image_embeds import check_embeds_match, load_image_embeds
+
+        embeds, metadata = load_image_embeds(path)
+        check_embeds_match(metadata, self.ip_adapter_records(), str(path))
+        if do_classifier_free_guidance and not metadata["guidance"]:
+            raise ValueError(f"{path} was saved without negative embeddings: sample with guidance_scale <= 1, "
+                             "or save it again with guidance")
+        if not do_classifier_free_guidance and metadata["guidance"]:
+            embeds = [e[1:] for e in embeds]
+        return embeds
 
     def unload_ip_adapter(self) -> None:
         """Remove every image adapter (and the SD-IPC branch); the UNet is plain again."""
@@ -127,3 +242,11 @@ class ImagePromptAdapterMixin:
             else:
                 out.append(pos)
         return out
+
+
+def _per_adapter(value, count: int, name: str) -> list:
+    """One value for every adapter, or a list with one per adapter."""
+    values = value if isinstance(value, list) else [value] * count
+    if len(values) != count:
+        raise ValueError(f"`{name}` has {len(values)} entries for {count} loaded adapters")
+    return values

@@ -18,6 +18,7 @@ The UNet's attention runs through imageprompt's processors
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 from imageprompt.attention import imageprompt_processors, set_attention_backend
 from imageprompt.conversion import SDIPCConverter, edit_embeds, eos_positions, variation_embeds
 from imageprompt.images import MAX_PROMPT_CHARS, to_rgb
+from imageprompt.ip_adapter import set_adapter_step
 
 
 @dataclass
@@ -254,12 +256,17 @@ class StableDiffusionImagePromptPipeline(DiffusionPipeline, ImagePromptAdapterMi
     def denoise(self, latents, prompt_embeds, negative_prompt_embeds, timesteps, guidance_scale,
                 extra_step_kwargs, cross_attention_kwargs=None, callback_on_step_end=None,
                 callback_on_step_end_tensor_inputs=("latents",), added_cond_kwargs=None, guidance_rescale=0.0):
-        """The sampling loop with classifier-free guidance; returns the final latents."""
+        """The sampling loop with classifier-free guidance; returns the final latents.
+
+        Before each UNet call the image adapters are told the step (:func:`~imageprompt.ip_adapter.set_adapter_step`),
+        so each applies only inside its step window.
+        """
         do_cfg = guidance_scale > 1.0
         context = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
         self._num_timesteps = len(timesteps)
-        with self.progress_bar(total=len(timesteps)) as bar:
+        with self.progress_bar(total=len(timesteps)) as bar, _adapter_steps(self.unet):
             for i, t in enumerate(timesteps):
+                set_adapter_step(self.unet, i, len(timesteps))
                 model_input = torch.cat([latents] * 2) if do_cfg else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
                 noise = self.unet(
@@ -402,3 +409,12 @@ class StableDiffusionImagePromptPipeline(DiffusionPipeline, ImagePromptAdapterMi
         if not return_dict:
             return (images_out,)
         return ImagePromptPipelineOutput(images=images_out)
+
+
+@contextlib.contextmanager
+def _adapter_steps(unet):
+    """Outside the loop (also after an error in it) every adapter applies again."""
+    try:
+        yield
+    finally:
+        set_adapter_step(unet, None)

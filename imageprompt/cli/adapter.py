@@ -28,12 +28,26 @@ def adapter_scale(text: str):
     return value
 
 
+def step_window(text: str) -> tuple[float, float]:
+    """``BEGIN-END``: fractions of the sampling steps, ``0 <= BEGIN < END <= 1`` (e.g. ``0.5-1``)."""
+    begin, sep, end = text.partition("-")
+    try:
+        window = (float(begin), float(end)) if sep else None
+    except ValueError:
+        window = None
+    if window is None:
+        raise argparse.ArgumentTypeError(f"expected BEGIN-END fractions of the steps such as 0.5-1, got {text!r}")
+    if not 0.0 <= window[0] < window[1] <= 1.0:
+        raise argparse.ArgumentTypeError(f"needs 0 <= BEGIN < END <= 1, got {text!r}")
+    return window
+
+
 def add_adapter_options(parser: argparse.ArgumentParser,
                         reference: str = "extra reference image for the adapters (repeatable)") -> None:
     group = parser.add_argument_group("image adapter (IP-Adapter decoupled cross-attention)")
     group.add_argument("--adapter", action="append", metavar="PATH_OR_ID[:WEIGHT_NAME]",
                        help="IP-Adapter weights: a .safetensors/.bin file, HUB_ID:path/in/repo, a short name "
-                            "(sd15, sd15_light, plus, plus-face, full-face: from h94/IP-Adapter), or 'sdipc' for "
+                            "(sd15, sd15_light, plus, plus-face, full-face, sdxl: from h94/IP-Adapter), or 'sdipc' for "
                             "the training-free SD-IPC branch; repeat for several adapters")
     group.add_argument("--scale", action="append", type=adapter_scale, metavar="S",
                        help="adapter scale: a number or a JSON per-block dict (InstantStyle); one for all adapters "
@@ -45,6 +59,25 @@ def add_adapter_options(parser: argparse.ArgumentParser,
     group.add_argument("--image-encoder", metavar="PATH",
                        help="CLIP vision folder of the adapter (default: image_encoder next to the weights; for the "
                             "bundled checkpoints/shapes-ip-adapter.safetensors, the bundled CLIP)")
+    group.add_argument("--adapter-window", action="append", type=step_window, metavar="BEGIN-END",
+                       help="apply the adapter only between these fractions of the sampling steps, e.g. 0.5-1; one "
+                            "for all adapters or one per --adapter (default 0-1)")
+    group.add_argument("--adapter-combine", metavar="MODE",
+                       help="how several reference images of an adapter combine: concat (default: all their tokens), "
+                            "add, subtract (first minus the mean of the others), average, norm-average")
+    group.add_argument("--adapter-subtract-text", metavar="WORDS",
+                       help="InstantStyle content subtraction: subtract the CLIP text embedding of these content words "
+                            "from the image embedding (sd15-format adapters), keeping the style")
+    group.add_argument("--adapter-subtract-scale", type=float, default=1.0, metavar="S",
+                       help="weight of the subtracted text embedding (default 1.0)")
+    group.add_argument("--adapter-text-encoder", metavar="PATH",
+                       help="CLIP folder (CLIPModel or CLIPTextModelWithProjection, with its tokenizer) of the "
+                            "adapter's image encoder, for --adapter-subtract-text (default: the pipeline's CLIP, "
+                            "when it is the adapter's image encoder, as for the bundled adapter)")
+    group.add_argument("--save-embeds", metavar="FILE.safetensors",
+                       help="save the adapters' image embeddings (after combining/subtracting) for reuse")
+    group.add_argument("--embeds", metavar="FILE.safetensors",
+                       help="use image embeddings saved with --save-embeds instead of encoding reference images")
 
 
 def check_adapter_options(args) -> None:
@@ -57,10 +90,15 @@ def check_adapter_options(args) -> None:
     if not specs:
         used = [o for o, v in (("--scale", args.scale), ("--adapter-image", args.adapter_image),
                                ("--negative-adapter-image", args.negative_adapter_image),
-                               ("--image-encoder", args.image_encoder)) if v]
+                               ("--image-encoder", args.image_encoder), ("--adapter-window", args.adapter_window),
+                               ("--adapter-combine", args.adapter_combine),
+                               ("--adapter-subtract-text", args.adapter_subtract_text),
+                               ("--adapter-text-encoder", args.adapter_text_encoder),
+                               ("--save-embeds", args.save_embeds), ("--embeds", args.embeds)) if v]
         if used:
             raise CommandError(f"{', '.join(used)} need --adapter")
         return
+    check_embedding_options(args, len(specs))
     scales = args.scale or [1.0]
     if len(scales) not in (1, len(specs)):
         raise CommandError(f"{len(scales)} --scale values for {len(specs)} adapters: give one, or one per adapter")
@@ -81,6 +119,44 @@ def check_adapter_options(args) -> None:
     args._adapter_images = [load_image(p) for p in args.adapter_image]
     args._adapter_digests = [sha256_file(p) for p in args.adapter_image]
     args._negative_adapter_image = load_image(args.negative_adapter_image) if args.negative_adapter_image else None
+
+
+def check_embedding_options(args, count: int) -> None:
+    """Step windows, embedding arithmetic and embedding files, checked before any model loads."""
+    import math
+
+    from imageprompt.cli.common import CommandError
+
+    windows = args.adapter_window or []
+    if len(windows) not in (0, 1, count):
+        raise CommandError(f"{len(windows)} --adapter-window values for {count} adapters: give one, or one per adapter")
+    args._adapter_windows = (windows * count if len(windows) == 1 else list(windows)) or None
+    if args.adapter_combine is not None:
+        from imageprompt.image_embeds import COMBINE_MODES
+
+        if args.adapter_combine not in COMBINE_MODES:
+            raise CommandError(f"--adapter-combine must be one of {', '.join(COMBINE_MODES)}, "
+                               f"got {args.adapter_combine!r}")
+    if args.adapter_subtract_text is not None and not args.adapter_subtract_text.strip():
+        raise CommandError("--adapter-subtract-text is empty")
+    if not math.isfinite(args.adapter_subtract_scale):
+        raise CommandError(f"--adapter-subtract-scale must be a finite number, got {args.adapter_subtract_scale}")
+    if args.adapter_text_encoder and not args.adapter_subtract_text:
+        raise CommandError("--adapter-text-encoder is for --adapter-subtract-text")
+    if args.adapter_text_encoder and not Path(args.adapter_text_encoder).expanduser().is_dir():
+        raise CommandError(f"--adapter-text-encoder {args.adapter_text_encoder}: no such folder")
+    if args.save_embeds and Path(args.save_embeds).suffix != ".safetensors":
+        raise CommandError(f"--save-embeds {args.save_embeds}: must end in .safetensors")
+    if args.embeds:
+        clash = [o for o, v in (("--adapter-image", args.adapter_image), ("--adapter-combine", args.adapter_combine),
+                                ("--adapter-subtract-text", args.adapter_subtract_text),
+                                ("--negative-adapter-image", args.negative_adapter_image),
+                                ("--save-embeds", args.save_embeds)) if v]
+        if clash:
+            raise CommandError(f"--embeds replaces the image prompts; leave out {', '.join(clash)}")
+        from imageprompt.image_embeds import load_image_embeds
+
+        load_image_embeds(args.embeds)  # a missing or foreign file fails here, before the model loads
 
 
 def apply_adapter_options(pipe, args, image=None) -> dict:
@@ -106,6 +182,8 @@ def apply_adapter_options(pipe, args, image=None) -> dict:
         adapters.insert(order.index(None), SDIPCBranch())
         install_adapters(pipe.unet, adapters)
     pipe.set_ip_adapter_scale(list(args._adapter_scales))
+    if args._adapter_windows:
+        pipe.set_ip_adapter_window(list(args._adapter_windows))
 
     references = ([image] if image is not None else []) + list(args._adapter_images)
     per_adapter = references if len(order) == 1 else [references] * len(order)
@@ -113,6 +191,8 @@ def apply_adapter_options(pipe, args, image=None) -> dict:
     if args._negative_adapter_image is not None:
         negatives = [args._negative_adapter_image] if len(order) == 1 else [[args._negative_adapter_image]] * len(order)
     extra = {"image": None, "ip_adapter_image": per_adapter, "negative_ip_adapter_image": negatives}
+    if args.embeds or args.save_embeds or args.adapter_combine or args.adapter_subtract_text:
+        extra = {"image": None, "ip_adapter_image_embeds": _image_embeds(pipe, args, per_adapter, negatives)}
     if getattr(args, "prompt", None) is None:
         extra["prompt"] = ""
     parameters = {
@@ -127,7 +207,55 @@ def apply_adapter_options(pipe, args, image=None) -> dict:
         "image_encoder": args.image_encoder or next(
             (str(found) for found in (bundled_image_encoder(f) for _, _, f, _ in files) if found), None),
     }
+    parameters.update({k: v for k, v in (
+        ("adapter_windows", [list(w) for w in args._adapter_windows or []]), ("adapter_combine", args.adapter_combine),
+        ("adapter_subtract_text", args.adapter_subtract_text),
+        ("adapter_subtract_scale", args.adapter_subtract_scale if args.adapter_subtract_text else None),
+        ("adapter_embeds", Path(args.embeds).name if args.embeds else None),
+        ("adapter_embeds_sha256", args._embeds_sha256 if args.embeds else None)) if v})
     return {"pipeline": extra, "parameters": parameters}
+
+
+def _image_embeds(pipe, args, per_adapter, negatives) -> list:
+    """``ip_adapter_image_embeds`` from --embeds, or encoded with --adapter-combine / --adapter-subtract-text
+    (and saved with --save-embeds)."""
+    from imageprompt.cli.common import CommandError
+    from imageprompt.images import sha256_file
+
+    guidance = args.guidance > 1.0
+    if args.embeds:
+        args._embeds_sha256 = sha256_file(args.embeds)
+        return pipe.load_ip_adapter_image_embeds(args.embeds, guidance)
+    texts = None
+    if args.adapter_subtract_text:
+        kinds = [a.kind for a in pipe.image_adapters]
+        if "sd15" not in kinds:
+            raise CommandError("--adapter-subtract-text needs an sd15-format adapter (it subtracts in CLIP's "
+                               f"projected image space); loaded: {', '.join(kinds)}")
+        texts = [args.adapter_subtract_text if kind == "sd15" else None for kind in kinds]
+    text_encoder = tokenizer = None
+    if args.adapter_text_encoder:
+        from transformers import AutoConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+        config = AutoConfig.from_pretrained(args.adapter_text_encoder)
+        if config.model_type == "clip":  # a whole CLIPModel: its text tower and text_projection only
+            text_config = config.text_config
+            text_config.projection_dim = config.projection_dim
+            text_encoder = CLIPTextModelWithProjection.from_pretrained(args.adapter_text_encoder, config=text_config)
+        else:
+            text_encoder = CLIPTextModelWithProjection.from_pretrained(args.adapter_text_encoder)
+        text_encoder = text_encoder.to(pipe._execution_device).eval()
+        tokenizer = CLIPTokenizer.from_pretrained(args.adapter_text_encoder)
+    embeds = pipe.encode_ip_adapter_image(per_adapter, combine=args.adapter_combine or "concat",
+                                          content_text=texts,
+                                          content_scale=args.adapter_subtract_scale,
+                                          negative_ip_adapter_image=negatives, do_classifier_free_guidance=guidance,
+                                          text_encoder=text_encoder, tokenizer=tokenizer)
+    if args.save_embeds:
+        pipe.save_ip_adapter_image_embeds(args.save_embeds, embeds, guidance, extra={
+            "combine": args.adapter_combine or "concat", "subtract_text": args.adapter_subtract_text,
+            "subtract_scale": args.adapter_subtract_scale})
+    return embeds
 
 
 # ------------------------------------------------------------ train-adapter

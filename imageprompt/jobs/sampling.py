@@ -50,7 +50,7 @@ def run_p2p(runner, settings: dict, items) -> list:
     With ``adapter``, its image branch (on the shared UNet) reads the row's ``adapter_image`` in both."""
     pipe = runner.p2p_pipeline()
     if settings.get("adapter"):
-        runner.use_adapter(settings["adapter"], settings["scale"])
+        runner.use_adapter(settings["adapter"], settings["scale"], settings.get("window"))
     edits = []
     for item in items:
         p = item.row.params
@@ -58,14 +58,20 @@ def run_p2p(runner, settings: dict, items) -> list:
                       weights=p.get("weights"), blend_words=p.get("blend"), cross_steps=p["cross_steps"],
                       self_steps=p["self_steps"], **_sampling_kwargs(settings, [item]))
         kwargs["generator"] = kwargs["generator"][0]
-        for name in ("blend_threshold", "blend_exclude", "blend_start"):
+        for name in ("blend_threshold", "blend_exclude", "blend_start", "start_step", "start_layer"):
             if p.get(name) is not None:
                 kwargs[name] = p[name]
+        if p.get("mask"):  # MasaCtrl's foreground words
+            kwargs["mask_words"] = p["mask"]
         if p.get("image") and p.get("invert"):
             kwargs["inversion"] = runner.inversion(item.row, pipe)
         elif p.get("image"):
             kwargs.update(image=runner.image(item.row), alpha=p["alpha"])
-        if p.get("adapter_image"):
+        if p.get("adapter_image") and p.get("subtract_text"):  # InstantStyle: content words subtracted
+            kwargs["ip_adapter_image_embeds"] = pipe.encode_ip_adapter_image(
+                runner.load(p["adapter_image"]), content_text=p["subtract_text"], content_scale=p["subtract_scale"],
+                do_classifier_free_guidance=settings["guidance"] > 1.0)
+        elif p.get("adapter_image"):
             kwargs["ip_adapter_image"] = runner.load(p["adapter_image"])
         edits.append(pipe(**kwargs).images[-1])
     return edits
@@ -75,10 +81,12 @@ def run_adapter(runner, settings: dict, items) -> list:
     """IP-Adapter (Ye et al. 2023, Eq. 5): each row's image through the decoupled cross-attention, plus its text."""
     import torch
 
-    pipe = runner.use_adapter(settings["adapter"], settings["scale"])
-    device, cfg = pipe._execution_device, settings["guidance"] > 1.0
+    pipe = runner.use_adapter(settings["adapter"], settings["scale"], settings.get("window"))
+    cfg = settings["guidance"] > 1.0
     # one image prompt per row (a list of images would be several prompts of the *same* row in diffusers' format)
-    per_row = [pipe.prepare_ip_adapter_image_embeds(runner.image(item.row), None, device, 1, cfg)[0] for item in items]
+    per_row = [pipe.encode_ip_adapter_image(runner.image(item.row), content_text=item.row.params.get("subtract_text"),
+                                            content_scale=item.row.params.get("subtract_scale") or 1.0,
+                                            do_classifier_free_guidance=cfg)[0] for item in items]
     if cfg:
         negative, positive = zip(*(embeds.chunk(2) for embeds in per_row))
         embeds = torch.cat([*negative, *positive])
@@ -88,9 +96,31 @@ def run_adapter(runner, settings: dict, items) -> list:
     return pipe(prompt=prompts, ip_adapter_image_embeds=[embeds], **_sampling_kwargs(settings, items)).images
 
 
+def run_style_aligned(runner, settings: dict, items) -> list:
+    """StyleAligned (Hertz et al. 2024): the reference (``reference`` from ``reference_seed``, or the DDIM-inverted
+    photo ``image``) first, then every item's prompt from its own seed, in one batch; returns the items' images.
+    Each image attends only to itself and the reference, so it does not depend on what it is batched with."""
+    from imageprompt.images import generators
+
+    pipe = runner.style_pipeline()
+    kwargs = _sampling_kwargs(settings, items)
+    kwargs["generator"] = [generators(settings["reference_seed"], 1)[0], *kwargs["generator"]]
+    prompts = [settings["reference"], *(item.row.params["prompt"] for item in items)]
+    if settings.get("image"):
+        row = items[0].row
+        key = ("style", row.image_sha256, settings["reference"], settings["steps"], settings["height"],
+               settings["width"])
+        if key not in runner.inversions:
+            runner.inversions[key] = pipe.invert_reference(runner.image(row), settings["reference"],
+                                                           settings["steps"], settings["height"], settings["width"])
+        kwargs["inversion"] = runner.inversions[key]
+    return pipe(prompts, keys_scale=settings["keys_scale"], **kwargs).images[1:]
+
+
 # ``fn(runner, settings, items) -> list[PIL.Image]`` for each kind of :data:`imageprompt.jobs.schema.KINDS`:
 # one image per item, all items sharing ``settings`` (the sampling settings plus the kind's ``grouped`` fields)
-SAMPLERS: dict[str, Callable] = {"vary": run_vary, "edit": run_edit, "p2p": run_p2p, "adapter": run_adapter}
+SAMPLERS: dict[str, Callable] = {"vary": run_vary, "edit": run_edit, "p2p": run_p2p, "adapter": run_adapter,
+                                 "style-aligned": run_style_aligned}
 
 
 class Runner:
@@ -135,14 +165,24 @@ class Runner:
     def p2p_pipeline(self):
         """The prompt-to-prompt pipeline on the same components (no weights are copied)."""
         if self._p2p is None:
-            from imageprompt.pipelines import StableDiffusionPromptToPromptPipeline
+            from imageprompt.pipelines.loading import prompt_to_prompt_from
 
-            self._p2p = StableDiffusionPromptToPromptPipeline.from_pipe(self.pipe)
+            self._p2p = prompt_to_prompt_from(self.pipe)  # SD 1.x or SDXL, as the model is
             self._p2p.set_progress_bar_config(disable=True)
         return self._p2p
 
-    def use_adapter(self, spec: str, scale: float):
-        """Load IP-Adapter ``spec`` (once; a failure is remembered so each row does not retry it) at ``scale``."""
+    def style_pipeline(self):
+        """The StyleAligned pipeline on the same components (no weights are copied)."""
+        if getattr(self, "_style", None) is None:
+            from imageprompt.pipelines import StableDiffusionStyleAlignedPipeline
+
+            self._style = StableDiffusionStyleAlignedPipeline.from_pipe(self.pipe)
+            self._style.set_progress_bar_config(disable=True)
+        return self._style
+
+    def use_adapter(self, spec: str, scale: float, window: list | None = None):
+        """Load IP-Adapter ``spec`` (once; a failure is remembered so each row does not retry it) at ``scale``,
+        applied in the step ``window`` ([begin, end]; None: every step)."""
         from imageprompt.adapter_files import parse_adapter_spec
 
         if self.adapter != spec:
@@ -156,6 +196,7 @@ class Runner:
                 raise
             self.adapter = spec
         self.pipe.set_ip_adapter_scale(scale)
+        self.pipe.set_ip_adapter_window(window)
         return self.pipe
 
     def sample(self, items: list[Item]) -> list:

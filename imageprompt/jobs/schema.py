@@ -116,7 +116,9 @@ class Row:
     def settings(self) -> tuple:
         """Rows with equal settings are sampled in the same batches."""
         spec = KINDS[self.kind]
-        return (self.kind, *[(name, self.params.get(name)) for name in (*SAMPLING, *spec.grouped)])
+        hashable = {name: tuple(v) if isinstance(v := self.params.get(name), list) else v
+                    for name in (*SAMPLING, *spec.grouped)}  # a window [begin, end] is a list in the JSON
+        return (self.kind, *hashable.items())
 
 
 def _check_type(name: str, value, expected: type | tuple[type, ...]) -> str | None:
@@ -364,20 +366,55 @@ def _check_edit(values: dict) -> None:
         raise ValueError("field 'prompt' is empty")
 
 
+def _check_adapter_extras(values: dict) -> None:
+    """``window`` ([begin, end] fractions of the steps) and ``subtract_text`` (InstantStyle's content words)."""
+    window = values.get("window")
+    if window is not None:
+        if not (len(window) == 2 and all(_check_type("window", v, float) is None for v in window)
+                and 0 <= window[0] < window[1] <= 1):
+            raise ValueError(f"field 'window' must be [begin, end] with 0 <= begin < end <= 1, "
+                             f"got {json.dumps(window)}")
+        values["window"] = [float(v) for v in window]
+    if values.get("subtract_text") is not None:
+        if not values["subtract_text"].strip():
+            raise ValueError("field 'subtract_text' is empty")
+        values.setdefault("subtract_scale", 1.0)
+    elif values.get("subtract_scale") is not None:
+        raise ValueError("field 'subtract_scale' needs 'subtract_text'")
+    named = [name for name in ("window", "subtract_text") if values.get(name) is not None]
+    if named and not values.get("adapter"):
+        raise ValueError(f"field(s) {', '.join(map(repr, named))} need 'adapter'")
+
+
 def _check_p2p(values: dict) -> None:
     from imageprompt.inversion import METHODS
     from imageprompt.p2p import validate_edit
 
     if not all(isinstance(word, str) for word in values.get("blend") or ()):
         raise ValueError(f"field 'blend' must be a list of words, got {json.dumps(values['blend'])}")
-    values["target"] = validate_edit(values["prompt"], values.get("target"), values["mode"], values.get("weights"),
-                                     values.get("blend"), values["cross_steps"], None, values["self_steps"],
-                                     **({"blend_threshold": values["blend_threshold"]}
-                                        if values.get("blend_threshold") is not None else {}),
-                                     blend_exclude=values.get("blend_exclude"),
-                                     blend_start=values.get("blend_start") or 0.0)
+    if values["mode"] == "masactrl":  # MasaCtrl (imageprompt.masactrl): its own fields, not p2p's word options
+        from imageprompt.masactrl import validate_masactrl
+
+        if not all(isinstance(word, str) for word in values.get("mask") or ()):
+            raise ValueError(f"field 'mask' must be a list of words, got {json.dumps(values['mask'])}")
+        named = [n for n in ("weights", "blend", "blend_exclude", "blend_threshold") if values.get(n) is not None]
+        if named:
+            raise ValueError(f"field(s) {', '.join(map(repr, named))} are prompt-to-prompt options, not 'masactrl''s")
+        values.setdefault("start_step", 4)
+        values["target"] = validate_masactrl(values["prompt"], values.get("target"), values["start_step"],
+                                             values.get("start_layer"), values.get("mask"))[0]
+    elif any(values.get(name) is not None for name in ("start_step", "start_layer", "mask")):
+        raise ValueError("fields 'start_step', 'start_layer' and 'mask' belong to mode 'masactrl'")
+    else:
+        values["target"] = validate_edit(values["prompt"], values.get("target"), values["mode"], values.get("weights"),
+                                         values.get("blend"), values["cross_steps"], None, values["self_steps"],
+                                         **({"blend_threshold": values["blend_threshold"]}
+                                            if values.get("blend_threshold") is not None else {}),
+                                         blend_exclude=values.get("blend_exclude"),
+                                         blend_start=values.get("blend_start") or 0.0)
     if bool(values.get("adapter")) != bool(values.get("adapter_image")):
         raise ValueError("fields 'adapter' and 'adapter_image' go together: the adapter and its image prompt")
+    _check_adapter_extras(values)
     if values.get("adapter"):
         values.setdefault("scale", 1.0)
     if values.get("invert") is not None:
@@ -385,6 +422,17 @@ def _check_p2p(values: dict) -> None:
             raise ValueError(f"field 'invert' must be one of {', '.join(METHODS)}, got {values['invert']!r}")
         if not values.get("image"):
             raise ValueError("field 'invert' needs the photo to invert in field 'image'")
+
+
+def _check_style(values: dict) -> None:
+    """StyleAligned rows: ``prompt`` (this image) and ``reference`` (the reference's prompt) must say something."""
+    for name in ("prompt", "reference"):
+        if not values[name].strip():
+            raise ValueError(f"field {name!r} is empty")
+    if not values["keys_scale"] > 0:
+        raise ValueError(f"field 'keys_scale' must be positive, got {values['keys_scale']}")
+    if not 0 <= values["reference_seed"] <= MAX_SEED:
+        raise ValueError(f"field 'reference_seed' must be between 0 and 2**64-1, got {values['reference_seed']}")
 
 
 KINDS: dict[str, Kind] = {
@@ -395,10 +443,20 @@ KINDS: dict[str, Kind] = {
                 {"prompt": str, "target": str, "mode": str, "weights": dict, "blend": list, "blend_threshold": float,
                  "blend_exclude": list, "blend_start": float,
                  "cross_steps": (float, list), "self_steps": (float, list), "image": str, "alpha": float,
-                 "invert": str, "adapter": str, "adapter_image": str, "scale": float},
+                 "invert": str, "adapter": str, "adapter_image": str, "scale": float, "window": list,
+                 "subtract_text": str, "subtract_scale": float, "start_step": int, "start_layer": int,
+                 "mask": list},
                 required=("prompt",), defaults={"mode": "replace", "cross_steps": 0.8, "self_steps": 0.4, "alpha": 0.5},
-                grouped=("adapter", "scale"), check=_check_p2p, module="imageprompt.pipelines.pipeline_p2p"),
-    "adapter": Kind("ip-adapter", {"image": str, "prompt": str, "adapter": str, "scale": float},
-                    required=("image", "adapter"), defaults={"scale": 1.0}, grouped=("adapter", "scale"),
-                    module="imageprompt.ip_adapter"),
+                grouped=("adapter", "scale", "window"), check=_check_p2p, module="imageprompt.pipelines.pipeline_p2p"),
+    "adapter": Kind("ip-adapter", {"image": str, "prompt": str, "adapter": str, "scale": float, "window": list,
+                                   "subtract_text": str, "subtract_scale": float},
+                    required=("image", "adapter"), defaults={"scale": 1.0}, grouped=("adapter", "scale", "window"),
+                    check=_check_adapter_extras, module="imageprompt.ip_adapter"),
+    # StyleAligned (imageprompt.style_aligned): this row's image shares the style of a reference sampled in the same
+    # batch from `reference` (and `reference_seed`), or of the photo `image` (DDIM-inverted, `reference` describing it)
+    "style-aligned": Kind("style-aligned", {"prompt": str, "reference": str, "reference_seed": int, "image": str,
+                                            "keys_scale": float},
+                          required=("prompt", "reference"), defaults={"reference_seed": 0, "keys_scale": 1.0},
+                          grouped=("reference", "reference_seed", "image", "keys_scale"), check=_check_style,
+                          module="imageprompt.pipelines.pipeline_style_aligned"),
 }
