@@ -21,6 +21,7 @@ from imageprompt.demo.components import (
     sampling_controls,
     step_controls,
 )
+from imageprompt.demo.consistency import masactrl_tab, style_aligned_tab
 from imageprompt.demo.context import (
     DemoContext,
     adapters_installed,
@@ -30,6 +31,7 @@ from imageprompt.demo.context import (
 )
 from imageprompt.demo.running import on_run, sample
 from imageprompt.demo.validation import (
+    check_dpl_words,
     check_edit,
     check_inversion,
     check_prompt,
@@ -37,6 +39,7 @@ from imageprompt.demo.validation import (
     check_words,
     checked_number,
     optional_prompt,
+    page_error,
     read_image,
 )
 
@@ -109,6 +112,14 @@ def ip_adapter_tab(ctx: DemoContext) -> None:
             run = gr.Button("Generate", variant="primary", elem_id="ip-run")
             with gr.Accordion("Advanced options", open=False):
                 scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Adapter scale (image branch weight)")
+                begin = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Adapter from (fraction of the steps)",
+                                  elem_id="ip-begin")
+                end = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="Adapter until (fraction of the steps)",
+                                info="e.g. from 0.5: the text sets the layout, the image only the later steps",
+                                elem_id="ip-end")
+                content = gr.Textbox("", label="Subtract content words (InstantStyle)", max_lines=1,
+                                     placeholder="e.g. circle: keep the image's style, not its content",
+                                     elem_id="ip-content")
                 opts = sampling_controls(ctx)
         with gr.Column():
             gallery, files = result_outputs("ip")
@@ -117,22 +128,38 @@ def ip_adapter_tab(ctx: DemoContext) -> None:
                 [image, prompt], label="Examples (shapes world)")
 
     def ip_adapter(image, prompt, scale, num_images, steps, guidance, seed, width, height, negative_prompt,
-                   progress=gr.Progress(track_tqdm=True)):
+                   begin=0.0, end=1.0, content="", progress=gr.Progress(track_tqdm=True)):
         picture, source = read_image(ctx, image, "an image prompt")
         sampling = check_sampling(ctx, num_images=num_images, steps=steps, guidance=guidance, seed=seed, width=width,
                                   height=height, negative_prompt=negative_prompt)
         text = optional_prompt(prompt, "the text prompt")
         scale = checked_number("Adapter scale", scale, float, 0.0, 2.0)
-        check_words(ctx, [("the text prompt", text)])
+        window = (checked_number("Adapter from", begin, float, 0.0, 1.0),
+                  checked_number("Adapter until", end, float, 0.0, 1.0))
+        if window[0] >= window[1]:
+            raise page_error(f"Adapter from ({window[0]}) must be below Adapter until ({window[1]})")
+        content = optional_prompt(content, "the content words")
+        check_words(ctx, [("the text prompt", text), ("the content words", content)])
         method = "ip-adapter-edit" if text else "ip-adapter-variation"
         count = len(ctx.adapters)
         params = parameters(ctx, method, sampling, prompt=text or None, adapters=list(ctx.adapter_names),
-                            adapter_scales=[float(scale)] * count, **source)
+                            adapter_scales=[float(scale)] * count, **source,
+                            **({"adapter_windows": [list(window)] * count} if window != (0.0, 1.0) else {}),
+                            **({"adapter_subtract_text": content} if content else {}))
         references = picture if count == 1 else [picture] * count  # diffusers' layout: one entry per adapter
         with adapters_installed(ctx, scale):
-            return sample(ctx, method, dict(image=None, prompt=text, ip_adapter_image=references), sampling, params)
+            ctx.pipe.set_ip_adapter_window(window)  # every job: the loaded adapters are reused
+            inputs = dict(image=None, prompt=text, ip_adapter_image=references)
+            if content:  # InstantStyle: the content words' CLIP embedding subtracted (sd15-format adapters)
+                texts = [content if a.kind == "sd15" else None for a in ctx.pipe.image_adapters]
+                if not any(texts):
+                    raise page_error("Content words need an sd15-format adapter (IP-Adapter's projected CLIP "
+                                     "embedding); the loaded ones read other embeddings")
+                inputs = dict(image=None, prompt=text, ip_adapter_image_embeds=ctx.pipe.encode_ip_adapter_image(
+                    references, content_text=texts, do_classifier_free_guidance=sampling.guidance > 1.0))
+            return sample(ctx, method, inputs, sampling, params)
 
-    on_run(run, ip_adapter, [image, prompt, scale, *opts.inputs], [gallery, files], "ip_adapter")
+    on_run(run, ip_adapter, [image, prompt, scale, *opts.inputs, begin, end, content], [gallery, files], "ip_adapter")
 
 
 # ------------------------------------------------------- prompt-to-prompt
@@ -178,7 +205,7 @@ def p2p_tab(ctx: DemoContext) -> None:
 
 
 def real_edit_tab(ctx: DemoContext) -> None:
-    """A real photo: invert it (null-text, negative-prompt, DDIM or direct), then edit its description (p2p)."""
+    """A real photo: invert it (null-text, negative-prompt, DDIM, direct or DPL), then edit its description (p2p)."""
     with gr.Row():
         with gr.Column(scale=2):
             image = image_input("Photo", elem_id="real-image")
@@ -186,9 +213,13 @@ def real_edit_tab(ctx: DemoContext) -> None:
                                 placeholder="e.g. a large red circle in the center on a white background",
                                 elem_id="real-source")
             edit = edit_controls()
-            method = gr.Radio(["null-text", "negative-prompt", "ddim", "direct"], value="negative-prompt",
+            method = gr.Radio(["null-text", "negative-prompt", "ddim", "direct", "dpl"], value="negative-prompt",
                               label="Inversion", info="null-text: most faithful, slowest · negative-prompt: fast · "
-                                                      "ddim: plain · direct: exact source, fast")
+                                                      "ddim: plain · direct: exact source, fast · dpl: null-text "
+                                                      "plus learned noun tokens (slower still)")
+            dpl_words = gr.Textbox(value="", label="DPL nouns", max_lines=1, placeholder="with dpl: e.g. circle square",
+                                   info="the nouns of the source prompt whose tokens DPL learns",
+                                   elem_id="real-dpl-words")
             run = gr.Button("Invert and edit", variant="primary", elem_id="real-run")
             with gr.Accordion("Advanced options", open=False):
                 inner = gr.Slider(1, 20, value=10, step=1, label="Null-text inner steps")
@@ -202,28 +233,31 @@ def real_edit_tab(ctx: DemoContext) -> None:
 
     def real_edit(image, source, target, mode, blend, weights, method, inner_steps, cross_steps, self_steps,
                   blend_threshold, steps, guidance, width, height, negative_prompt, exclude="", blend_start=0.0,
-                  progress=gr.Progress(track_tqdm=True)):
+                  dpl_text="", progress=gr.Progress(track_tqdm=True)):
         photo, about = read_image(ctx, image, "a photo")
         settings = check_edit(source, target, mode, weights, blend, cross_steps, self_steps, blend_threshold,
                               exclude, blend_start)
         check_words(ctx, [("the source prompt", settings["source_prompt"]),
                           ("the target prompt", settings["target_prompt"])])
         method = check_inversion(method)
+        nouns = check_dpl_words(method, dpl_text, settings["source_prompt"])
         sampling = check_sampling(ctx, steps=steps, guidance=guidance, width=width, height=height,
                                   negative_prompt=negative_prompt)
         inner_steps = checked_number("Null-text inner steps", inner_steps, int, 1, 20)
         params = parameters(ctx, "p2p", sampling, invert=method, scheduler="ddim",
-                            inner_steps=inner_steps if method == "null-text" else None, **settings, **about)
+                            inner_steps=inner_steps if method in ("null-text", "dpl") else None,
+                            **({"dpl_words": nouns} if nouns else {}), **settings, **about)
         pipe = p2p_pipeline(ctx, ddim=True)
         inversion = pipe.invert(photo, settings["source_prompt"], method, sampling.steps, sampling.guidance,
-                                sampling.height, sampling.width, num_inner_steps=inner_steps)
+                                sampling.height, sampling.width, num_inner_steps=inner_steps, words=nouns)
         result = pipe(**settings, inversion=inversion, negative_prompt=sampling.negative_prompt,
                       height=sampling.height, width=sampling.width, num_inference_steps=sampling.steps,
                       guidance_scale=sampling.guidance)
         return write_edit_results(ctx, result, params, f"real-{method}")
 
     inputs = [image, source, edit["target"], edit["mode"], edit["blend"], edit["weights"], method, inner,
-              steps_["cross"], steps_["self"], steps_["threshold"], *opts.inputs, steps_["exclude"], steps_["start"]]
+              steps_["cross"], steps_["self"], steps_["threshold"], *opts.inputs, steps_["exclude"], steps_["start"],
+              dpl_words]
     on_run(run, real_edit, inputs, [gallery, maps, files], "real_edit")
 
 
@@ -238,6 +272,12 @@ def importable(*modules: str) -> Callable[[DemoContext], bool]:
             return False
 
     return check
+
+
+def _is_sdxl(ctx: DemoContext) -> bool:
+    from imageprompt.pipelines.pipeline_sdipc_xl import is_sdxl_unet
+
+    return is_sdxl_unet(ctx.pipe.unet)
 
 
 @dataclass
@@ -255,4 +295,7 @@ TABS: list[Tab] = [
                                        "imageprompt.pipelines.pipeline_p2p"), p2p_tab),
     Tab("Real-image edit", importable("imageprompt.p2p", "imageprompt.attention_maps", "imageprompt.inversion",
                                       "imageprompt.pipelines.pipeline_p2p"), real_edit_tab),
+    Tab("MasaCtrl", importable("imageprompt.masactrl", "imageprompt.pipelines.pipeline_p2p"), masactrl_tab),
+    Tab("StyleAligned", lambda ctx: importable("imageprompt.style_aligned")(ctx) and not _is_sdxl(ctx),
+        style_aligned_tab),
 ]

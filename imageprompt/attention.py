@@ -20,6 +20,7 @@ not UNet layers: they keep their diffusers processors.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import warnings
@@ -207,3 +208,20 @@ def cross_attention_layers(unet) -> dict[str, str]:
 def attention_module(unet, processor_name: str):
     """The ``Attention`` module whose processor is named ``processor_name``."""
     return unet.get_submodule(processor_name.rsplit(".processor", 1)[0])
+
+
+@contextlib.contextmanager
+def editor_attached(unet, editor, processors=None):
+    """``editor`` as the ``editor`` hook of ``processors`` (default: every layer of ``unet``) for a ``with`` block.
+
+    The editors the layers had before come back when the block ends, also on an error.
+    """
+    processors = list(imageprompt_processors(unet).values() if processors is None else processors)
+    previous = [p.editor for p in processors]
+    try:
+        for p in processors:
+            p.editor = editor
+        yield editor
+    finally:
+        for p, earlier in zip(processors, previous):
+            p.editor = earlier

@@ -35,13 +35,12 @@ The controller is an ``editor`` hook of :mod:`imageprompt.attention`.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
-from imageprompt.attention import attend, imageprompt_processors
+from imageprompt.attention import attend, editor_attached
 from imageprompt.p2p_align import (  # noqa: F401 (re-exported: the mappers are part of the p2p API)
     global_alignment,
     normalize_word,
@@ -394,15 +393,6 @@ class PromptToPromptController:
         return torch.cat([uncond, out])
 
     # ---------------------------------------------------------- attaching
-    @contextlib.contextmanager
     def attached(self, unet):
         """Install this controller as the ``editor`` of every attention layer for the ``with`` block."""
-        processors = imageprompt_processors(unet).values()
-        previous = [p.editor for p in processors]
-        try:
-            for p in processors:
-                p.editor = self
-            yield self
-        finally:
-            for p, editor in zip(processors, previous):
-                p.editor = editor
+        return editor_attached(unet, self)

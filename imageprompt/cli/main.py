@@ -40,6 +40,7 @@ COMMAND_MODULES = [
     "imageprompt.bench.main",
     "imageprompt.cli.adapter",  # train-adapter
     "imageprompt.cli.p2p",  # p2p
+    "imageprompt.cli.style",  # style-aligned
     "imageprompt.cli.demo",
     "imageprompt.cli.batch",
     "imageprompt.cli.tune",  # tune domain|online

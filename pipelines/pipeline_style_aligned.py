@@ -1,0 +1,198 @@
+"""StyleAligned image sets (Hertz et al., CVPR 2024) on imageprompt's attention processors.
+
+A batch of prompts is sampled together; prompt 0 is the style reference, and a
+:class:`~imageprompt.style_aligned.StyleAlignedController` on every self-attention
+layer makes each image attend to the reference's keys and values after AdaIN of its
+queries and keys (:mod:`imageprompt.style_aligned`). The reference may be
+
+- the first prompt (the authors' text-only use),
+- a real photo: :meth:`invert_reference` DDIM-inverts it and ``inversion=`` pins
+  row 0 to the inverted trajectory (the authors' transfer notebook), or
+- an SD-IPC image prompt: ``image=`` conditions row 0 on the closed-form
+  conversion of an image (the variation if the first prompt is empty, else
+  image + text with ``alpha``).
+
+Image adapters loaded on the UNet (IP-Adapter, the SD-IPC branch) add their image
+branch to every row's cross-attention, as in the other pipelines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import PIL.Image
+import torch
+from imageprompt.pipelines.pipeline_sdipc import ImagePromptPipelineOutput, StableDiffusionImagePromptPipeline
+
+from imageprompt.conversion import edit_embeds, eos_positions, variation_embeds
+from imageprompt.inversion import Inversion, check_sampler, invert
+from imageprompt.ip_adapter import adapters_suspended
+from imageprompt.style_aligned import StyleAlignedController, pin_reference, reference_start, shared_group_norm
+
+
+class StableDiffusionStyleAlignedPipeline(StableDiffusionImagePromptPipeline):
+    def invert_reference(self, image: PIL.Image.Image, prompt: str, num_inference_steps: int = 50,
+                         height: int | None = None, width: int | None = None) -> Inversion:
+        """DDIM-invert a real photo described by ``prompt`` to serve as the style reference (row 0).
+
+        Image adapters are suspended while inverting; inversion runs in float32 and needs the DDIM scheduler.
+        """
+        if not isinstance(image, PIL.Image.Image):
+            raise TypeError("`image` must be a PIL image")
+        if not isinstance(prompt, str):
+            raise TypeError("`prompt` (a description of the photo) must be a string")
+        cond, _ = self.encode_text([prompt], self._execution_device)
+        with adapters_suspended(self.unet):
+            return invert(self, image, cond, "ddim", num_inference_steps, height=height, width=width)
+
+    def check_style_inputs(self, prompt, prompt_embeds, image, inversion, latents, num_inference_steps, eta,
+                           reference_offset=0):
+        if prompt_embeds is not None and prompt is not None:
+            raise ValueError("give `prompt` or `prompt_embeds`, not both")
+        if prompt_embeds is None:
+            if not isinstance(prompt, (list, tuple)) or not all(isinstance(p, str) for p in prompt):
+                raise TypeError("`prompt` must be a list of strings: the reference's first, then the others")
+            if len(prompt) < 2:
+                raise ValueError("StyleAligned needs the reference prompt and at least one more prompt")
+        elif prompt_embeds.ndim != 3 or prompt_embeds.shape[0] < 2:
+            raise ValueError(f"`prompt_embeds` must be (prompts >= 2, tokens, dim), got {tuple(prompt_embeds.shape)}")
+        if image is not None:
+            if not isinstance(image, PIL.Image.Image):
+                raise TypeError("`image` (the SD-IPC reference) must be one PIL image")
+            if inversion is not None or prompt_embeds is not None:
+                raise ValueError("`image` conditions the reference row: give it without `inversion`/`prompt_embeds`")
+        if inversion is not None:
+            if not isinstance(inversion, Inversion):
+                raise TypeError("`inversion` must come from `invert_reference`")
+            if inversion.num_inference_steps != num_inference_steps:
+                raise ValueError(f"the reference was inverted with {inversion.num_inference_steps} steps; "
+                                 f"sample with the same num_inference_steps, not {num_inference_steps}")
+            check_sampler(self.scheduler, eta)
+        if isinstance(reference_offset, bool) or not isinstance(reference_offset, int) or reference_offset < 0:
+            raise ValueError(f"`reference_offset` must be a number of steps >= 0, got {reference_offset!r}")
+        if latents is not None and latents.ndim != 4:
+            raise ValueError("`latents` must be (prompts, C, h, w)")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: list[str] | None = None,
+        image: PIL.Image.Image | None = None,
+        alpha: float = 0.5,
+        inversion: Inversion | None = None,
+        adain_queries: bool = True,
+        adain_keys: bool = True,
+        adain_values: bool = False,
+        keys_scale: float = 1.0,
+        score_shift: float = 0.0,
+        share_group_norm: bool = False,
+        reference_offset: int = 0,
+        negative_prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        negative_ip_adapter_image=None,
+    ):
+        r"""Sample a style-aligned set: image 0 is the reference, the others share its style.
+
+        Args:
+            prompt: the reference's prompt first, then one prompt per image of the set.
+            image: SD-IPC reference: row 0 is conditioned on this image (the variation if ``prompt[0]`` is
+                empty, else image + ``prompt[0]`` with ``alpha``).
+            inversion: a real photo inverted with :meth:`invert_reference` (``prompt[0]`` should describe it):
+                row 0 starts from its noise and is put back on its trajectory after every step.
+            adain_queries / adain_keys / adain_values: AdaIN to the reference's statistics (authors: Q and K).
+            keys_scale: scale of the reference's keys for the other images (authors' default 1).
+            score_shift: added to every image's attention scores of the reference's keys (authors' default 0; their
+                transfer notebook: log 2).
+            reference_offset: with ``inversion``, the reference starts this many steps ahead on the inverted
+                trajectory (the authors' ``offset``; 0, their transfer notebook 5).
+            share_group_norm: also share group-norm statistics with the reference (the authors' SD 1.x notebook).
+            generator: a generator, or one per prompt; ``latents``: ``(prompts, C, h, w)`` starting noise.
+            prompt_embeds: ready conditionings ``(prompts, 77, D)`` instead of ``prompt`` (row 0: the reference).
+            ip_adapter_image / ip_adapter_image_embeds / negative_ip_adapter_image: image prompts of loaded
+                adapters, shared by every row.
+
+        Returns:
+            :class:`~imageprompt.pipelines.ImagePromptPipelineOutput`: the reference first (for ``inversion``: its
+            reconstruction), then the set.
+        """
+        # 0. Defaults
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+
+        # 1. Check inputs
+        self.check_style_inputs(prompt, prompt_embeds, image, inversion, latents, num_inference_steps, eta,
+                                reference_offset)
+        self.check_inputs(None, None if prompt_embeds is not None else list(prompt), negative_prompt, height, width,
+                          1, guidance_scale, num_inference_steps, alpha, prompt_embeds,
+                          callback_on_step_end_tensor_inputs)
+        self.check_ip_adapter_inputs(ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image)
+        device = self._execution_device
+
+        # 2. Conditioning: row 0 the reference (text, or SD-IPC of `image`), then the set
+        if prompt_embeds is not None:
+            cond = prompt_embeds.to(device=device, dtype=self.unet.dtype)
+        else:
+            cond, ids = self.encode_text(list(prompt), device)
+            if image is not None:
+                h = self.convert_images([image], device)
+                if prompt[0].strip():
+                    cond[:1] = edit_embeds(h, cond[:1], eos_positions(ids[:1], self.tokenizer.eos_token_id), alpha)
+                else:
+                    empty, _ = self.encode_text([""], device)
+                    cond[:1] = variation_embeds(h, empty[0, 0], length=cond.shape[1])
+        rows = cond.shape[0]
+        controller = StyleAlignedController(rows, adain_queries, adain_keys, adain_values, keys_scale, score_shift)
+
+        # 3. Unconditional branch
+        uncond, _ = self.encode_text([negative_prompt or ""] * rows, device)
+
+        # 4. Timesteps and latents: own noise per row; an inverted reference starts from its noise
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        if latents is not None and latents.shape[0] != rows:
+            raise ValueError(f"`latents` has {latents.shape[0]} rows for {rows} prompts")
+        latents = self.prepare_latents(rows, height, width, cond.dtype, device, generator, latents)
+        if inversion is not None:
+            latents[:1] = reference_start(inversion.trajectory, reference_offset).to(device=device, dtype=cond.dtype)
+        added_cond_kwargs = None
+        if self.image_adapters:
+            added_cond_kwargs = {"image_embeds": self.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, device, rows, guidance_scale > 1.0,
+                negative_ip_adapter_image)}
+
+        def on_step_end(pipe, step, timestep, tensors):
+            if inversion is not None:
+                tensors["latents"] = pin_reference(tensors["latents"], inversion.trajectory, step, reference_offset)
+            if callback_on_step_end is not None:
+                tensors.update(callback_on_step_end(pipe, step, timestep, tensors) or {})
+            return tensors
+
+        inputs = sorted({"latents", *callback_on_step_end_tensor_inputs})
+
+        # 5. Denoising loop with shared attention (and, if asked, shared group norms)
+        norms = shared_group_norm(self.unet, rows) if share_group_norm else contextlib.nullcontext()
+        with controller.attached(self.unet), norms:
+            latents = self.denoise(latents, cond, uncond, timesteps, guidance_scale,
+                                   self.extra_step_kwargs(generator, eta), None, on_step_end, inputs,
+                                   added_cond_kwargs)
+
+        # 6. Decode
+        images = self.decode(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePromptPipelineOutput(images=images)
