@@ -234,9 +234,27 @@ def check_edit(source: str, target: str | None, mode: str, weights_text: str | N
 
 
 def check_inversion(method: str) -> str:
-    """One of :data:`imageprompt.inversion.METHODS`, or a ``gr.Error``."""
+    """One of :data:`imageprompt.inversion.METHODS` or ``"dpl"`` (:mod:`imageprompt.dpl`), or a ``gr.Error``."""
+    from imageprompt.dpl import METHOD as DPL
     from imageprompt.inversion import METHODS
 
-    if method not in METHODS:
-        raise page_error(f"Inversion must be one of {', '.join(METHODS)}, got {method!r}")
+    if method not in (*METHODS, DPL):
+        raise page_error(f"Inversion must be one of {', '.join((*METHODS, DPL))}, got {method!r}")
     return method
+
+
+def check_dpl_words(method: str, text: str | None, source: str) -> list[str] | None:
+    """The DPL nouns typed in a box: needed by ``dpl``, each in the source prompt; None for other inversions."""
+    from imageprompt.p2p import prompt_words
+
+    nouns = words(cap_text(text, "the DPL nouns"))
+    if method != "dpl":
+        return None
+    if not nouns:
+        raise page_error("DPL inversion needs the nouns of the source prompt whose tokens it learns "
+                         "(e.g. circle square)")
+    known = set(prompt_words(source))
+    for noun in nouns:
+        if noun.lower() not in known:
+            raise page_error(f"DPL noun {noun!r} is not in the source prompt")
+    return nouns

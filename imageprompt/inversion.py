@@ -47,7 +47,11 @@ class Inversion:
     one unconditional embedding per step (null-text), one for all steps
     (negative-prompt: the source embedding), or None (DDIM and direct: the empty
     prompt); ``trajectory``: the DDIM latents ``x_0 .. x_T`` (direct: the path the
-    edit's source branch is pulled back onto).
+    edit's source branch is pulled back onto); ``cond_embeds``: one conditional
+    embedding of the source prompt per step (Dynamic Prompt Learning,
+    :mod:`imageprompt.dpl`: its learned noun tokens), or None (the prompt as encoded);
+    ``cond_tokens``: DPL's learned input embeddings per step, ``{noun: (tokens, D)}``
+    (the edit puts them into the target prompts' same nouns too).
     """
 
     latents: torch.Tensor
@@ -56,11 +60,16 @@ class Inversion:
     method: str
     num_inference_steps: int
     guidance_scale: float
+    cond_embeds: list[torch.Tensor] | None = None
+    cond_tokens: list[dict[str, torch.Tensor]] | None = None
 
     def uncond_at(self, step: int) -> torch.Tensor | None:
         if isinstance(self.uncond_embeds, list):
             return self.uncond_embeds[step]
         return self.uncond_embeds
+
+    def cond_at(self, step: int) -> torch.Tensor | None:
+        return None if self.cond_embeds is None else self.cond_embeds[step]
 
 
 def check_sampler(scheduler, eta: float = 0.0) -> None:
@@ -158,7 +167,7 @@ def ddim_inversion(pipe, latents: torch.Tensor, cond: torch.Tensor, timesteps) -
     return trajectory
 
 
-def null_text_inversion(pipe, trajectory: list[torch.Tensor], cond: torch.Tensor, uncond: torch.Tensor, timesteps,
+def null_text_inversion(pipe, trajectory: list[torch.Tensor], cond, uncond: torch.Tensor, timesteps,
                         guidance_scale: float = 7.5, num_inner_steps: int = 10, epsilon: float = 1e-5,
                         learning_rate: float = 1e-2) -> list[torch.Tensor]:
     """Null-text inversion (Mokady et al. 2023, Algorithm 1): one optimised unconditional embedding per step.
@@ -167,7 +176,9 @@ def null_text_inversion(pipe, trajectory: list[torch.Tensor], cond: torch.Tensor
     null embedding (float32, initialised from the previous step's) is tuned with
     Adam so that the guided DDIM step from the current latent lands on
     ``trajectory[T - i - 1]``; the inner loop stops early once the loss is below
-    ``epsilon + 2e-5 * i``. The progress bar counts inner steps.
+    ``epsilon + 2e-5 * i``. The progress bar counts inner steps. ``cond`` may also be a
+    callable ``(i, t, latents) -> embedding`` giving each step's conditional embedding
+    (Dynamic Prompt Learning tunes it first, :mod:`imageprompt.dpl`).
     """
     dtype = pipe.unet.dtype
     null = uncond.detach().float().clone()
@@ -177,8 +188,9 @@ def null_text_inversion(pipe, trajectory: list[torch.Tensor], cond: torch.Tensor
     with pipe.progress_bar(total=total) as bar:
         for i, t in enumerate(timesteps):
             target = trajectory[len(trajectory) - i - 2].float()
+            step_cond = cond(i, t, latents) if callable(cond) else cond
             with torch.no_grad():
-                noise_cond = _noise(pipe, latents, t, cond).float()
+                noise_cond = _noise(pipe, latents, t, step_cond).float()
             null = null.detach().requires_grad_(True)
             optimizer = torch.optim.Adam([null], lr=learning_rate * (1.0 - i / 100.0))
             done = 0

@@ -30,8 +30,10 @@ from imageprompt.pipelines.pipeline_sdipc import StableDiffusionImagePromptPipel
 
 from imageprompt.attention_maps import token_labels
 from imageprompt.conversion import edit_embeds, eos_positions, variation_embeds
+from imageprompt.dpl import dpl_inversion, step_conditioning
 from imageprompt.inversion import METHODS, Inversion, check_sampler, direct_correction, invert
 from imageprompt.ip_adapter import adapters_suspended
+from imageprompt.masactrl import MutualSelfAttentionController
 from imageprompt.p2p import (
     BLEND_THRESHOLD,
     PromptToPromptController,
@@ -59,25 +61,38 @@ class PromptToPromptPipelineOutput(BaseOutput):
 
 
 IMAGE_MODES = ("edit", "variation")
+INVERSIONS = (*METHODS, "dpl")  # dpl: Dynamic Prompt Learning (imageprompt.dpl), needs the nouns (`words`)
 
 
 class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
     def invert(self, image: PIL.Image.Image, prompt: str, method: str = "null-text", num_inference_steps: int = 50,
                guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
-               num_inner_steps: int = 10, early_stop_epsilon: float = 1e-5) -> Inversion:
+               num_inner_steps: int = 10, early_stop_epsilon: float = 1e-5, words: list[str] | None = None,
+               dpl_settings=None) -> Inversion:
         """Invert a real photo described by ``prompt`` so that it can be edited (see :mod:`imageprompt.inversion`).
 
         Image adapters loaded on the UNet are suspended while inverting: the photo is inverted under its text.
         Inversion runs in float32 (and returns the UNet's dtype) and needs the DDIM scheduler.
+        ``method="dpl"`` (Dynamic Prompt Learning, :mod:`imageprompt.dpl`) learns the tokens of ``words``
+        (nouns of ``prompt``) with ``dpl_settings`` (a :class:`~imageprompt.dpl.DPLSettings`; None: the paper's).
         """
-        if method not in METHODS:
-            raise ValueError(f"unknown inversion {method!r}; choose from {', '.join(METHODS)}")
+        if method not in INVERSIONS:
+            raise ValueError(f"unknown inversion {method!r}; choose from {', '.join(INVERSIONS)}")
         if not isinstance(image, PIL.Image.Image):
             raise TypeError("`image` must be a PIL image")
         cond, _ = self.encode_text([prompt], self._execution_device)
         with adapters_suspended(self.unet):
+            if method == "dpl":  # Wang et al. 2023: null-text inversion plus learned noun tokens
+                return dpl_inversion(self, image, prompt, words, num_inference_steps, guidance_scale, height, width,
+                                     num_inner_steps, early_stop_epsilon, dpl_settings)
             return invert(self, image, cond, method, num_inference_steps, guidance_scale, height, width,
                           num_inner_steps, early_stop_epsilon)
+
+    def added_prompt_conditioning(self, added_cond_kwargs, prompts, negative_prompt, image, image_mode, alpha,
+                                  inversion, height, width, do_cfg, device):
+        """Extra UNet inputs of the prompts beyond their token states: none on SD 1.x (SDXL's pipeline adds its
+        pooled embeddings and size numbers here)."""
+        return added_cond_kwargs
 
     def check_p2p_inputs(self, source_prompt, target_prompt, mode, weights, blend_words, blend_threshold,
                          cross_steps, word_cross_steps, self_steps, image, inversion, num_inference_steps,
@@ -85,7 +100,7 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
         if not isinstance(source_prompt, str):
             raise TypeError("`source_prompt` must be a string")
         targets = [target_prompt] if target_prompt is None or isinstance(target_prompt, str) else list(target_prompt)
-        for target in targets:
+        for target in targets if mode != "masactrl" else ():  # masactrl: checked by its controller
             validate_edit(source_prompt, target, mode, weights, blend_words, cross_steps, word_cross_steps,
                           self_steps, blend_threshold)
         if image is not None and not isinstance(image, PIL.Image.Image):
@@ -102,7 +117,7 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
             if inversion.num_inference_steps != num_inference_steps:
                 raise ValueError(f"the inversion ran {inversion.num_inference_steps} steps; "
                                  f"edit with the same num_inference_steps, not {num_inference_steps}")
-            if inversion.method == "null-text" and inversion.guidance_scale != guidance_scale:
+            if inversion.method in ("null-text", "dpl") and inversion.guidance_scale != guidance_scale:
                 raise ValueError(f"null-text inversion was tuned for guidance {inversion.guidance_scale}; "
                                  f"edit with the same guidance_scale, not {guidance_scale}")
 
@@ -122,6 +137,9 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
         self_steps: float | tuple[float, float] = 0.4,
         self_res: int | None = None,
         map_res: int | None = None,
+        start_step: int = 4,
+        start_layer: int | None = None,
+        mask_words: list[str] | None = None,
         image: PIL.Image.Image | None = None,
         alpha: float = 0.5,
         image_mode: str = "edit",
@@ -147,7 +165,8 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
         Args:
             source_prompt: the source text (with ``image``: the SD-IPC edit text of the source).
             target_prompt: the edited text, or a list of them (``reweight``: leave out).
-            mode: ``"replace"`` (same word count), ``"refine"`` (words added/removed) or ``"reweight"``.
+            mode: ``"replace"`` (same word count), ``"refine"`` (words added/removed), ``"reweight"``, or
+                ``"masactrl"`` (MasaCtrl mutual self-attention: the p2p word options do not apply).
             weights: ``{word: multiplier}`` of the target's cross-attention, in any mode.
             blend_words: words whose cross-attention maps form the local-blend mask.
             blend_threshold: mask threshold on the normalised maps (0.3).
@@ -159,6 +178,10 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
             self_res: self-attention is replaced in layers with at most this many latent rows
                 (default: the cross-attention level nearest a quarter of the latent height, 16 at 512x512; 32 allowed).
             map_res: latent rows of the layers whose maps are recorded for blending and output (same default).
+            start_step / start_layer / mask_words: ``mode="masactrl"`` only (Cao et al. 2023,
+                :mod:`imageprompt.masactrl`): mutual self-attention from step ``start_step`` (4) and self-attention
+                layer ``start_layer`` (None: SD 1.x's 10, translated to this UNet) on, with foreground masks from
+                the cross-attention maps of ``mask_words``.
             image: SD-IPC reference image: every prompt is conditioned as image + text with ``alpha``.
             image_mode: with ``image``, ``"edit"`` (every prompt image + text) or ``"variation"`` (the source
                 is the image alone, an SD-IPC variation; the targets are image + text).
@@ -188,11 +211,16 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
             raise ValueError(f"`map_res` {map_res} names no cross-attention layer; this UNet has {heights} latent rows")
         if latents is not None and latents.shape[0] != 1:
             raise ValueError("`latents` must hold one starting noise (batch 1); all prompts share it")
-        controller = PromptToPromptController(
-            self.tokenizer, source_prompt, target_prompt, mode, weights, blend_words, blend_threshold, cross_steps,
-            word_cross_steps, self_steps, self_res, map_res, length=self.model_max_length,
-            blend_exclude=blend_exclude, blend_start=blend_start,
-        )
+        if mode == "masactrl":
+            controller = MutualSelfAttentionController(
+                self.tokenizer, source_prompt, target_prompt, start_step, start_layer, mask_words, map_res=map_res,
+                length=self.model_max_length)
+        else:
+            controller = PromptToPromptController(
+                self.tokenizer, source_prompt, target_prompt, mode, weights, blend_words, blend_threshold,
+                cross_steps, word_cross_steps, self_steps, self_res, map_res, length=self.model_max_length,
+                blend_exclude=blend_exclude, blend_start=blend_start,
+            )
         prompts = [controller.source, *controller.targets]
         rows = len(prompts)
         device = self._execution_device
@@ -210,6 +238,8 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
         uncond, _ = self.encode_text([negative_prompt or ""] * rows, device)
         if inversion is not None and inversion.uncond_embeds is not None:
             uncond = inversion.uncond_at(0).to(device=device, dtype=cond.dtype).expand(rows, -1, -1)
+        if inversion is not None and inversion.cond_embeds is not None:  # DPL: the learned noun tokens, per step
+            cond = step_conditioning(self, inversion, prompts, 0, cond)
 
         # 4. Timesteps and latents: one starting noise for every prompt
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -223,6 +253,9 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
             added_cond_kwargs = {"image_embeds": self.prepare_ip_adapter_image_embeds(
                 ip_adapter_image, ip_adapter_image_embeds, device, rows, guidance_scale > 1.0,
                 negative_ip_adapter_image)}
+        added_cond_kwargs = self.added_prompt_conditioning(  # SDXL: pooled text and size numbers (SD 1.x: none)
+            added_cond_kwargs, prompts, negative_prompt, image, image_mode, alpha, inversion, height, width,
+            guidance_scale > 1.0, device)
 
         # 5. Controller
         latent_size = tuple(latents.shape[-2:])
@@ -235,11 +268,13 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
             if inversion is not None and isinstance(inversion.uncond_embeds, list) and step + 1 < len(timesteps):
                 null = inversion.uncond_at(step + 1).to(device=device, dtype=cond.dtype)
                 tensors["negative_prompt_embeds"] = null.expand(rows, -1, -1)
+            if inversion is not None and inversion.cond_embeds is not None and step + 1 < len(timesteps):
+                tensors["prompt_embeds"] = step_conditioning(pipe, inversion, prompts, step + 1, cond)
             if callback_on_step_end is not None:
                 tensors.update(callback_on_step_end(pipe, step, timestep, tensors) or {})
             return tensors
 
-        inputs = sorted({"latents", "negative_prompt_embeds", *callback_on_step_end_tensor_inputs})
+        inputs = sorted({"latents", "negative_prompt_embeds", "prompt_embeds", *callback_on_step_end_tensor_inputs})
 
         # 6. Denoising loop with the controller as every layer's editor
         with controller.attached(self.unet):

@@ -63,7 +63,8 @@ def test_page_shows_model_and_tabs(app, tiny_model):
     text = json.dumps(config)
     assert str(tiny_model[0]) in text  # the loaded model's name is on the page
     labels = {c["props"].get("label") for c in config["components"] if c["type"] == "tabitem"}
-    assert labels == {"Variation", "Image + text", "IP-Adapter", "Prompt-to-prompt", "Real-image edit"}
+    assert labels == {"Variation", "Image + text", "IP-Adapter", "Prompt-to-prompt", "Real-image edit", "MasaCtrl",
+                      "StyleAligned"}
     assert "Advanced options" in text
     assert config["max_file_size"] == 200 * 1024
 
@@ -164,6 +165,19 @@ def test_real_image_edit_inverts_then_edits(client, files, method="null-text"):
     assert len(gallery) == 2 and maps is not None
     params = read_parameters(downloads[1])
     assert params["invert"] == method and params["input"] == "red.png" and params["scheduler"] == "ddim"
+
+
+def test_real_image_edit_with_dpl_learns_the_named_nouns(client, files):
+    settings = dict(P2P, source="a red circle", target="a blue circle", blend="")
+    gallery, _, downloads = client.predict(handle_file(files / "red.png"), **settings, method="dpl", inner_steps=1,
+                                           **SAMPLE, dpl_text="circle", api_name="/real_edit")
+    assert len(gallery) == 2
+    params = read_parameters(downloads[1])
+    assert params["invert"] == "dpl" and params["dpl_words"] == ["circle"] and params["inner_steps"] == 1
+    for nouns, message in (("", "needs the nouns"), ("square", "'square' is not in the source prompt")):
+        with pytest.raises(AppError, match=message):
+            client.predict(handle_file(files / "red.png"), **settings, method="dpl", inner_steps=1, **SAMPLE,
+                           dpl_text=nouns, api_name="/real_edit")
 
 
 @pytest.mark.parametrize(
@@ -391,3 +405,19 @@ def test_blend_start_and_exclude_reach_the_edit_settings():
     assert settings["blend_exclude"] == ["square"] and settings["blend_start"] == 0.25
     with pytest.raises(Exception, match="Blend start"):
         check_edit("a red circle", "a blue circle", "replace", "", "circle", 0.8, 0.4, 0.3, "", 1.5)
+
+
+def test_masactrl_and_style_aligned_tabs(client, files):
+    gallery, _, downloads = client.predict("a red circle", "a red square", "circle square", 0, 2, 2, 2.0, 3, SIZE,
+                                           SIZE, "", api_name="/masactrl")
+    assert [item["caption"] for item in gallery] == ["source", "edit"]
+    params = read_parameters(downloads[1])
+    assert params["mode"] == "masactrl" and params["mask_words"] == ["circle", "square"] and params["start_layer"] == 2
+    gallery, downloads = client.predict("a red circle\na blue square\na green triangle", None, 1.0, False, 2, 2.0, 4,
+                                        SIZE, SIZE, "", api_name="/style_aligned")
+    assert len(gallery) == 3 and [read_parameters(p)["seed"] for p in downloads] == [4, 5, 6]
+    with pytest.raises(Exception, match="2 to 8 prompts"):
+        client.predict("only one", None, 1.0, False, 2, 2.0, 4, SIZE, SIZE, "", api_name="/style_aligned")
+    gallery, downloads = client.predict("a red circle\na blue square", handle_file(files / "red.png"), 1.0, False, 2,
+                                        2.0, 4, SIZE, SIZE, "", api_name="/style_aligned")
+    assert len(gallery) == 2 and read_parameters(downloads[0])["input"] == "red.png"

@@ -24,7 +24,7 @@ from imageprompt.cli.common import (
 )
 from imageprompt.images import generators
 
-INVERSIONS = ("null-text", "negative-prompt", "ddim", "direct")
+INVERSIONS = ("null-text", "negative-prompt", "ddim", "direct", "dpl")
 
 
 def register(subparsers) -> None:
@@ -36,8 +36,10 @@ def register(subparsers) -> None:
     )
     p2p.add_argument("--source", required=True, help="source prompt (for --image: a description of the photo)")
     p2p.add_argument("--target", help="edited prompt (not used by --mode reweight)")
-    p2p.add_argument("--mode", default="replace", help="replace (same word count), refine (add/remove words) or "
-                                                        "reweight (only --weight); default replace")
+    p2p.add_argument("--mode", default="replace", help="replace (same word count), refine (add/remove words), "
+                                                        "reweight (only --weight) or masactrl (MasaCtrl mutual "
+                                                        "self-attention: pose/shape/position changes keep the "
+                                                        "subject); default replace")
     p2p.add_argument("--blend", nargs="+", action="extend", metavar="WORD",
                      help="local blend: only the region of these words changes")
     p2p.add_argument("--blend-threshold", type=fraction, default=0.3, help="mask threshold (default 0.3)")
@@ -55,9 +57,18 @@ def register(subparsers) -> None:
                      help="replace self-attention in layers with at most this many latent rows (default 16 at 512)")
     p2p.add_argument("--map-res", type=positive_int,
                      help="latent rows of the layers whose attention maps are used (default 16 at 512)")
+    p2p.add_argument("--start-step", type=int, default=4,
+                     help="--mode masactrl: first step (from 0) with mutual self-attention (the paper's S; default 4)")
+    p2p.add_argument("--start-layer", type=int,
+                     help="--mode masactrl: first self-attention layer, counted as they run from 0 (the paper's L; "
+                          "default: SD 1.x's 10, translated to the model)")
+    p2p.add_argument("--mask", nargs="+", action="extend", metavar="WORD",
+                     help="--mode masactrl: foreground masks from these words' cross-attention maps")
     p2p.add_argument("--image", metavar="PHOTO", help="a real photo to edit; --source should describe it")
     p2p.add_argument("--invert", choices=INVERSIONS, help="how to invert --image (default null-text)")
     p2p.add_argument("--inner-steps", type=positive_int, default=10, help="null-text inner steps (default 10)")
+    p2p.add_argument("--dpl-words", nargs="+", action="extend", metavar="NOUN",
+                     help="with --invert dpl: the nouns of --source whose tokens Dynamic Prompt Learning learns")
     p2p.add_argument("--image-prompt", metavar="IMAGE", help="SD-IPC reference: every prompt is image + text")
     p2p.add_argument("--alpha", type=finite_float, default=0.5,
                      help="SD-IPC text weight with --image-prompt (default 0.5)")
@@ -99,16 +110,37 @@ def parse_cross_steps(items: list[str] | None) -> tuple[float, dict[str, float]]
 
 def run_p2p(args) -> int:
     from imageprompt.images import load_image, save_png, sha256_file
-    from imageprompt.p2p import validate_edit
+    from imageprompt.p2p import normalize_word, validate_edit
 
     # 1. Everything about the input is checked before any model loads.
     cap_prompt_options(args, "source", "target", "negative_prompt")
     weights = parse_weights(args.weight)
     cross_steps, word_cross_steps = parse_cross_steps(args.cross_steps)
-    target = validate_edit(args.source, args.target, args.mode, weights, args.blend, cross_steps, word_cross_steps,
-                           args.self_steps, args.blend_threshold, args.blend_exclude, args.blend_start)
+    if args.mode == "masactrl":
+        from imageprompt.masactrl import validate_masactrl
+
+        if weights or args.blend or args.cross_steps:
+            raise CommandError("--weight, --blend and --cross-steps are prompt-to-prompt options; "
+                               "--mode masactrl takes --start-step, --start-layer and --mask")
+        if args.save_attention:
+            raise CommandError("--save-attention: --mode masactrl records no attention maps to write")
+        target = validate_masactrl(args.source, args.target, args.start_step, args.start_layer, args.mask)[0]
+    else:
+        if args.mask:
+            raise CommandError("--mask belongs to --mode masactrl (use --blend for a prompt-to-prompt local blend)")
+        target = validate_edit(args.source, args.target, args.mode, weights, args.blend, cross_steps,
+                               word_cross_steps, args.self_steps, args.blend_threshold, args.blend_exclude,
+                               args.blend_start)
     if args.invert and not args.image:
         raise CommandError("--invert needs --image PHOTO")
+    if args.invert == "dpl" and not args.dpl_words:
+        raise CommandError("--invert dpl needs --dpl-words NOUN ...: the nouns of --source whose tokens it learns")
+    if args.dpl_words and args.invert != "dpl":
+        raise CommandError("--dpl-words needs --invert dpl")
+    source_words = {normalize_word(w) for w in args.source.split()}
+    for word in args.dpl_words or ():
+        if normalize_word(word) not in source_words:
+            raise CommandError(f"--dpl-words {word!r} is not in --source {args.source!r}")
     if args.image and args.image_prompt:
         raise CommandError("give --image (a photo to edit) or --image-prompt (an SD-IPC reference), not both")
     if args.image and args.scheduler != "ddim":
@@ -122,8 +154,8 @@ def run_p2p(args) -> int:
     if args.variation_source and not args.image_prompt:
         raise CommandError("--variation-source needs --image-prompt IMAGE")
     check_adapter_options(args)
-    if args.adapter and not args.adapter_image:
-        raise CommandError("--adapter needs --adapter-image IMAGE: the image prompt of the edit")
+    if args.adapter and not args.adapter_image and not args.embeds:
+        raise CommandError("--adapter needs --adapter-image IMAGE (or --embeds FILE): the image prompt of the edit")
     out_dir = check_out_dir(args.out)
     method = (args.invert or "null-text") if args.image else None
     photo = load_image(args.image) if args.image else None
@@ -131,12 +163,12 @@ def run_p2p(args) -> int:
     seed = args.seed if args.seed is not None else random.randrange(2**31)
 
     # 2. Model
-    from imageprompt.pipelines import StableDiffusionPromptToPromptPipeline
+    from imageprompt.pipelines.loading import prompt_to_prompt_from
 
     base = load_pipeline_from_args(args)
     warn_unknown_words(base, [("--source", args.source), ("--target", target),
                               ("--negative-prompt", args.negative_prompt)])
-    pipe = StableDiffusionPromptToPromptPipeline.from_pipe(base)
+    pipe = prompt_to_prompt_from(base)  # SD 1.x or SDXL, as the model is
     adapter = apply_adapter_options(pipe, args)
     adapter["pipeline"] = {k: v for k, v in adapter["pipeline"].items() if k.startswith(("ip_", "negative_ip_"))}
     params = base_parameters(base, args, "p2p")
@@ -145,9 +177,12 @@ def run_p2p(args) -> int:
                   blend_start=args.blend_start, cross_steps=cross_steps,
                   word_cross_steps=word_cross_steps or None, self_steps=args.self_steps, self_res=args.self_res,
                   map_res=args.map_res, seed=seed)
+    if args.mode == "masactrl":
+        params.update(start_step=args.start_step, start_layer=args.start_layer, mask=args.mask)
     if photo is not None:
         params.update(input=Path(args.image).name, input_sha256=sha256_file(args.image), invert=method,
-                      inner_steps=args.inner_steps if method == "null-text" else None)
+                      inner_steps=args.inner_steps if method in ("null-text", "dpl") else None,
+                      dpl_words=args.dpl_words if method == "dpl" else None)
     if reference is not None:
         params.update(image_prompt=Path(args.image_prompt).name, image_prompt_sha256=sha256_file(args.image_prompt),
                       alpha=args.alpha, image_mode="variation" if args.variation_source else "edit")
@@ -157,12 +192,13 @@ def run_p2p(args) -> int:
     inversion = None
     if photo is not None:
         inversion = pipe.invert(photo, args.source, method, args.steps, args.guidance, args.height, args.width,
-                                num_inner_steps=args.inner_steps)
+                                num_inner_steps=args.inner_steps, words=args.dpl_words)
     result = pipe(args.source, None if args.mode == "reweight" else target, mode=args.mode, weights=weights or None,
                   blend_words=args.blend, blend_threshold=args.blend_threshold, blend_exclude=args.blend_exclude,
                   blend_start=args.blend_start, cross_steps=cross_steps,
                   word_cross_steps=word_cross_steps or None, self_steps=args.self_steps, self_res=args.self_res,
-                  map_res=args.map_res, image=reference, alpha=args.alpha, inversion=inversion,
+                  map_res=args.map_res, start_step=args.start_step, start_layer=args.start_layer,
+                  mask_words=args.mask, image=reference, alpha=args.alpha, inversion=inversion,
                   image_mode="variation" if args.variation_source else "edit",
                   negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                   num_inference_steps=args.steps, guidance_scale=args.guidance,

@@ -23,6 +23,8 @@ from collections.abc import Callable
 
 from imageprompt import world
 from imageprompt.world import COLORS, SHAPES
+from imageprompt.world.evaluate_consistency import masactrl_identity, style_aligned_consistency
+from imageprompt.world.evaluate_dpl import dpl_vs_null_text
 from imageprompt.world.evaluate_edits import ip_adapter_world, p2p_blend_background, p2p_replace, real_image_edits
 from imageprompt.world.measures import (
     EvalSettings,
@@ -200,7 +202,10 @@ MEASUREMENTS: dict[str, Measurement] = {
     "IP-Adapter (world)": ip_adapter_world,
     "p2p local blend": p2p_blend_background,
     "real-image edit": real_image_edits,
+    "DPL vs null-text": dpl_vs_null_text,
     "text encoder probe": text_encoder_probe,
+    "MasaCtrl": masactrl_identity,
+    "StyleAligned": style_aligned_consistency,
 }
 
 
