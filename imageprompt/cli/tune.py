@@ -197,6 +197,8 @@ def apply_tuning_options(pipe, args, images, seed: int) -> dict:
     from imageprompt.tuning import TuningConfig, describe, load_tuning, tune_online, visual_prompts_of
 
     params = {}
+    if (getattr(args, "tuned", None) or getattr(args, "online_steps", None)) and hasattr(pipe, "text_encoder_2"):
+        raise CommandError("SD-IPC tuning (--tuned, --online-steps) is for SD 1.x models; it is not available on SDXL")
     if getattr(args, "tuned", None):
         settings = load_tuning(pipe, args.tuned)
         params["tuned"] = dict(describe(settings), file=Path(args.tuned).name, sha256=sha256_file(args.tuned))
