@@ -132,6 +132,12 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict) -> P
     return atomic_write(path, lambda handle: image.save(handle, format="PNG", pnginfo=info))
 
 
+def loaded_extras(pipe) -> dict:
+    """The SDXL second CLIP (``clip_2``) and a replacement ``vae`` the pipeline was loaded with, where there are."""
+    names = {"clip_2": getattr(pipe, "clip_2_name", None), "vae": getattr(pipe, "vae_name", None)}
+    return {k: v for k, v in names.items() if v is not None}
+
+
 def generation_parameters(pipe, method: str, *, model, clip, scheduler, steps, guidance, negative_prompt) -> dict:
     """What any output records so it can be reproduced (the command line's and the demo's PNGs alike).
 
@@ -143,6 +149,7 @@ def generation_parameters(pipe, method: str, *, model, clip, scheduler, steps, g
         "method": method,
         "model": getattr(pipe, "model_name", model),
         "clip": getattr(pipe, "clip_name", clip),
+        **loaded_extras(pipe),
         "scheduler": scheduler,
         "steps": steps,
         "guidance": guidance,

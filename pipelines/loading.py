@@ -168,6 +168,8 @@ def load_pipeline(
     pipe.to(device)
     pipe.set_attention(attention)
     pipe.model_name, pipe.clip_name = model, clip
+    pipe.clip_2_name = (clip_2 or DEFAULT_CLIP_BIGG) if is_sdxl_unet(parts["unet"]) else None
+    pipe.vae_name = vae
     return pipe
 
 

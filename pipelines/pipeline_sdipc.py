@@ -49,6 +49,9 @@ class ImagePromptPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
+LOADED_NAMES = ("model_name", "clip_name", "clip_2_name", "vae_name")  # set by load_pipeline
+
+
 class StableDiffusionImagePromptPipeline(DiffusionPipeline, ImagePromptAdapterMixin):
     model_cpu_offload_seq = "image_encoder->text_encoder->unet->vae"
     _optional_components = ["feature_extractor"]
@@ -111,7 +114,11 @@ class StableDiffusionImagePromptPipeline(DiffusionPipeline, ImagePromptAdapterMi
         casts the shared modules to ``dtype``, float32 unless given, which would change the original too."""
         if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
             kwargs["dtype"] = pipeline.unet.dtype
-        return super().from_pipe(pipeline, **kwargs)
+        pipe = super().from_pipe(pipeline, **kwargs)
+        for name in LOADED_NAMES:  # what the outputs record of where the modules came from
+            if hasattr(pipeline, name):
+                setattr(pipe, name, getattr(pipeline, name))
+        return pipe
 
     def set_attention(self, backend: str = "sdpa") -> None:
         """Route every UNet attention layer through imageprompt's processors (``"sdpa"`` or ``"xformers"``)."""

@@ -128,6 +128,9 @@ def test_cli_vary_edit_p2p_on_sdxl(tmp_path, red_path, model_args):
         with Image.open(pngs[0]) as image:
             assert image.size == (32, 32)  # the tiny SDXL's own size
     assert read_parameters(sorted((tmp_path / "e").glob("*.png"))[0])["prompt"] == "a red cat"
+    clip_2 = model_args[model_args.index("--clip-2") + 1]
+    for folder in ("v", "p"):  # the second CLIP is recorded, also by the pipelines made with from_pipe
+        assert read_parameters(sorted((tmp_path / folder).glob("*.png"))[0])["clip_2"] == clip_2
 
 
 def test_cli_batch_on_sdxl(tmp_path, red_path, model_args):

@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+from imageprompt.images import loaded_extras
 from imageprompt.jobs.schema import KINDS, JobError, Row
 
 LOCK = ".imageprompt-lock"
@@ -64,7 +65,7 @@ def output_parameters(pipe, row: Row, seed: int, image) -> dict:
 
     return {
         "method": KINDS[row.kind].method, "model": getattr(pipe, "model_name", None),
-        "clip": getattr(pipe, "clip_name", None), "scheduler": type(pipe.scheduler).__name__,
+        "clip": getattr(pipe, "clip_name", None), **loaded_extras(pipe), "scheduler": type(pipe.scheduler).__name__,
         "dtype": str(pipe.unet.dtype).replace("torch.", ""), "imageprompt": imageprompt.__version__,
         **{k: v for k, v in row.params.items() if k != "image"},
         "input": row.image.name if row.image else None, "input_sha256": row.image_sha256,
