@@ -34,7 +34,6 @@ backward pass, for the tokens only.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -42,7 +41,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from imageprompt.attention import attend, imageprompt_processors
+from imageprompt.attention import attend, editor_attached
 from imageprompt.inversion import (
     Inversion,
     check_sampler,
@@ -305,18 +304,9 @@ class AttentionRecorder:
             raise RuntimeError(f"no cross-attention layer with {self.map_res} latent rows ran")
         return torch.stack(self.cross).mean(0)
 
-    @contextlib.contextmanager
     def attached(self, unet):
         """This recorder as every attention layer's ``editor`` for the block (earlier editors restored)."""
-        processors = list(imageprompt_processors(unet).values())
-        previous = [p.editor for p in processors]
-        try:
-            for p in processors:
-                p.editor = self
-            yield self
-        finally:
-            for p, editor in zip(processors, previous):
-                p.editor = editor
+        return editor_attached(unet, self)
 
 
 # ------------------------------------------------------------------- tokens
