@@ -504,13 +504,13 @@ def test_an_exception_while_checking_a_row_fails_only_that_row(images, tiny_pipe
 def test_results_of_done_rows_are_written_when_the_job_dies(images, tiny_pipe, monkeypatch):
     import imageprompt.jobs.run as run_module
 
-    real = run_module._sample
+    real = run_module.sample_items
 
     def dies(pipe, pending, out, writer, summary, *args):
         real(pipe, pending[:1], out, writer, summary, *args)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(run_module, "_sample", dies)
+    monkeypatch.setattr(run_module, "sample_items", dies)
     jobs = write_jobs(images / "jobs.jsonl", [{"kind": "vary", "image": "red.png"}, {"kind": "vary", "image": "x"}])
     out = images / "out"
     with pytest.raises(KeyboardInterrupt):

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from imageprompt.jobs.run import JobOptions, JobSummary, _sample, plan_batches, run_job
+from imageprompt.jobs.run import JobOptions, JobSummary, plan_batches, run_job, sample_items
 from imageprompt.jobs.sampling import Item, Runner, apply_speed_options
 from imageprompt.jobs.schema import JobDefaults, JobError, read_manifest
 from imageprompt.jobs.storage import row_record
@@ -222,7 +222,7 @@ class PipelineActor:
             items = self.batches[int(index)]
             records = _Collected()
             options = dataclasses.replace(self.options, batch_size=len(items))  # the batch the driver planned
-            _sample(self.pipe, items, self.out, records, JobSummary(), options, records, runner=self.runner)
+            sample_items(self.pipe, items, self.out, records, JobSummary(), options, records, runner=self.runner)
             replies.append(json.dumps(records.records))
         return {"batch": np.asarray(batch["batch"]), "records": np.asarray(replies, dtype=object)}
 

@@ -156,7 +156,7 @@ def _run(jobs, out, entries, state, pipe, load_pipe, defaults, options, device, 
                     pipe = load_pipe(_process_device(device, state))
                 apply_speed_options(pipe, options.compile, options.channels_last)
                 progress.start = time.perf_counter()  # images/s of sampling, not of loading
-                _sample(pipe, pending, out, writer, summary, options, progress, defaults.image_encoder)
+                sample_items(pipe, pending, out, writer, summary, options, progress, defaults.image_encoder)
     except BaseException:
         writer.close()
         if state.is_main_process and state.num_processes == 1:
@@ -262,9 +262,9 @@ def plan_batches(items: list[Item], batch_size: int) -> list[list[Item]]:
     return [groups[key][i : i + batch_size] for key in order for i in range(0, len(groups[key]), batch_size)]
 
 
-def _sample(pipe, pending: list[Item], out: Path, writer: PartWriter, summary: JobSummary,
-            options: JobOptions, progress: _Progress, image_encoder: str | None = None,
-            runner: Runner | None = None) -> None:
+def sample_items(pipe, pending: list[Item], out: Path, writer: PartWriter, summary: JobSummary,
+                 options: JobOptions, progress: _Progress, image_encoder: str | None = None,
+                 runner: Runner | None = None) -> None:
     """Sample every pending image; write each row's record when its last image is saved or it fails.
 
     A given ``runner`` (kept across calls by a Ray actor) is the caller's: its adapter stays loaded."""
