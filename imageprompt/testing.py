@@ -95,3 +95,22 @@ def save_tiny_model(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
     processor.save_pretrained(clip_dir)
     parts["tokenizer"].save_pretrained(clip_dir)
     return model_dir, clip_dir
+
+
+def resampler_state_dict(rand, hidden: int, dim: int, heads: int, cross: int) -> dict:
+    """Random weights of an IP-Adapter Plus Resampler in the official file's key layout (``image_proj``):
+    16 queries, 4 layers, heads of 64. ``rand(*shape)`` makes each tensor."""
+    state = {"latents": rand(1, 16, dim), "proj_in.weight": rand(dim, hidden), "proj_in.bias": rand(dim),
+             "proj_out.weight": rand(cross, dim), "proj_out.bias": rand(cross),
+             "norm_out.weight": 1 + rand(cross), "norm_out.bias": rand(cross)}
+    for i in range(4):
+        state.update({
+            f"layers.{i}.0.norm1.weight": 1 + rand(dim), f"layers.{i}.0.norm1.bias": rand(dim),
+            f"layers.{i}.0.norm2.weight": 1 + rand(dim), f"layers.{i}.0.norm2.bias": rand(dim),
+            f"layers.{i}.0.to_q.weight": rand(heads * 64, dim),
+            f"layers.{i}.0.to_kv.weight": rand(2 * heads * 64, dim),
+            f"layers.{i}.0.to_out.weight": rand(dim, heads * 64),
+            f"layers.{i}.1.0.weight": 1 + rand(dim), f"layers.{i}.1.0.bias": rand(dim),
+            f"layers.{i}.1.1.weight": rand(4 * dim, dim), f"layers.{i}.1.3.weight": rand(dim, 4 * dim),
+        })
+    return state

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from imageprompt.loading import ModelLoadError
+from imageprompt.testing import resampler_state_dict
 
 # A tiny "ViT-H": projection_dim (40) and hidden size (48) differ from the UNet's cross_attention_dim (32),
 # so a mixed-up dimension cannot go unnoticed.
@@ -37,20 +38,7 @@ def official_state_dict(unet, kind: str, encoder_config, seed: int = 0) -> dict:
         proj = {"proj.0.weight": rand(hid, hid), "proj.0.bias": rand(hid), "proj.2.weight": rand(cross, hid),
                 "proj.2.bias": rand(cross), "proj.3.weight": 1 + rand(cross), "proj.3.bias": rand(cross)}
     else:  # plus: the Resampler (4 layers, heads of 64)
-        hid, dim, heads = encoder_config.hidden_size, 64, 1
-        proj = {"latents": rand(1, 16, dim), "proj_in.weight": rand(dim, hid), "proj_in.bias": rand(dim),
-                "proj_out.weight": rand(cross, dim), "proj_out.bias": rand(cross),
-                "norm_out.weight": 1 + rand(cross), "norm_out.bias": rand(cross)}
-        for i in range(4):
-            proj.update({
-                f"layers.{i}.0.norm1.weight": 1 + rand(dim), f"layers.{i}.0.norm1.bias": rand(dim),
-                f"layers.{i}.0.norm2.weight": 1 + rand(dim), f"layers.{i}.0.norm2.bias": rand(dim),
-                f"layers.{i}.0.to_q.weight": rand(heads * 64, dim),
-                f"layers.{i}.0.to_kv.weight": rand(2 * heads * 64, dim),
-                f"layers.{i}.0.to_out.weight": rand(dim, heads * 64),
-                f"layers.{i}.1.0.weight": 1 + rand(dim), f"layers.{i}.1.0.bias": rand(dim),
-                f"layers.{i}.1.1.weight": rand(4 * dim, dim), f"layers.{i}.1.3.weight": rand(dim, 4 * dim),
-            })
+        proj = resampler_state_dict(rand, encoder_config.hidden_size, 64, 1, cross)
     ip, key_id = {}, 0  # official ids count all attention processors: cross-attention ones are odd
     for name in [n for n in unet.attn_processors if not n.startswith("encoder_hid_proj.")]:
         if name.endswith("attn2.processor"):

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from imageprompt.loading import ModelLoadError
+from imageprompt.testing import resampler_state_dict
 
 # tiny encoders shaped like h94/IP-Adapter's: bigG (sdxl_models/image_encoder) and ViT-H (models/image_encoder),
 # every size different from the UNet's cross_attention_dim (80)
@@ -42,20 +43,7 @@ def official_sdxl_state(unet, kind: str, encoder: dict, seed: int = 0) -> dict:
         proj = {"proj.weight": rand(4 * cross, encoder["projection_dim"]), "proj.bias": rand(4 * cross),
                 "norm.weight": 1 + rand(cross), "norm.bias": rand(cross)}
     else:  # the Resampler: 16 queries, heads of 64 (20 heads of 64 in the real SDXL plus; 2 here)
-        hid, dim, heads = encoder["hidden_size"], 128, 2
-        proj = {"latents": rand(1, 16, dim), "proj_in.weight": rand(dim, hid), "proj_in.bias": rand(dim),
-                "proj_out.weight": rand(cross, dim), "proj_out.bias": rand(cross),
-                "norm_out.weight": 1 + rand(cross), "norm_out.bias": rand(cross)}
-        for i in range(4):
-            proj.update({
-                f"layers.{i}.0.norm1.weight": 1 + rand(dim), f"layers.{i}.0.norm1.bias": rand(dim),
-                f"layers.{i}.0.norm2.weight": 1 + rand(dim), f"layers.{i}.0.norm2.bias": rand(dim),
-                f"layers.{i}.0.to_q.weight": rand(heads * 64, dim),
-                f"layers.{i}.0.to_kv.weight": rand(2 * heads * 64, dim),
-                f"layers.{i}.0.to_out.weight": rand(dim, heads * 64),
-                f"layers.{i}.1.0.weight": 1 + rand(dim), f"layers.{i}.1.0.bias": rand(dim),
-                f"layers.{i}.1.1.weight": rand(4 * dim, dim), f"layers.{i}.1.3.weight": rand(dim, 4 * dim),
-            })
+        proj = resampler_state_dict(rand, encoder["hidden_size"], 128, 2, cross)
     ip = {}
     for key_id, name in enumerate(n for n in unet.attn_processors if not n.startswith("encoder_hid_proj.")):
         if name.endswith("attn2.processor"):  # official ids count every attention layer
