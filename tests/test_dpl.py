@@ -328,3 +328,27 @@ def test_dpl_reconstructs_a_two_object_scene_as_well_as_null_text(bundled_ddim):
         psnr[method] = peak_signal_noise_ratio(photo, np.asarray(out.images[0]), data_range=255)
     print(psnr)
     assert psnr["dpl"] >= psnr["null-text"] > 20, psnr
+
+
+def test_batch_rows_invert_with_dpl(tmp_path, tiny_pipe, noise_image):
+    import json
+
+    from imageprompt.images import read_parameters
+    from imageprompt.jobs import JobDefaults, JobOptions, run_job
+
+    noise_image.resize((32, 32)).save(tmp_path / "photo.png")
+    edit = {"kind": "p2p", "image": "photo.png", "prompt": SOURCE, "target": TARGET}
+    rows = [{**edit, "invert": "dpl", "dpl_words": ["cat", "dog"]},
+            {**edit, "invert": "dpl"},  # no nouns
+            {**edit, "invert": "dpl", "dpl_words": ["tree"]},  # not in the prompt
+            {**edit, "invert": "null-text", "dpl_words": ["cat"]}]  # nouns without dpl
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    run_job(jobs, out, pipe=tiny_pipe, defaults=JobDefaults(steps=2, guidance=7.5, height=32, width=32),
+            options=JobOptions(progress=False))
+    records = {r["line"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert records[1]["status"] == "done", records[1]
+    assert read_parameters(out / records[1]["outputs"][-1])["dpl_words"] == ["cat", "dog"]
+    assert "go together" in records[2]["error"] and "go together" in records[4]["error"]
+    assert '"tree" is not a word' in records[3]["error"]

@@ -154,8 +154,9 @@ class Runner:
         """The row's photo inverted once for all its seeds (it does not depend on them)."""
         if row.line not in self.inversions:
             p = row.params
+            words = {"words": p["dpl_words"]} if p.get("dpl_words") else {}
             self.inversions[row.line] = pipe.invert(self.image(row), p["prompt"], p["invert"], p["steps"],
-                                                    p["guidance"], p["height"], p["width"])
+                                                    p["guidance"], p["height"], p["width"], **words)
         return self.inversions[row.line]
 
     def forget(self, row: Row) -> None:

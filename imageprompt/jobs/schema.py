@@ -388,7 +388,7 @@ def _check_adapter_extras(values: dict) -> None:
 
 def _check_p2p(values: dict) -> None:
     from imageprompt.inversion import METHODS
-    from imageprompt.p2p import validate_edit
+    from imageprompt.p2p import normalize_word, validate_edit
 
     if not all(isinstance(word, str) for word in values.get("blend") or ()):
         raise ValueError(f"field 'blend' must be a list of words, got {json.dumps(values['blend'])}")
@@ -417,11 +417,20 @@ def _check_p2p(values: dict) -> None:
     _check_adapter_extras(values)
     if values.get("adapter"):
         values.setdefault("scale", 1.0)
+    methods = (*METHODS, "dpl")  # dpl: Dynamic Prompt Learning (imageprompt.dpl), with the nouns in `dpl_words`
     if values.get("invert") is not None:
-        if values["invert"] not in METHODS:
-            raise ValueError(f"field 'invert' must be one of {', '.join(METHODS)}, got {values['invert']!r}")
+        if values["invert"] not in methods:
+            raise ValueError(f"field 'invert' must be one of {', '.join(methods)}, got {values['invert']!r}")
         if not values.get("image"):
             raise ValueError("field 'invert' needs the photo to invert in field 'image'")
+    words = values.get("dpl_words")
+    if (values.get("invert") == "dpl") != bool(words):
+        raise ValueError("fields 'invert': 'dpl' and 'dpl_words' (the nouns of 'prompt' whose tokens it learns) "
+                         "go together")
+    prompt_words = {normalize_word(w) for w in values["prompt"].split()}
+    for word in words or ():
+        if not isinstance(word, str) or normalize_word(word) not in prompt_words:
+            raise ValueError(f"field 'dpl_words': {json.dumps(word)} is not a word of 'prompt'")
 
 
 def _check_style(values: dict) -> None:
@@ -445,7 +454,7 @@ KINDS: dict[str, Kind] = {
                  "cross_steps": (float, list), "self_steps": (float, list), "image": str, "alpha": float,
                  "invert": str, "adapter": str, "adapter_image": str, "scale": float, "window": list,
                  "subtract_text": str, "subtract_scale": float, "start_step": int, "start_layer": int,
-                 "mask": list},
+                 "mask": list, "dpl_words": list},
                 required=("prompt",), defaults={"mode": "replace", "cross_steps": 0.8, "self_steps": 0.4, "alpha": 0.5},
                 grouped=("adapter", "scale", "window"), check=_check_p2p, module="imageprompt.pipelines.pipeline_p2p"),
     "adapter": Kind("ip-adapter", {"image": str, "prompt": str, "adapter": str, "scale": float, "window": list,
