@@ -24,6 +24,7 @@ TINY_ENCODER = dict(hidden_size=48, intermediate_size=37, num_hidden_layers=2, n
 def random_official_state(unet, kind: str, encoder_config, seed: int = 0) -> dict:
     """Random tensors under the official key names and shapes (sd15 or plus) for ``unet``."""
     from imageprompt.attention import attention_module, cross_attention_layers
+    from imageprompt.testing import resampler_state_dict
 
     g = torch.Generator().manual_seed(seed)
 
@@ -38,17 +39,7 @@ def random_official_state(unet, kind: str, encoder_config, seed: int = 0) -> dic
     else:  # plus: Resampler with 16 queries, depth 4, heads of 64 (SD 1.5: 12 heads, width 768)
         hid, dim = encoder_config.hidden_size, cross if cross % 64 == 0 else 64
         heads = dim // 64
-        proj = {"latents": rand(1, 16, dim), "proj_in.weight": rand(dim, hid), "proj_in.bias": rand(dim),
-                "proj_out.weight": rand(cross, dim), "proj_out.bias": rand(cross),
-                "norm_out.weight": torch.ones(cross), "norm_out.bias": torch.zeros(cross)}
-        for i in range(4):
-            proj.update({f"layers.{i}.0.norm1.weight": torch.ones(dim), f"layers.{i}.0.norm1.bias": rand(dim),
-                         f"layers.{i}.0.norm2.weight": torch.ones(dim), f"layers.{i}.0.norm2.bias": rand(dim),
-                         f"layers.{i}.0.to_q.weight": rand(heads * 64, dim),
-                         f"layers.{i}.0.to_kv.weight": rand(2 * heads * 64, dim),
-                         f"layers.{i}.0.to_out.weight": rand(dim, heads * 64),
-                         f"layers.{i}.1.0.weight": torch.ones(dim), f"layers.{i}.1.0.bias": rand(dim),
-                         f"layers.{i}.1.1.weight": rand(4 * dim, dim), f"layers.{i}.1.3.weight": rand(dim, 4 * dim)})
+        proj = resampler_state_dict(rand, hid, dim, heads, cross)
     ip = {}
     for name, key_id in cross_attention_layers(unet).items():
         inner = attention_module(unet, name).to_k.out_features

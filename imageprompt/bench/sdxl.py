@@ -176,17 +176,9 @@ def _resampler(hidden: int, cross: int, dim: int) -> dict:
     def rand(*shape):
         return torch.randn(*shape, generator=g) * 0.02
 
-    proj = {"latents": rand(1, 16, dim), "proj_in.weight": rand(dim, hidden), "proj_in.bias": rand(dim),
-            "proj_out.weight": rand(cross, dim), "proj_out.bias": rand(cross),
-            "norm_out.weight": torch.ones(cross), "norm_out.bias": torch.zeros(cross)}
-    for i in range(4):
-        proj.update({f"layers.{i}.0.norm1.weight": torch.ones(dim), f"layers.{i}.0.norm1.bias": rand(dim),
-                     f"layers.{i}.0.norm2.weight": torch.ones(dim), f"layers.{i}.0.norm2.bias": rand(dim),
-                     f"layers.{i}.0.to_q.weight": rand(dim, dim), f"layers.{i}.0.to_kv.weight": rand(2 * dim, dim),
-                     f"layers.{i}.0.to_out.weight": rand(dim, dim), f"layers.{i}.1.0.weight": torch.ones(dim),
-                     f"layers.{i}.1.0.bias": rand(dim), f"layers.{i}.1.1.weight": rand(4 * dim, dim),
-                     f"layers.{i}.1.3.weight": rand(dim, 4 * dim)})
-    return proj
+    from imageprompt.testing import resampler_state_dict
+
+    return resampler_state_dict(rand, hidden, dim, dim // 64, cross)
 
 
 def _copy(state: dict) -> dict:
