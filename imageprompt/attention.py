@@ -166,7 +166,7 @@ class ImagePromptAttnProcessor(nn.Module):
         return out / attn.rescale_output_factor
 
 
-def set_attention_backend(unet, backend: str = "sdpa") -> dict[str, ImagePromptAttnProcessor]:
+def set_imageprompt_attention(unet, backend: str = "sdpa") -> dict[str, ImagePromptAttnProcessor]:
     """Install an :class:`ImagePromptAttnProcessor` in every attention layer of ``unet``.
 
     Layers that already carry an imageprompt processor keep it (and its hooks);
@@ -191,7 +191,20 @@ def imageprompt_processors(unet) -> dict[str, ImagePromptAttnProcessor]:
     procs = {n: p for n, p in unet.attn_processors.items() if not n.startswith("encoder_hid_proj.")}
     if all(isinstance(p, ImagePromptAttnProcessor) for p in procs.values()):
         return dict(procs)
-    return set_attention_backend(unet, "sdpa")
+    return set_imageprompt_attention(unet, "sdpa")
+
+
+def check_processors(unet, needed: bool = True) -> None:
+    """One line naming the fix when another processor replaced imageprompt's (diffusers' ``set_attn_processor``,
+    ``fuse_qkv_projections``, ...) on a UNet whose techniques need them (``needed``: adapters loaded, an editor)."""
+    if not needed:
+        return
+    foreign = sorted({type(p).__name__ for n, p in unet.attn_processors.items()
+                      if not n.startswith("encoder_hid_proj.") and not isinstance(p, ImagePromptAttnProcessor)})
+    if foreign:
+        raise ValueError(f"the UNet's attention runs {', '.join(foreign)}, not imageprompt's processors, which its "
+                         "image adapters and edits need: call `pipe.set_attention('sdpa')` (or 'xformers') after "
+                         "`set_attn_processor`")
 
 
 def cross_attention_layers(unet) -> dict[str, str]:

@@ -64,7 +64,9 @@ IMAGE_MODES = ("edit", "variation")
 INVERSIONS = (*METHODS, "dpl")  # dpl: Dynamic Prompt Learning (imageprompt.dpl), needs the nouns (`words`)
 
 
-class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
+class PromptToPromptMixin:
+    """Prompt-to-prompt (and MasaCtrl) on an imageprompt pipeline: inversion of photos, the edit's ``__call__``."""
+
     def invert(self, image: PIL.Image.Image, prompt: str, method: str = "null-text", num_inference_steps: int = 50,
                guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
                num_inner_steps: int = 10, early_stop_epsilon: float = 1e-5, words: list[str] | None = None,
@@ -88,11 +90,10 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
             return invert(self, image, cond, method, num_inference_steps, guidance_scale, height, width,
                           num_inner_steps, early_stop_epsilon)
 
-    def added_prompt_conditioning(self, added_cond_kwargs, prompts, negative_prompt, image, image_mode, alpha,
-                                  inversion, height, width, do_cfg, device):
-        """Extra UNet inputs of the prompts beyond their token states: none on SD 1.x (SDXL's pipeline adds its
-        pooled embeddings and size numbers here)."""
-        return added_cond_kwargs
+    def prompt_extras(self, prompts, negative_prompt, image, image_mode, alpha, inversion, device) -> dict:
+        """The parent's conditioning arguments beyond the token states: none on SD 1.x (SDXL's pipeline adds its
+        pooled embeddings here)."""
+        return {}
 
     def check_p2p_inputs(self, source_prompt, target_prompt, mode, weights, blend_words, blend_threshold,
                          cross_steps, word_cross_steps, self_steps, image, inversion, num_inference_steps,
@@ -149,7 +150,6 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
         width: int | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
-        eta: float = 0.0,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -159,6 +159,7 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
         ip_adapter_image=None,
         ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         negative_ip_adapter_image=None,
+        **kwargs,
     ):
         r"""Sample the source and its edit(s) together.
 
@@ -187,6 +188,8 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
                 is the image alone, an SD-IPC variation; the targets are image + text).
             inversion: a real photo inverted with :meth:`invert` (its prompt should be ``source_prompt``).
             latents: starting noise ``(1, C, h, w)``, shared by all prompts.
+            **kwargs: the rest of the diffusers parent's ``__call__`` (``eta``, ``timesteps``, ``sigmas``,
+                ``cross_attention_kwargs``, ...). Every scheduler works; windows count denoising steps.
             ip_adapter_image / ip_adapter_image_embeds / negative_ip_adapter_image: image prompts of the loaded
                 image adapters (as in :class:`StableDiffusionImagePromptPipeline`), shared by every prompt.
 
@@ -202,15 +205,12 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
                               word_cross_steps, self_steps, image, inversion, num_inference_steps, guidance_scale,
                               latents, image_mode)
         if inversion is not None:  # the edit must retrace the inversion: DDIM, eta 0
-            check_sampler(self.scheduler, eta)
-        self.check_inputs(None, source_prompt, negative_prompt, height, width, 1, guidance_scale, num_inference_steps,
-                          alpha, None, callback_on_step_end_tensor_inputs)
+            check_sampler(self.scheduler, kwargs.get("eta", 0.0))
+        self.check_sampling_inputs(1, num_inference_steps, guidance_scale, height, width)
         self.check_ip_adapter_inputs(ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image)
         heights = attention_heights(self.unet.config, height // self.vae_scale_factor)
         if map_res is not None and map_res not in heights:
             raise ValueError(f"`map_res` {map_res} names no cross-attention layer; this UNet has {heights} latent rows")
-        if latents is not None and latents.shape[0] != 1:
-            raise ValueError("`latents` must hold one starting noise (batch 1); all prompts share it")
         if mode == "masactrl":
             controller = MutualSelfAttentionController(
                 self.tokenizer, source_prompt, target_prompt, start_step, start_layer, mask_words, map_res=map_res,
@@ -241,53 +241,52 @@ class StableDiffusionPromptToPromptPipeline(StableDiffusionImagePromptPipeline):
         if inversion is not None and inversion.cond_embeds is not None:  # DPL: the learned noun tokens, per step
             cond = step_conditioning(self, inversion, prompts, 0, cond)
 
-        # 4. Timesteps and latents: one starting noise for every prompt
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
+        # 4. Latents: one starting noise for every prompt (a photo's: its inversion)
         if inversion is not None:
-            latents = inversion.latents.to(device=device, dtype=cond.dtype) / self.scheduler.init_noise_sigma
-        latents = self.prepare_latents(1, height, width, cond.dtype, device, generator, latents)
-        latents = latents.expand(rows, -1, -1, -1).clone()
-        added_cond_kwargs = None
-        if self.image_adapters:  # image tokens for the decoupled cross-attention branches, every prompt
-            added_cond_kwargs = {"image_embeds": self.prepare_ip_adapter_image_embeds(
-                ip_adapter_image, ip_adapter_image_embeds, device, rows, guidance_scale > 1.0,
-                negative_ip_adapter_image)}
-        added_cond_kwargs = self.added_prompt_conditioning(  # SDXL: pooled text and size numbers (SD 1.x: none)
-            added_cond_kwargs, prompts, negative_prompt, image, image_mode, alpha, inversion, height, width,
-            guidance_scale > 1.0, device)
+            latents = inversion.latents / self.scheduler.init_noise_sigma
+        latents = self.shared_noise(rows, height, width, cond.dtype, generator, latents)
 
-        # 5. Controller
+        # 5. Controller: its step before each denoising step, blending and inversion's embeddings after it
         latent_size = tuple(latents.shape[-2:])
         controller.setup(num_inference_steps, latent_size, device, default_resolution(self.unet.config, latent_size[0]))
-
-        def on_step_end(pipe, step, timestep, tensors):
+        def after_step(pipe, step, tensors):
             if inversion is not None and inversion.method == "direct":  # Ju et al. 2024: source row only
                 tensors["latents"] = direct_correction(tensors["latents"], inversion, step)
             tensors["latents"] = controller.end_step(tensors["latents"])
-            if inversion is not None and isinstance(inversion.uncond_embeds, list) and step + 1 < len(timesteps):
-                null = inversion.uncond_at(step + 1).to(device=device, dtype=cond.dtype)
-                tensors["negative_prompt_embeds"] = null.expand(rows, -1, -1)
-            if inversion is not None and inversion.cond_embeds is not None and step + 1 < len(timesteps):
-                tensors["prompt_embeds"] = step_conditioning(pipe, inversion, prompts, step + 1, cond)
-            if callback_on_step_end is not None:
-                tensors.update(callback_on_step_end(pipe, step, timestep, tensors) or {})
+            if step + 1 < num_inference_steps and inversion is not None and pipe.do_classifier_free_guidance:
+                # diffusers' loop holds [negative, positive] in `prompt_embeds`: null-text's per-step
+                # unconditional states and DPL's per-step noun tokens replace their half
+                negative, positive = tensors["prompt_embeds"].chunk(2)
+                if isinstance(inversion.uncond_embeds, list):
+                    negative = inversion.uncond_at(step + 1).to(negative).expand(rows, -1, -1)
+                if inversion.cond_embeds is not None:
+                    positive = step_conditioning(pipe, inversion, prompts, step + 1, cond).to(positive)
+                tensors["prompt_embeds"] = torch.cat([negative, positive])
             return tensors
 
-        inputs = sorted({"latents", "negative_prompt_embeds", "prompt_embeds", *callback_on_step_end_tensor_inputs})
-
-        # 6. Denoising loop with the controller as every layer's editor
+        # 6. diffusers' loop with the controller as every layer's editor
         with controller.attached(self.unet):
-            latents = self.denoise(latents, cond, uncond, timesteps, guidance_scale,
-                                   self.extra_step_kwargs(generator, eta), None, on_step_end, inputs,
-                                   added_cond_kwargs)
+            out = self.sample(
+                prompt_embeds=cond, negative_prompt_embeds=uncond, latents=latents, height=height, width=width,
+                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                generator=generator[0] if isinstance(generator, list) else generator,  # the noise is drawn: one
+                output_type=output_type, before_step=[controller.set_step], after_step=[after_step],
+                tensor_inputs=["latents", "prompt_embeds"], callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
+                negative_ip_adapter_image=negative_ip_adapter_image,
+                **self.prompt_extras(prompts, negative_prompt, image, image_mode, alpha, inversion, device),
+                **kwargs)
 
-        # 7. Decode
-        images = self.decode(latents, output_type)
+        # 7. Outputs: the images, and the maps the controller recorded
+        images = out.images
         maps = controller.attention_maps()
-        self.maybe_free_model_hooks()
         if not return_dict:
             return images, maps
         tokens = [token_labels(self.tokenizer, p) for p in prompts]
         return PromptToPromptPipelineOutput(images=images, attention_maps=maps, tokens=tokens,
                                             blend_mask=controller.blend_mask)
+
+
+class StableDiffusionPromptToPromptPipeline(PromptToPromptMixin, StableDiffusionImagePromptPipeline):
+    """Prompt-to-prompt on Stable Diffusion 1.x: diffusers' ``StableDiffusionPipeline`` with the edit's controller."""

@@ -27,17 +27,14 @@ from __future__ import annotations
 
 import PIL.Image
 import torch
-from imageprompt.pipelines.pipeline_p2p import StableDiffusionPromptToPromptPipeline
+from imageprompt.pipelines.pipeline_p2p import PromptToPromptMixin
 from imageprompt.pipelines.pipeline_sdipc_xl import StableDiffusionXLImagePromptPipeline
 
 from imageprompt.inversion import Inversion
 from imageprompt.p2p_align import word_token_spans
 
 
-class StableDiffusionXLPromptToPromptPipeline(StableDiffusionXLImagePromptPipeline,
-                                              StableDiffusionPromptToPromptPipeline):
-    __call__ = StableDiffusionPromptToPromptPipeline.__call__
-
+class StableDiffusionXLPromptToPromptPipeline(PromptToPromptMixin, StableDiffusionXLImagePromptPipeline):
     def check_p2p_inputs(self, source_prompt, target_prompt, *args, **kwargs):
         super().check_p2p_inputs(source_prompt, target_prompt, *args, **kwargs)
         targets = [] if target_prompt is None else [target_prompt] if isinstance(target_prompt, str) \
@@ -50,9 +47,8 @@ class StableDiffusionXLPromptToPromptPipeline(StableDiffusionXLImagePromptPipeli
                 raise ValueError(f"the two tokenizers split {word!r} of {prompt!r} differently, so one token "
                                  "alignment cannot serve both text encoders")
 
-    def added_prompt_conditioning(self, added_cond_kwargs, prompts, negative_prompt, image, image_mode, alpha,
-                                  inversion, height, width, do_cfg, device):
-        """Each row's pooled embedding (SD-IPC: the image's, edited with ``alpha``) and the size numbers."""
+    def prompt_extras(self, prompts, negative_prompt, image, image_mode, alpha, inversion, device) -> dict:
+        """Each row's pooled embedding (SD-IPC: the image's, edited with ``alpha``) and the unconditional rows'."""
         _, pooled, _ = self.encode_text_pooled(prompts, device)
         if image is not None:
             _, image_pooled = self.convert_images_pooled([image], device)
@@ -63,10 +59,7 @@ class StableDiffusionXLPromptToPromptPipeline(StableDiffusionXLImagePromptPipeli
         _, negative_pooled, _ = self.encode_text_pooled([negative_prompt or ""] * rows, device)
         if inversion is not None and inversion.method == "negative-prompt":  # the source's, as its token states
             negative_pooled = pooled[:1].expand(rows, -1)
-        added = dict(added_cond_kwargs or {})
-        added.update(self.added_text_conditioning(pooled, negative_pooled, self.time_ids(height, width), do_cfg,
-                                                  device))
-        return added
+        return {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": negative_pooled}
 
     def invert(self, image: PIL.Image.Image, prompt: str, method: str = "null-text", num_inference_steps: int = 50,
                guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,

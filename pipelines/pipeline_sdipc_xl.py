@@ -21,12 +21,9 @@ from collections.abc import Callable
 
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-from diffusers.image_processor import VaeImageProcessor
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from imageprompt.pipelines.adapter_mixin import ImagePromptAdapterMixin
-from imageprompt.pipelines.pipeline_sdipc import ImagePromptPipelineOutput, StableDiffusionImagePromptPipeline
+from imageprompt.pipelines.pipeline_sdipc import ImagePromptMixin, ImagePromptPipelineOutput
 from transformers import (
     CLIPImageProcessor,
     CLIPTextModel,
@@ -46,10 +43,10 @@ def is_sdxl_unet(unet) -> bool:
     return getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
-class StableDiffusionXLImagePromptPipeline(StableDiffusionImagePromptPipeline, StableDiffusionXLPipeline):
+class StableDiffusionXLImagePromptPipeline(ImagePromptMixin, StableDiffusionXLPipeline):
     model_cpu_offload_seq = "image_encoder->image_encoder_2->text_encoder->text_encoder_2->unet->vae"
-    _optional_components = ["feature_extractor", "image_encoder", "image_encoder_2", "converter"]
-    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    _optional_components = ["tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "feature_extractor",
+                            "image_encoder", "image_encoder_2", "converter"]
 
     def __init__(
         self,
@@ -66,21 +63,11 @@ class StableDiffusionXLImagePromptPipeline(StableDiffusionImagePromptPipeline, S
         feature_extractor: CLIPImageProcessor | None = None,
         force_zeros_for_empty_prompt: bool = True,
     ):
-        DiffusionPipeline.__init__(self)
-        self.register_modules(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-                              tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, image_encoder=image_encoder,
-                              image_encoder_2=image_encoder_2, converter=converter,
-                              feature_extractor=feature_extractor)
-        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
-        self.default_sample_size = self.unet.config.sample_size
-        self.watermark = None
+        super().__init__(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, image_encoder,
+                         feature_extractor, force_zeros_for_empty_prompt, add_watermarker=False)
+        # SD-IPC's bigG vision tower and conversion: the components diffusers' SDXL lacks
+        self.register_modules(image_encoder_2=image_encoder_2, converter=converter)
         imageprompt_processors(self.unet)
-
-    # diffusers' SDXL class defines these too; imageprompt's (adapters on the UNet's processors) must win
-    prepare_ip_adapter_image_embeds = ImagePromptAdapterMixin.prepare_ip_adapter_image_embeds
-    from_pretrained = classmethod(DiffusionPipeline.from_pretrained.__func__)
 
     # --------------------------------------------------------------- encoding
     @torch.no_grad()
@@ -151,24 +138,35 @@ class StableDiffusionXLImagePromptPipeline(StableDiffusionImagePromptPipeline, S
                                       tuple(target_size or (height, width)), dtype=dtype or self.unet.dtype,
                                       text_encoder_projection_dim=projection)
 
-    def added_text_conditioning(self, pooled, negative_pooled, time_ids, do_cfg: bool, device) -> dict:
-        """``added_cond_kwargs`` of the text: pooled embeddings and time ids, ``[negative, positive]`` under CFG."""
-        rows = pooled.shape[0]
-        text_embeds = torch.cat([negative_pooled, pooled]) if do_cfg else pooled
-        time_ids = time_ids.to(device).repeat(2 * rows if do_cfg else rows, 1)
-        return {"text_embeds": text_embeds.to(device=device, dtype=self.unet.dtype), "time_ids": time_ids}
+    def image_conditioning(self, image, prompt, alpha, device, clip_skip=None) -> dict:
+        """SD-IPC's token states and pooled embedding for an image (else the prompt, encoded by diffusers)."""
+        if image is None:
+            return super().image_conditioning(image, prompt, alpha, device, clip_skip)
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+        if prompts is not None and len(prompts) == 1:
+            prompts = prompts * len(images)
+        states, pooled = self.image_prompt_embeds_pooled(images, prompts, alpha, device, clip_skip)
+        return {"prompt_embeds": states, "pooled_prompt_embeds": pooled}
 
     def decode(self, latents, output_type="pil"):
-        """As diffusers' SDXL: a float16 VAE that asks for it (``force_upcast``) decodes in float32."""
+        """Latents to images as diffusers' SDXL ``__call__`` decodes them: a float16 VAE that asks for it
+        (``force_upcast``) decodes in float32, and a VAE's ``latents_mean``/``latents_std`` are undone."""
         if output_type == "latent":
             return latents
         upcast = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
         if upcast:
             self.vae.to(torch.float32)
-            latents = latents.float()
         try:
             latents = latents.to(self.vae.dtype)
-            image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+            mean, std = getattr(self.vae.config, "latents_mean", None), getattr(self.vae.config, "latents_std", None)
+            if mean is not None and std is not None:
+                mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+                std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+                latents = latents * std / self.vae.config.scaling_factor + mean
+            else:
+                latents = latents / self.vae.config.scaling_factor
+            image = self.vae.decode(latents, return_dict=False)[0]
         finally:
             if upcast:
                 self.vae.to(torch.float16)
@@ -186,17 +184,10 @@ class StableDiffusionXLImagePromptPipeline(StableDiffusionImagePromptPipeline, S
         num_inference_steps: int = 50,
         guidance_scale: float = 5.0,
         num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
-        negative_pooled_prompt_embeds: torch.Tensor | None = None,
-        timesteps: list[int] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        cross_attention_kwargs: dict | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         ip_adapter_image=None,
@@ -204,86 +195,42 @@ class StableDiffusionXLImagePromptPipeline(StableDiffusionImagePromptPipeline, S
         negative_ip_adapter_image=None,
         guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
-        original_size: tuple[int, int] | None = None,
-        crops_coords_top_left: tuple[int, int] = (0, 0),
-        target_size: tuple[int, int] | None = None,
+        **kwargs,
     ):
         r"""Generate images from an image (variation), an image and text (editing), or text, with SDXL.
 
-        Arguments as :class:`StableDiffusionImagePromptPipeline`, plus SDXL's: ``pooled_prompt_embeds`` /
-        ``negative_pooled_prompt_embeds`` (with ``prompt_embeds``), ``original_size``, ``crops_coords_top_left``,
-        ``target_size`` (the micro-conditioning; default: the output size). With no ``negative_prompt`` the
-        unconditional branch is zeros, as diffusers' SDXL does (``force_zeros_for_empty_prompt``).
+        Arguments as :class:`StableDiffusionImagePromptPipeline`; ``**kwargs`` are the rest of diffusers'
+        ``StableDiffusionXLPipeline.__call__`` (``negative_prompt_embeds``, ``negative_pooled_prompt_embeds``,
+        ``original_size``, ``crops_coords_top_left``, ``target_size``, ``generator``, ``latents``, ...). With no
+        ``negative_prompt`` the unconditional branch is zeros, as diffusers' SDXL does
+        (``force_zeros_for_empty_prompt``).
         """
-        # 0. Defaults
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
-
-        # 1. Check inputs
-        self.check_inputs(image, prompt, negative_prompt, height, width, num_images_per_prompt, guidance_scale,
-                          num_inference_steps, alpha, prompt_embeds, callback_on_step_end_tensor_inputs,
-                          negative_prompt_embeds, guidance_rescale, clip_skip)
+        # 1. Check inputs (diffusers' own `check_inputs` runs in the parent's call)
+        self.check_image_prompt_inputs(image, prompt, prompt_embeds, alpha)
+        self.check_sampling_inputs(num_images_per_prompt, num_inference_steps, guidance_scale, height, width,
+                                   clip_skip, guidance_rescale)
         if prompt_embeds is not None and pooled_prompt_embeds is None:
             raise ValueError("with `prompt_embeds`, give `pooled_prompt_embeds` too (SDXL reads both)")
-        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+        if kwargs.get("negative_prompt_embeds") is not None and kwargs.get("negative_pooled_prompt_embeds") is None:
             raise ValueError("with `negative_prompt_embeds`, give `negative_pooled_prompt_embeds` too")
-        self.check_ip_adapter_inputs(ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image)
-        device = self._execution_device
-        do_cfg = guidance_scale > 1.0
 
-        # 2. Conditioning, one row per reference (image or prompt)
-        images = None if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
-        prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
-        if images is not None and prompts is not None and len(prompts) == 1:
-            prompts = prompts * len(images)
-        if prompt_embeds is not None:
-            cond = prompt_embeds.to(device=device, dtype=self.unet.dtype)
-            pooled = pooled_prompt_embeds.to(device=device, dtype=self.unet.dtype)
-        elif images is not None:
-            cond, pooled = self.image_prompt_embeds_pooled(images, prompts, alpha, device, clip_skip)
+        # 2. Conditioning: SD-IPC's (token states and pooled) for an image, else the prompt as diffusers takes it
+        if prompt_embeds is None:
+            conditioning = self.image_conditioning(image, prompt, alpha, self._execution_device, clip_skip)
         else:
-            cond, pooled, _ = self.encode_text_pooled(prompts, device, clip_skip)
-        rows = cond.shape[0]
+            conditioning = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
 
-        # 3. Unconditional branch: given states, the negative prompt, or zeros (diffusers' SDXL default)
-        if negative_prompt_embeds is not None:
-            uncond = negative_prompt_embeds.to(device=device, dtype=self.unet.dtype)
-            uncond_pooled = negative_pooled_prompt_embeds.to(device=device, dtype=self.unet.dtype)
-        elif negative_prompt is None and self.config.force_zeros_for_empty_prompt:
-            uncond, uncond_pooled = torch.zeros_like(cond), torch.zeros_like(pooled)
-        else:
-            negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * rows
-            if len(negatives) != rows:
-                raise ValueError(f"{len(negatives)} negative prompts for {rows} conditionings")
-            uncond, uncond_pooled, _ = self.encode_text_pooled(negatives, device, clip_skip)
-        if uncond.shape != cond.shape:
-            raise ValueError(f"`negative_prompt_embeds` has shape {tuple(uncond.shape)}, expected {tuple(cond.shape)}")
-
-        # 4. Repeat for the images per reference
-        cond, uncond, pooled, uncond_pooled = (x.repeat_interleave(num_images_per_prompt, dim=0)
-                                               for x in (cond, uncond, pooled, uncond_pooled))
-        batch = cond.shape[0]
-
-        # 5. Timesteps, latents, SDXL's added conditioning (pooled text, size/crop numbers), image tokens
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps)
-        latents = StableDiffusionImagePromptPipeline.prepare_latents(self, batch, height, width, cond.dtype, device,
-                                                                     generator, latents)
-        time_ids = self.time_ids(height, width, original_size, crops_coords_top_left, target_size)
-        added_cond_kwargs = self.added_text_conditioning(pooled, uncond_pooled, time_ids, do_cfg, device)
-        if self.image_adapters:
-            added_cond_kwargs["image_embeds"] = self.prepare_ip_adapter_image_embeds(
-                ip_adapter_image, ip_adapter_image_embeds, device, batch, do_cfg, negative_ip_adapter_image)
-
-        # 6. Denoising loop
-        latents = self.denoise(
-            latents, cond, uncond, timesteps, guidance_scale, self.extra_step_kwargs(generator, eta),
-            cross_attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs, added_cond_kwargs,
-            guidance_rescale,
+        # 3. diffusers' SDXL sampling (micro-conditioning, VAE latents statistics, upcasting), step windows
+        out = self.sample(
+            **conditioning, negative_prompt=negative_prompt, height=height, width=width,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt, output_type=output_type,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
+            negative_ip_adapter_image=negative_ip_adapter_image, guidance_rescale=guidance_rescale,
+            clip_skip=clip_skip, **kwargs,
         )
-
-        # 7. Decode
-        images_out = self.decode(latents, output_type)
-        self.maybe_free_model_hooks()
         if not return_dict:
-            return (images_out,)
-        return ImagePromptPipelineOutput(images=images_out)
+            return (out.images,)
+        return ImagePromptPipelineOutput(images=out.images)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import PIL.Image
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from imageprompt.pipelines.pipeline_sdipc import ImagePromptPipelineOutput, StableDiffusionImagePromptPipeline
 
 from imageprompt.conversion import edit_embeds, eos_positions, variation_embeds
@@ -93,7 +94,6 @@ class StableDiffusionStyleAlignedPipeline(StableDiffusionImagePromptPipeline):
         width: int | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
-        eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
@@ -104,6 +104,7 @@ class StableDiffusionStyleAlignedPipeline(StableDiffusionImagePromptPipeline):
         ip_adapter_image=None,
         ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         negative_ip_adapter_image=None,
+        **kwargs,
     ):
         r"""Sample a style-aligned set: image 0 is the reference, the others share its style.
 
@@ -124,6 +125,7 @@ class StableDiffusionStyleAlignedPipeline(StableDiffusionImagePromptPipeline):
             prompt_embeds: ready conditionings ``(prompts, 77, D)`` instead of ``prompt`` (row 0: the reference).
             ip_adapter_image / ip_adapter_image_embeds / negative_ip_adapter_image: image prompts of loaded
                 adapters, shared by every row.
+            **kwargs: the rest of diffusers' ``StableDiffusionPipeline.__call__`` (``eta``, ``timesteps``, ...).
 
         Returns:
             :class:`~imageprompt.pipelines.ImagePromptPipelineOutput`: the reference first (for ``inversion``: its
@@ -134,11 +136,9 @@ class StableDiffusionStyleAlignedPipeline(StableDiffusionImagePromptPipeline):
         width = width or self.unet.config.sample_size * self.vae_scale_factor
 
         # 1. Check inputs
-        self.check_style_inputs(prompt, prompt_embeds, image, inversion, latents, num_inference_steps, eta,
-                                reference_offset)
-        self.check_inputs(None, None if prompt_embeds is not None else list(prompt), negative_prompt, height, width,
-                          1, guidance_scale, num_inference_steps, alpha, prompt_embeds,
-                          callback_on_step_end_tensor_inputs)
+        self.check_style_inputs(prompt, prompt_embeds, image, inversion, latents, num_inference_steps,
+                                kwargs.get("eta", 0.0), reference_offset)
+        self.check_sampling_inputs(1, num_inference_steps, guidance_scale, height, width)
         self.check_ip_adapter_inputs(ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image)
         device = self._execution_device
 
@@ -160,39 +160,33 @@ class StableDiffusionStyleAlignedPipeline(StableDiffusionImagePromptPipeline):
         # 3. Unconditional branch
         uncond, _ = self.encode_text([negative_prompt or ""] * rows, device)
 
-        # 4. Timesteps and latents: own noise per row; an inverted reference starts from its noise
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        if latents is not None and latents.shape[0] != rows:
-            raise ValueError(f"`latents` has {latents.shape[0]} rows for {rows} prompts")
-        latents = self.prepare_latents(rows, height, width, cond.dtype, device, generator, latents)
-        if inversion is not None:
+        # 4. Latents: own noise per row; an inverted reference starts from its noise
+        shape = (rows, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"`latents` has shape {tuple(latents.shape)} for {rows} prompts; expected {shape}")
+        if isinstance(generator, list) and len(generator) != rows:
+            raise ValueError(f"{len(generator)} generators for {rows} prompts")
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=cond.dtype)
+        latents = latents.to(device=device, dtype=cond.dtype)
+        if inversion is not None:  # DDIM (checked): the starting noise is not scaled
             latents[:1] = reference_start(inversion.trajectory, reference_offset).to(device=device, dtype=cond.dtype)
-        added_cond_kwargs = None
-        if self.image_adapters:
-            added_cond_kwargs = {"image_embeds": self.prepare_ip_adapter_image_embeds(
-                ip_adapter_image, ip_adapter_image_embeds, device, rows, guidance_scale > 1.0,
-                negative_ip_adapter_image)}
 
-        def on_step_end(pipe, step, timestep, tensors):
+        def after_step(pipe, step, tensors):
             if inversion is not None:
                 tensors["latents"] = pin_reference(tensors["latents"], inversion.trajectory, step, reference_offset)
-            if callback_on_step_end is not None:
-                tensors.update(callback_on_step_end(pipe, step, timestep, tensors) or {})
             return tensors
 
-        inputs = sorted({"latents", *callback_on_step_end_tensor_inputs})
-
-        # 5. Denoising loop with shared attention (and, if asked, shared group norms)
+        # 5. diffusers' loop with shared attention (and, if asked, shared group norms)
         norms = shared_group_norm(self.unet, rows) if share_group_norm else contextlib.nullcontext()
         with controller.attached(self.unet), norms:
-            latents = self.denoise(latents, cond, uncond, timesteps, guidance_scale,
-                                   self.extra_step_kwargs(generator, eta), None, on_step_end, inputs,
-                                   added_cond_kwargs)
-
-        # 6. Decode
-        images = self.decode(latents, output_type)
-        self.maybe_free_model_hooks()
+            out = self.sample(
+                prompt_embeds=cond, negative_prompt_embeds=uncond, latents=latents, height=height, width=width,
+                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
+                output_type=output_type, after_step=[after_step], callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
+                negative_ip_adapter_image=negative_ip_adapter_image, **kwargs)
         if not return_dict:
-            return (images,)
-        return ImagePromptPipelineOutput(images=images)
+            return (out.images,)
+        return ImagePromptPipelineOutput(images=out.images)

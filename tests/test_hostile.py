@@ -245,7 +245,7 @@ def test_pipeline_tokenize_cuts_the_text_before_tokenizing():
             return SimpleNamespace(input_ids=torch.zeros(len(prompts), 77, dtype=torch.long))
         return SimpleNamespace(input_ids=[[0] * 10 for _ in prompts])
 
-    fake = SimpleNamespace(model_max_length=77, tokenizer=tokenizer)
+    fake = SimpleNamespace(model_max_length=77, tokenizer=tokenizer, maybe_convert_prompt=lambda prompts, tok: prompts)
     ids = StableDiffusionImagePromptPipeline.tokenize(fake, ["a " * 5_000_000, "short"])
     assert ids.shape == (2, 77)
     assert max(lengths) == MAX_PROMPT_CHARS

@@ -267,7 +267,7 @@ def test_p2p_and_adapter_rows(images, tiny_pipe):
                       options=JobOptions(batch_size=4, progress=False))
     records = {r["line"]: r for r in results(out)}
     assert {line for line, r in records.items() if r["status"] == "done"} == {1, 3, 4, 5, 7}, records
-    assert "same number of words" in records[2]["error"] or "word" in records[2]["error"]
+    assert "the source has 3 words and the target 4; use mode refine" in records[2]["error"]
     assert "absent.safetensors" in records[6]["error"]
     assert summary.failed == 2
     assert read_parameters(out / records[1]["outputs"][0])["target"] == "a blue circle"
@@ -370,7 +370,7 @@ def test_size_fields_have_upper_bounds_and_an_override(images):
         assert error and f"field {field!r}" in error, error
     assert "--max-num" in errors[0] and "--max-side" in errors[1] and "--allow-large" in errors[3]
     assert errors[5] is None  # at the bounds
-    assert checked[0].num == 1 or checked[0].key == ""  # nothing built for a refused row
+    assert (checked[0].num, checked[0].key) == (1, "")  # nothing built for a refused row
     big = validate_rows(list(enumerate(rows[:4], start=1)), JobDefaults(limits=Limits.unbounded()), images)
     assert [row.error for row in big] == [None] * 4
     assert big[0].output_name(999_999_999).endswith("-999999999.png")  # one name, not a billion
@@ -437,9 +437,8 @@ def test_input_is_checked_to_be_an_image_before_it_is_hashed(images, monkeypatch
         handle.truncate(4 << 30)  # sparse: 4 GB of zeros
     hashed = []
     monkeypatch.setattr("imageprompt.images.sha256_file", lambda path: hashed.append(path) or "0" * 64)
-    tic = time.perf_counter()
     row, = validate_rows([(1, {"kind": "vary", "image": "big.png"})], JobDefaults(), images)
-    assert time.perf_counter() - tic < 2 and hashed == []
+    assert hashed == []
     assert "not an image file" in row.error and "field 'image'" in row.error
     row, = validate_rows([(1, {"kind": "vary", "image": "red.png"})], JobDefaults(), images)
     assert row.error is None and hashed == [images / "red.png"]

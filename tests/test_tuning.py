@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -307,4 +305,6 @@ def test_bench_row_is_registered():
     from imageprompt.bench.main import all_rows
 
     assert "sdipc online tuning, 30 iterations (s total)" in all_rows()
-    assert json.dumps(tuning.describe({"mode": "online", "steps": 30}))
+    assert tuning.describe({"mode": "online", "steps": 30, "other": 1}) == {
+        "mode": "online", "steps": 30, "lr": None, "batch_size": None, "num_tokens": None, "seed": None,
+        "final_loss": None, "lora": None}
