@@ -53,7 +53,7 @@ def masactrl_tab(ctx: DemoContext) -> None:
 
     def masactrl(source, target, masks, start_step, start_layer, steps, guidance, seed, width, height,
                  negative_prompt, progress=gr.Progress(track_tqdm=True)):
-        from imageprompt.masactrl import validate_masactrl
+        from imageprompt.masactrl import MasaCtrlSettings
 
         source = check_prompt(source, "a source prompt")
         target = check_prompt(target, "a target prompt")
@@ -61,19 +61,20 @@ def masactrl_tab(ctx: DemoContext) -> None:
         step = checked_number("Start step", start_step, int, 0, ctx.max_steps)
         layer = None if start_layer in (None, "") else checked_number("Start layer", start_layer, int, 0, 200)
         try:
-            validate_masactrl(source, target, step, layer, words)
+            edit = MasaCtrlSettings(step, layer, words)
+            edit.check(source, target)
         except ValueError as err:
             raise page_error(str(err)) from None
         check_words(ctx, [("the source prompt", source), ("the target prompt", target)])
         sampling = check_sampling(ctx, steps=steps, guidance=guidance, seed=seed, width=width, height=height,
                                   negative_prompt=negative_prompt)
-        settings = dict(source_prompt=source, target_prompt=target, mode="masactrl", start_step=step,
-                        start_layer=layer, mask_words=words)
-        params = parameters(ctx, "p2p", sampling, seed=sampling.seed, **settings)
+        params = parameters(ctx, "p2p", sampling, seed=sampling.seed, source_prompt=source, target_prompt=target,
+                            mode="masactrl", start_step=step, start_layer=layer, mask_words=words)
         try:
-            result = p2p_pipeline(ctx)(**settings, negative_prompt=sampling.negative_prompt, height=sampling.height,
-                                       width=sampling.width, num_inference_steps=sampling.steps,
-                                       guidance_scale=sampling.guidance, generator=generators(sampling.seed, 1))
+            result = p2p_pipeline(ctx, edit="masactrl")(
+                source, target, settings=edit, negative_prompt=sampling.negative_prompt, height=sampling.height,
+                width=sampling.width, num_inference_steps=sampling.steps, guidance_scale=sampling.guidance,
+                generator=generators(sampling.seed, 1))
         except ValueError as err:  # e.g. a start layer past the model's last
             raise page_error(str(err)) from None
         return write_edit_results(ctx, result, params, f"masactrl-{sampling.seed}")

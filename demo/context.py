@@ -111,7 +111,7 @@ def write_edit_results(ctx: DemoContext, result, params: dict, tag: str):
         gallery.append((path, role))
         files.append(path)
     maps = None
-    if result.attention_maps is not None:
+    if getattr(result, "attention_maps", None) is not None:  # MasaCtrl records none
         picture = render_attention_maps(result.attention_maps, result.tokens, result.images)
         maps = str(save_png(picture, folder / f"{tag}-attention.png", dict(params, role="attention")))
         files.append(maps)
@@ -148,15 +148,16 @@ def adapters_installed(ctx: DemoContext, scale: float):
 
 
 # ------------------------------------------------------ sibling pipelines
-def p2p_pipeline(ctx: DemoContext, ddim: bool = False):
-    """The prompt-to-prompt pipeline over the demo's modules (no copies); ``ddim`` for inverting photos."""
-    key = "p2p-ddim" if ddim else "p2p"
+def p2p_pipeline(ctx: DemoContext, ddim: bool = False, edit: str = "p2p"):
+    """The prompt-to-prompt (``edit="masactrl"``: MasaCtrl) pipeline over the demo's modules (no copies); ``ddim``
+    for inverting photos."""
+    key = f"{edit}-ddim" if ddim else edit
     if key not in ctx.pipelines:
         from diffusers import DDIMScheduler
-        from imageprompt.pipelines.loading import prompt_to_prompt_from
+        from imageprompt.pipelines.loading import edit_pipeline_from
 
         # its own scheduler object: schedulers keep per-run state
         scheduler = DDIMScheduler if ddim else type(ctx.pipe.scheduler)
-        ctx.pipelines[key] = prompt_to_prompt_from(  # SD 1.x or SDXL, as the model is
-            ctx.pipe, scheduler=scheduler.from_config(ctx.pipe.scheduler.config))
+        ctx.pipelines[key] = edit_pipeline_from(  # SD 1.x or SDXL, as the model is
+            ctx.pipe, edit, scheduler=scheduler.from_config(ctx.pipe.scheduler.config))
     return ctx.pipelines[key]

@@ -207,7 +207,7 @@ def words(text: str | None) -> list[str]:
 def check_edit(source: str, target: str | None, mode: str, weights_text: str | None, blend_text: str | None,
                cross_steps, self_steps, blend_threshold, exclude_text: str | None = None, blend_start=0.0) -> dict:
     """Prompt-to-prompt settings checked on the text alone, before any sampling (``gr.Error`` when they don't fit)."""
-    from imageprompt.p2p import parse_word_weights, validate_edit
+    from imageprompt.p2p import PromptToPromptSettings, parse_word_weights
 
     source = check_prompt(source, "the source prompt")
     try:
@@ -228,8 +228,8 @@ def check_edit(source: str, target: str | None, mode: str, weights_text: str | N
     start = checked_number("Blend start", blend_start, float, 0.0, 1.0)
     if exclude or start:  # only then, so that earlier parameters stay as they were
         settings.update(blend_exclude=exclude, blend_start=start)
-    target = validate_edit(source, target, mode, weights, blend, settings["cross_steps"], None,
-                           settings["self_steps"], settings["blend_threshold"], exclude, start)
+    target = PromptToPromptSettings(mode, weights or None, blend, settings["blend_threshold"], exclude, start,
+                                    settings["cross_steps"], None, settings["self_steps"]).check(source, target)[0]
     return dict(source_prompt=source, target_prompt=None if mode == "reweight" else target, **settings)
 
 

@@ -1,10 +1,12 @@
-"""Per-token cross-attention maps of a run, rendered as labelled heat maps (PIL only).
+"""Per-token cross-attention maps of a run: recorded (:class:`AttentionMapRecorder`), and rendered as
+labelled heat maps (PIL only).
 
-The maps come from :meth:`imageprompt.p2p.PromptToPromptController.attention_maps`:
-cross-attention probabilities of the conditional rows at one layer resolution,
-averaged over steps, layers and heads, shape ``(prompts, h, w, tokens)``. As in
-Hertz et al.'s ``show_cross_attention``, each token's map is normalised to its
-own maximum and shown over the image.
+The maps are cross-attention probabilities of the conditional rows at one layer
+resolution, averaged over steps, layers and heads, shape ``(prompts, h, w, tokens)``:
+what :meth:`imageprompt.p2p.PromptToPromptController.attention_maps` returns of an
+edit, and what an :class:`AttentionMapRecorder` attached to any pipeline records. As in
+Hertz et al.'s ``show_cross_attention``, each token's map is normalised to its own
+maximum and shown over the image.
 """
 
 from __future__ import annotations
@@ -13,8 +15,36 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from imageprompt.attention import AttentionEditor, Layer
+
 # Anchor colours of a perceptually ordered dark-blue -> yellow ramp (viridis-like).
 _RAMP = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
+
+
+class AttentionMapRecorder(AttentionEditor):
+    """An attention editor that records the last ``rows`` rows' cross-attention maps (the conditional prompts) at
+    ``map_res`` latent rows, for latents of ``latent_size``; it changes nothing. Editors attached before it see the
+    probabilities first: attached after an edit, it records the edited maps."""
+
+    def __init__(self, rows: int, latent_size: tuple[int, int], map_res: int):
+        self.rows, self.latent_size, self.map_res = rows, tuple(latent_size), map_res
+        self.maps_sum, self.count = None, 0
+
+    def probs_rows(self, layer: Layer, rows: int) -> int:
+        wanted = layer.is_cross and layer.size(self.latent_size)[0] == self.map_res
+        return min(self.rows, rows) if wanted else 0
+
+    def edit_probs(self, layer: Layer, probs: torch.Tensor) -> torch.Tensor:
+        if self.probs_rows(layer, probs.shape[0]):
+            height, width = layer.size(self.latent_size)
+            maps = probs[-self.rows:].float().mean(1).reshape(self.rows, height, width, -1)
+            self.maps_sum = maps.detach() if self.maps_sum is None else self.maps_sum + maps.detach()
+            self.count += 1
+        return probs
+
+    def attention_maps(self) -> torch.Tensor | None:
+        """``(rows, h, w, tokens)``: the maps averaged over the calls recorded (None: none)."""
+        return None if self.maps_sum is None else self.maps_sum / self.count
 
 
 def token_labels(tokenizer, prompt: str) -> list[str]:

@@ -41,7 +41,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from imageprompt.attention import attend, editor_attached
+from imageprompt.attention import AttentionEditor, Layer
 from imageprompt.inversion import (
     Inversion,
     check_sampler,
@@ -254,8 +254,8 @@ def background_mask(self_maps: torch.Tensor, cross_maps: torch.Tensor, groups: l
 
 
 # ----------------------------------------------------------------- recording
-class AttentionRecorder:
-    """An ``editor`` that records attention maps for DPL (batch-1, conditional passes).
+class AttentionRecorder(AttentionEditor):
+    """An attention editor that records attention maps for DPL (batch-1, conditional passes).
 
     Cross-attention of the ``map_res`` layers: explicit float32 probabilities, kept with their
     graph in :attr:`cross` while ``record_cross`` (the token passes backpropagate through them).
@@ -271,24 +271,18 @@ class AttentionRecorder:
         self.self_sum, self.self_count = None, 0
         self.cross_sum, self.cross_count = None, 0
 
-    def layer_size(self, tokens: int) -> tuple[int, int]:
-        rows, cols = self.latent_size
-        height = max(int(round(rows / math.sqrt(rows * cols / tokens))), 1)
-        return height, tokens // height
+    def probs_rows(self, layer: Layer, rows: int) -> int:
+        height = layer.size(self.latent_size)[0]
+        wanted = (self.record_cross and layer.is_cross and height == self.map_res) or (
+            self.record_self and not layer.is_cross and height == self.cluster_res)
+        return 1 if wanted else 0  # the last row: the (only) conditional one
 
-    def __call__(self, processor, query, key, value, attention_mask=None):
-        height, width = self.layer_size(query.shape[2])
-        cross = processor.is_cross_attention
-        wanted = (self.record_cross and cross and height == self.map_res) or (
-            self.record_self and not cross and height == self.cluster_res)
-        if not wanted:
-            return attend(query, key, value, attention_mask, processor.backend)
-        scores = query.float() @ key.float().transpose(-1, -2) * query.shape[-1] ** -0.5
-        if attention_mask is not None:
-            scores = scores + attention_mask.float()
-        probs = scores.softmax(-1)
-        maps = probs[-1].mean(0).reshape(height, width, -1)  # the (only) conditional row, mean over heads
-        if cross:
+    def edit_probs(self, layer: Layer, probs: torch.Tensor) -> torch.Tensor:
+        if not self.probs_rows(layer, probs.shape[0]):
+            return probs
+        height, width = layer.size(self.latent_size)
+        maps = probs[-1].mean(0).reshape(height, width, -1)  # mean over heads
+        if layer.is_cross:
             self.cross.append(maps)
             if not maps.requires_grad:  # the DDIM pass: also keep the mean over steps for the background
                 self.cross_sum = maps if self.cross_sum is None else self.cross_sum + maps
@@ -296,7 +290,7 @@ class AttentionRecorder:
         else:
             self.self_sum = maps.detach() if self.self_sum is None else self.self_sum + maps.detach()
             self.self_count += 1
-        return (probs @ value.float()).to(query.dtype)
+        return probs
 
     def cross_maps(self) -> torch.Tensor:
         """The recorded cross maps of the last pass, averaged over layers: ``(h, w, length)``."""
@@ -304,9 +298,6 @@ class AttentionRecorder:
             raise RuntimeError(f"no cross-attention layer with {self.map_res} latent rows ran")
         return torch.stack(self.cross).mean(0)
 
-    def attached(self, unet):
-        """This recorder as every attention layer's ``editor`` for the block (earlier editors restored)."""
-        return editor_attached(unet, self)
 
 
 # ------------------------------------------------------------------- tokens

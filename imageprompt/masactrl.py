@@ -32,87 +32,109 @@ target rows' keys and values, and the masks are boolean key masks of the same
 call; no probability matrix is formed, except the small cross-attention maps of
 the mask words' layers (77 keys), and only when masks are asked for.
 
-The controller is an ``editor`` hook of :mod:`imageprompt.attention`, with the
-interface of :class:`imageprompt.p2p.PromptToPromptController`, so the
-prompt-to-prompt pipeline runs it as ``mode="masactrl"``.
+The controller is an :class:`~imageprompt.attention.AttentionEditor` with the step
+interface of :class:`imageprompt.p2p.PromptToPromptController` (``setup``, ``set_step``,
+``end_step``), run by :class:`~imageprompt.pipelines.StableDiffusionMasaCtrlPipeline`.
 """
 
 from __future__ import annotations
 
-import math
-import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from imageprompt.attention import attend, editor_attached, imageprompt_processors
+from imageprompt.attention import AttentionEditor, Layer, imageprompt_processors, layer_facts
+from imageprompt.attention import attend as attend_fused
 from imageprompt.p2p import normalize_word, prompt_words, word_positions
 
 MASK_THRESHOLD = 0.1  # the authors' `thres`
 START_STEP = 4  # the paper's S (of 50 steps)
 START_LAYER_SD = 10  # the paper's L on SD 1.x's 16 self-attention layers
 
-_PARTS = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
-
-
 # ---------------------------------------------------------------- layers
-def self_attention_layers(unet_or_names) -> list[str]:
-    """Self-attention processor names in the order the UNet runs them (encoder, mid block, decoder).
-
-    ``unet.attn_processors`` lists the decoder before the mid block; the authors count layers as they run.
-    """
-    names = unet_or_names if isinstance(unet_or_names, (list, tuple)) else list(unet_or_names.attn_processors)
-    names = [n for n in names if n.endswith("attn1.processor") and not n.startswith("encoder_hid_proj.")]
-
-    def key(name):
-        part = name.split(".", 1)[0]
-        return _PARTS.get(part, 3), [int(x) for x in re.findall(r"\.(\d+)\.", f".{name}.")]
-
-    return sorted(names, key=key)
+def self_attention_layers(unet) -> list[str]:
+    """Self-attention processor names in the order the UNet runs them (encoder, mid block, decoder)."""
+    facts = layer_facts(unet)
+    return sorted((n for n, f in facts.items() if not f.is_cross), key=lambda n: facts[n].index)
 
 
 def default_start_layer(unet) -> int:
     """The paper's ``L = 10`` (of 16 on SD 1.x) for any UNet: the first decoder self-attention layer of the
     decoder's second-highest resolution (SD 1.x: ``up_blocks.2``, 32x32 latents at 512x512)."""
-    names = self_attention_layers(unet)
-    decoder = [i for i, n in enumerate(names) if n.startswith("up_blocks.")]
+    decoder = [f for f in layer_facts(unet).values() if not f.is_cross and f.place == "up"]
     if not decoder:
-        return len(names)
-    blocks = sorted({int(names[i].split(".")[1]) for i in decoder})
-    block = blocks[-2] if len(blocks) > 1 else blocks[-1]
-    return next(i for i in decoder if int(names[i].split(".")[1]) == block)
+        return len(self_attention_layers(unet))
+    scales = sorted({f.scale for f in decoder})
+    scale = scales[1] if len(scales) > 1 else scales[0]
+    return min(f.index for f in decoder if f.scale == scale)
+
+
+@dataclass(frozen=True)
+class MasaCtrlSettings:
+    """A MasaCtrl edit's options, checked when made; :meth:`check` adds the checks that need the prompts.
+
+    Args:
+        start_step: first denoising step (0-based) with mutual self-attention (the paper's ``S``, 4 of 50).
+        start_layer: first self-attention layer (counted as they run, from 0) with it (the paper's ``L``, 10 on
+            SD 1.x); None: :func:`default_start_layer` of the UNet.
+        mask_words: words of the foreground object (each prompt uses those it contains); None: no masks.
+        mask_threshold: threshold of the normalised cross-attention maps (the authors' 0.1).
+        map_res: latent rows of the cross-attention layers whose maps make the masks (None: the level nearest a
+            quarter of the latent height).
+    """
+
+    start_step: int = START_STEP
+    start_layer: int | None = None
+    mask_words: tuple[str, ...] | None = None
+    mask_threshold: float = MASK_THRESHOLD
+    map_res: int | None = None
+
+    def __post_init__(self):
+        step, layer, threshold = self.start_step, self.start_layer, self.mask_threshold
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"`start_step` must be a step number >= 0, got {step!r}")
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
+            raise ValueError(f"`start_layer` must be a layer number >= 0, got {layer!r}")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"`mask_threshold` must be in [0, 1], got {threshold!r}")
+        if self.map_res is not None and (isinstance(self.map_res, bool) or not isinstance(self.map_res, int)
+                                         or self.map_res < 1):
+            raise ValueError(f"`map_res` must be a positive number of latent rows, got {self.map_res!r}")
+        if isinstance(self.mask_words, str):
+            raise TypeError(f"`mask_words` must be a list of words, got the string {self.mask_words!r}")
+        object.__setattr__(self, "mask_words", tuple(self.mask_words) if self.mask_words else None)
+
+    def check(self, source: str, targets) -> list[str]:
+        """Check the edit of ``source`` into ``targets`` (a prompt or a list); returns the target prompts."""
+        if not isinstance(source, str) or not source.strip():
+            raise ValueError("the source prompt is empty")
+        targets = [targets] if targets is None or isinstance(targets, str) else list(targets)
+        if not targets or any(not isinstance(t, str) or not t.strip() for t in targets):
+            raise ValueError("MasaCtrl needs a target prompt")
+        if self.mask_words:
+            wanted = {normalize_word(w) for w in self.mask_words}
+            for prompt in [source, *targets]:
+                if not wanted & set(prompt_words(prompt)):
+                    raise ValueError(f"none of the mask words {list(self.mask_words)} is in the prompt {prompt!r}")
+        return targets
 
 
 def validate_masactrl(source: str, targets, start_step: int, start_layer: int | None,
                       mask_words=None, mask_threshold: float = MASK_THRESHOLD) -> list[str]:
-    """Check a MasaCtrl edit on the text alone (no model needed); returns the target prompts."""
-    if not isinstance(source, str) or not source.strip():
-        raise ValueError("the source prompt is empty")
-    targets = [targets] if targets is None or isinstance(targets, str) else list(targets)
-    if not targets or any(not isinstance(t, str) or not t.strip() for t in targets):
-        raise ValueError("mode masactrl needs a target prompt")
-    if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
-        raise ValueError(f"`start_step` must be a step number >= 0, got {start_step!r}")
-    if start_layer is not None and (isinstance(start_layer, bool) or not isinstance(start_layer, int)
-                                    or start_layer < 0):
-        raise ValueError(f"`start_layer` must be a layer number >= 0, got {start_layer!r}")
-    if not isinstance(mask_threshold, (int, float)) or not 0.0 <= mask_threshold <= 1.0:
-        raise ValueError(f"`mask_threshold` must be in [0, 1], got {mask_threshold!r}")
-    if mask_words:
-        wanted = {normalize_word(w) for w in mask_words}
-        for prompt in [source, *targets]:
-            if not wanted & set(prompt_words(prompt)):
-                raise ValueError(f"none of the mask words {list(mask_words)} is in the prompt {prompt!r}")
-    return targets
+    """Check a MasaCtrl edit on the text alone (no model needed); returns the target prompts
+    (:class:`MasaCtrlSettings` and its :meth:`~MasaCtrlSettings.check`)."""
+    return MasaCtrlSettings(start_step, start_layer, mask_words, mask_threshold).check(source, targets)
 
 
 # -------------------------------------------------------------- attention
 def mutual_self_attention(query, key, value, num_prompts: int, fg_keys=None, fg_queries=None,
-                          attention_mask=None, backend: str = "sdpa"):
+                          attention_mask=None, attend=attend_fused):
     """Mutual self-attention of one layer (Cao et al. 2023, Eq. 3 and Sec. 3.3) on the fused kernel.
 
     ``query``/``key``/``value``: ``(rows, heads, tokens, head_dim)``, rows ``[uncond prompts.., cond prompts..]``
     or ``[cond prompts..]``, each half source first. Target rows attend to their half's source keys and values.
+    ``attend(query, key, value, mask)``: the fused call (in an editor chain: the rest of the chain).
     ``fg_keys``: boolean ``(tokens,)`` source foreground; ``fg_queries``: float ``(targets, tokens)`` in [0, 1],
     the target foregrounds (both None: no masks).
     """
@@ -126,12 +148,12 @@ def mutual_self_attention(query, key, value, num_prompts: int, fg_keys=None, fg_
         values += [value[src], value[src].expand(shared)]
     key, value = torch.cat(keys), torch.cat(values)
     if fg_keys is None:
-        return attend(query, key, value, attention_mask, backend)
+        return attend(query, key, value, attention_mask)
     targets = [i for i in range(rows) if i % num_prompts]
     sources = [i for i in range(rows) if i % num_prompts == 0]
     out = torch.empty_like(query)
     out[sources] = attend(query[sources], key[sources], value[sources],
-                          None if attention_mask is None else attention_mask[sources], backend)
+                          None if attention_mask is None else attention_mask[sources])
     q, k, v = query[targets], key[targets], value[targets]
     outs = []
     for keep in (fg_keys, ~fg_keys):
@@ -144,8 +166,8 @@ def mutual_self_attention(query, key, value, num_prompts: int, fg_keys=None, fg_
 
 
 # --------------------------------------------------------------- controller
-class MutualSelfAttentionController:
-    """The MasaCtrl ``editor`` for every attention layer of a UNet.
+class MutualSelfAttentionController(AttentionEditor):
+    """The MasaCtrl editor for every attention layer of a UNet.
 
     Args:
         tokenizer: the pipeline's CLIP tokenizer (token positions of the mask words).
@@ -159,14 +181,14 @@ class MutualSelfAttentionController:
         map_res: latent rows of the cross-attention layers whose maps make the masks (None: ``default_res``).
     """
 
-    mode = "masactrl"
-
     def __init__(self, tokenizer, source: str, targets, start_step: int = START_STEP, start_layer: int | None = None,
                  mask_words=None, mask_threshold: float = MASK_THRESHOLD, map_res: int | None = None,
-                 length: int | None = None):
-        targets = validate_masactrl(source, targets, start_step, start_layer, mask_words, mask_threshold)
-        if map_res is not None and (not isinstance(map_res, int) or map_res < 1):
-            raise ValueError(f"`map_res` must be a positive number of latent rows, got {map_res!r}")
+                 length: int | None = None, settings: MasaCtrlSettings | None = None):
+        settings = settings or MasaCtrlSettings(start_step, start_layer, mask_words, mask_threshold, map_res)
+        targets = settings.check(source, targets)
+        self.settings = settings
+        start_step, start_layer, mask_words = settings.start_step, settings.start_layer, settings.mask_words
+        mask_threshold, map_res = settings.mask_threshold, settings.map_res
         self.tokenizer, self.source, self.targets = tokenizer, source, targets
         self.start_step, self.start_layer_arg = start_step, start_layer
         self.mask_threshold, self.map_res_arg = float(mask_threshold), map_res
@@ -179,7 +201,6 @@ class MutualSelfAttentionController:
                 for word in mask_words:
                     if normalize_word(word) in prompt_words(prompt):
                         self.token_masks[row, word_positions(tokenizer, prompt, word, self.length)] = 1.0
-        self.layers: dict[str, int] = {}
         self.start_layer = start_layer if start_layer is not None else START_LAYER_SD
         self.blend_mask = None
         self.setup(1, (64, 64))
@@ -206,28 +227,12 @@ class MutualSelfAttentionController:
     def attention_maps(self):
         return None
 
-    def layer_size(self, tokens: int) -> tuple[int, int]:
-        rows, cols = self.latent_size
-        factor = math.sqrt(rows * cols / tokens)
-        height = max(int(round(rows / factor)), 1)
-        return height, tokens // height
-
-    # ---------------------------------------------------------------- masks
-    def _record(self, processor, query, key, value, attention_mask, first):
-        """Cross-attention with explicit probabilities for the conditional rows; adds their maps to the step's sum."""
-        scores = query[first:].float() @ key[first:].float().transpose(-1, -2) * query.shape[-1] ** -0.5
-        if attention_mask is not None:
-            scores = scores + attention_mask[first:].float()
-        probs = scores.softmax(-1)
-        height, width = self.layer_size(probs.shape[2])
+    def record(self, layer: Layer, probs: torch.Tensor) -> None:
+        """Add the conditional rows' cross-attention probabilities to this step's map sum."""
+        height, width = layer.size(self.latent_size)
         maps = probs.mean(1).reshape(probs.shape[0], height, width, -1)
         self.maps_sum = maps if self.maps_sum is None else self.maps_sum + maps
         self.maps_count += 1
-        out = (probs @ value[first:].float()).to(query.dtype)
-        if first == 0:
-            return out
-        mask = None if attention_mask is None else attention_mask[:first]
-        return torch.cat([attend(query[:first], key[:first], value[:first], mask, processor.backend), out])
 
     def word_masks(self, size: tuple[int, int]) -> torch.Tensor:
         """``(prompts, H*W)`` foreground masks at ``size`` from this step's maps (the authors' aggregation)."""
@@ -240,34 +245,41 @@ class MutualSelfAttentionController:
         return (image >= self.mask_threshold).flatten(1)
 
     # --------------------------------------------------------------- editor
-    def __call__(self, processor, query, key, value, attention_mask=None):
-        prompts, rows = self.num_prompts, query.shape[0]
-        if rows not in (prompts, 2 * prompts):
-            raise RuntimeError(f"MasaCtrl expects {prompts} or {2 * prompts} batch rows, got {rows}")
-        first = rows - prompts
-        if processor.is_cross_attention:
-            if self.token_masks is not None and self.layer_size(query.shape[2])[0] == self.map_res:
-                return self._record(processor, query, key, value, attention_mask, first)
-            return attend(query, key, value, attention_mask, processor.backend)
-        layer = self.layers.get(processor.name, -1)
-        if not self.active or layer < self.start_layer:
-            return attend(query, key, value, attention_mask, processor.backend)
+    def check_rows(self, rows: int) -> None:
+        if rows not in (self.num_prompts, 2 * self.num_prompts):
+            raise RuntimeError(f"MasaCtrl expects {self.num_prompts} or {2 * self.num_prompts} batch rows, got {rows}")
+
+    def probs_rows(self, layer: Layer, rows: int) -> int:
+        """The mask words' maps: the conditional rows' cross-attention at ``map_res``, when masks are asked for."""
+        self.check_rows(rows)
+        wanted = layer.is_cross and self.token_masks is not None and layer.size(self.latent_size)[0] == self.map_res
+        return self.num_prompts if wanted else 0
+
+    def edit_probs(self, layer: Layer, probs: torch.Tensor) -> torch.Tensor:
+        if self.probs_rows(layer, 2 * self.num_prompts):
+            self.record(layer, probs[-self.num_prompts:])
+        return probs
+
+    def edit_attention(self, layer: Layer, query, key, value, attention_mask, attend):
+        self.check_rows(query.shape[0])
+        if layer.is_cross or not self.active or layer.index < self.start_layer:
+            return attend(query, key, value, attention_mask)
         fg_keys = fg_queries = None
         if self.token_masks is not None and self.maps_sum is not None:
-            masks = self.word_masks(self.layer_size(query.shape[2]))
+            size = layer.size(self.latent_size)
+            masks = self.word_masks(size)
             fg_keys, fg_queries = masks[0], masks[1:].float()
             self.masks = masks
-        return mutual_self_attention(query, key, value, prompts, fg_keys, fg_queries, attention_mask,
-                                     processor.backend)
+        return mutual_self_attention(query, key, value, self.num_prompts, fg_keys, fg_queries, attention_mask,
+                                     attend)
 
     # ---------------------------------------------------------- attaching
     def attached(self, unet):
-        """Install this controller as the ``editor`` of every attention layer for the ``with`` block."""
-        processors = imageprompt_processors(unet)
-        order = self_attention_layers(list(processors))
-        self.layers = {name: i for i, name in enumerate(order)}
+        """This controller on every attention layer of ``unet`` for the ``with`` block."""
+        count = len(self_attention_layers(unet))
         self.start_layer = self.start_layer_arg if self.start_layer_arg is not None else default_start_layer(unet)
-        if self.start_layer >= len(order):
-            raise ValueError(f"`start_layer` {self.start_layer} names no layer: this UNet has {len(order)} "
-                             f"self-attention layers (0..{len(order) - 1})")
-        return editor_attached(unet, self, processors.values())
+        if self.start_layer >= count:
+            raise ValueError(f"`start_layer` {self.start_layer} names no layer: this UNet has {count} "
+                             f"self-attention layers (0..{count - 1})")
+        imageprompt_processors(unet)
+        return super().attached(unet)

@@ -30,17 +30,19 @@ kernel. Cross-attention probabilities (77 keys: small) are formed explicitly
 only for the conditional rows, and only in the steps that edit or the layers
 that record maps. Every other layer runs the fused kernel unchanged.
 
-The controller is an ``editor`` hook of :mod:`imageprompt.attention`.
+The controller is an :class:`~imageprompt.attention.AttentionEditor`: it wraps the
+self-attention call and edits (and records) the explicit cross-attention probabilities.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from imageprompt.attention import attend, editor_attached
+from imageprompt.attention import AttentionEditor, Layer
 from imageprompt.p2p_align import (  # noqa: F401 (re-exported: the mappers are part of the p2p API)
     global_alignment,
     normalize_word,
@@ -89,56 +91,117 @@ def parse_word_weights(items: list[str] | None) -> dict[str, float]:
     return weights
 
 
+@dataclass(frozen=True)
+class PromptToPromptSettings:
+    """One prompt-to-prompt edit's options, checked when made; :meth:`check` adds the checks that need the prompts.
+
+    The pipelines, the command line, batch rows and the demo all build one, so each rule is written once.
+
+    Args:
+        mode: ``"replace"`` (same word count), ``"refine"`` (words added/removed) or ``"reweight"``.
+        weights: ``{word: multiplier}`` on the target's cross-attention (any mode).
+        blend_words: words whose maps form the local-blend mask (None: no blend).
+        blend_threshold: mask threshold on the normalised maps.
+        blend_exclude: words whose region is removed from the blend mask (the authors' ``substruct_words``).
+        blend_start: fraction of the steps before blending starts (the authors' ``start_blend``;
+            step ``s`` blends when ``s >= int(blend_start * num_steps)``).
+        cross_steps: fraction ``f`` or ``(start, end)`` of the steps with cross-attention control.
+        word_cross_steps: ``{word: fraction or (start, end)}`` overriding ``cross_steps`` per word.
+        self_steps: fraction or ``(start, end)`` of the steps with self-attention replacement.
+        self_res: self-attention is replaced in layers with at most this many latent rows (None: the
+            cross-attention level nearest a quarter of the latent height).
+        map_res: latent rows of the layers whose cross maps are recorded (blend, maps; None: the same default).
+    """
+
+    mode: str = "replace"
+    weights: dict | None = None
+    blend_words: tuple[str, ...] | None = None
+    blend_threshold: float = BLEND_THRESHOLD
+    blend_exclude: tuple[str, ...] | None = None
+    blend_start: float = 0.0
+    cross_steps: float | tuple[float, float] = 0.8
+    word_cross_steps: dict | None = None
+    self_steps: float | tuple[float, float] = 0.4
+    self_res: int | None = None
+    map_res: int | None = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
+        for name in ("blend_words", "blend_exclude"):
+            words = getattr(self, name)
+            if isinstance(words, str):
+                raise TypeError(f"`{name}` must be a list of words, got the string {words!r}")
+            object.__setattr__(self, name, tuple(words) if words else None)
+        step_window(self.cross_steps, "cross_steps")
+        step_window(self.self_steps, "self_steps")
+        for word, value in (self.weights or {}).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"weight of {word!r} must be a finite number, got {value!r}")
+        for word, steps in (self.word_cross_steps or {}).items():
+            step_window(steps, f"cross_steps of {word!r}")
+        threshold = self.blend_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"`blend_threshold` must be in [0, 1], got {threshold!r}")
+        start = self.blend_start
+        if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0.0 <= start <= 1.0:
+            raise ValueError(f"`blend_start` must be a fraction in [0, 1], got {start!r}")
+        if (self.blend_exclude or self.blend_start) and not self.blend_words:
+            raise ValueError("`blend_exclude` and `blend_start` refine a local blend: give `blend_words` too")
+        if self.mode == "reweight" and not self.weights:
+            raise ValueError("reweight needs at least one word weight")
+        for name in ("self_res", "map_res"):
+            res = getattr(self, name)
+            if res is not None and (isinstance(res, bool) or not isinstance(res, int) or res < 1):
+                raise ValueError(f"`{name}` must be a positive number of latent rows, got {res!r}")
+
+    def check(self, source: str, targets) -> list[str]:
+        """Check the edit of ``source`` into ``targets`` (a prompt or a list); returns the target prompts.
+
+        Raises ``ValueError``/``TypeError`` naming the problem: an empty prompt, replace with different word
+        counts, a weight, blend or per-word-steps word that is not in the prompts.
+        """
+        if not isinstance(source, str) or not source.strip():
+            raise ValueError("the source prompt is empty")
+        targets = [targets] if targets is None or isinstance(targets, str) else list(targets)
+        if not targets:
+            raise ValueError("give at least one target prompt")
+        return [self._check_one(source, t) for t in targets]
+
+    def _check_one(self, source: str, target: str | None) -> str:
+        mode = self.mode
+        if mode == "reweight":
+            if target is not None and target.split() != source.split():
+                raise ValueError("reweight edits the source prompt's own attention: leave the target out "
+                                 "(or use mode replace/refine with weights to change words too)")
+            target = source
+        elif not isinstance(target, str) or not target.strip():
+            raise ValueError(f"mode {mode} needs a target prompt")
+        if mode == "replace" and len(source.split()) != len(target.split()):
+            raise ValueError(f"replace swaps words one for one, but the source has {len(source.split())} words "
+                             f"and the target {len(target.split())}; use mode refine to add or remove words")
+        src_words, tgt_words = set(prompt_words(source)), set(prompt_words(target))
+        for word in self.weights or {}:
+            if normalize_word(word) not in tgt_words:
+                raise ValueError(f"weight word {word!r} is not in the target prompt {target!r}")
+        for word in self.word_cross_steps or {}:
+            if normalize_word(word) not in tgt_words:
+                raise ValueError(f"cross-steps word {word!r} is not in the target prompt {target!r}")
+        for kind, words in (("blend word", self.blend_words), ("blend-exclude word", self.blend_exclude)):
+            for word in words or ():
+                if normalize_word(word) not in src_words | tgt_words:
+                    raise ValueError(f"{kind} {word!r} is in neither the source nor the target prompt")
+        return target
+
+
 def validate_edit(source: str, target: str | None, mode: str, weights: dict | None = None,
                   blend_words=None, cross_steps=0.8, word_cross_steps: dict | None = None, self_steps=0.4,
                   blend_threshold: float = BLEND_THRESHOLD, blend_exclude=None, blend_start: float = 0.0) -> str:
-    """Check an edit on the text alone (no model needed); returns the target prompt.
-
-    Raises ``ValueError``/``TypeError`` naming the problem: an unknown mode,
-    replace with different word counts, a weight/blend/per-word-steps word that
-    is not in the prompt, steps outside [0, 1], or blend exclusions/start without blend words.
-    """
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-    if not isinstance(source, str) or not source.strip():
-        raise ValueError("the source prompt is empty")
-    if mode == "reweight":
-        if target is not None and target.split() != source.split():
-            raise ValueError("reweight edits the source prompt's own attention: leave the target out "
-                             "(or use mode replace/refine with weights to change words too)")
-        if not weights:
-            raise ValueError("reweight needs at least one word weight")
-        target = source
-    elif target is None or not target.strip():
-        raise ValueError(f"mode {mode} needs a target prompt")
-    if mode == "replace" and len(source.split()) != len(target.split()):
-        raise ValueError(f"replace swaps words one for one, but the source has {len(source.split())} words "
-                         f"and the target {len(target.split())}; use mode refine to add or remove words")
-    step_window(cross_steps, "cross_steps")
-    step_window(self_steps, "self_steps")
-    src_words, tgt_words = set(prompt_words(source)), set(prompt_words(target))
-    for word, value in (weights or {}).items():
-        if normalize_word(word) not in tgt_words:
-            raise ValueError(f"weight word {word!r} is not in the target prompt {target!r}")
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"weight of {word!r} must be a finite number, got {value!r}")
-    for word, steps in (word_cross_steps or {}).items():
-        if normalize_word(word) not in tgt_words:
-            raise ValueError(f"cross-steps word {word!r} is not in the target prompt {target!r}")
-        step_window(steps, f"cross_steps of {word!r}")
-    for word in blend_words or ():
-        if normalize_word(word) not in src_words | tgt_words:
-            raise ValueError(f"blend word {word!r} is in neither the source nor the target prompt")
-    if not 0.0 <= blend_threshold <= 1.0:
-        raise ValueError(f"`blend_threshold` must be in [0, 1], got {blend_threshold}")
-    if isinstance(blend_start, bool) or not isinstance(blend_start, (int, float)) or not 0.0 <= blend_start <= 1.0:
-        raise ValueError(f"`blend_start` must be a fraction in [0, 1], got {blend_start!r}")
-    if (blend_exclude or blend_start) and not blend_words:
-        raise ValueError("`blend_exclude` and `blend_start` refine a local blend: give `blend_words` too")
-    for word in blend_exclude or ():
-        if normalize_word(word) not in src_words | tgt_words:
-            raise ValueError(f"blend-exclude word {word!r} is in neither the source nor the target prompt")
-    return target
+    """Check an edit on the text alone (no model needed); returns the target prompt
+    (:class:`PromptToPromptSettings` and its :meth:`~PromptToPromptSettings.check`)."""
+    settings = PromptToPromptSettings(mode, weights, blend_words, blend_threshold, blend_exclude, blend_start,
+                                      cross_steps, word_cross_steps, self_steps)
+    return settings.check(source, target)[0]
 
 
 def step_alphas(tokenizer, prompt: str, num_steps: int, cross_steps, word_cross_steps, length: int) -> torch.Tensor:
@@ -220,8 +283,8 @@ class LocalBlend:
 
 
 # --------------------------------------------------------------- controller
-class PromptToPromptController:
-    """The prompt-to-prompt ``editor`` for every attention layer of a UNet.
+class PromptToPromptController(AttentionEditor):
+    """The prompt-to-prompt editor for every attention layer of a UNet.
 
     Args:
         tokenizer: the pipeline's CLIP tokenizer (token positions of words).
@@ -246,19 +309,19 @@ class PromptToPromptController:
                  weights: dict | None = None, blend_words=None, blend_threshold: float = BLEND_THRESHOLD,
                  cross_steps=0.8, word_cross_steps: dict | None = None, self_steps=0.4,
                  self_res: int | None = None, map_res: int | None = None, length: int | None = None,
-                 blend_exclude=None, blend_start: float = 0.0):
-        targets = [targets] if targets is None or isinstance(targets, str) else list(targets)
-        if not targets:
-            raise ValueError("give at least one target prompt")
-        targets = [validate_edit(source, t, mode, weights, blend_words, cross_steps, word_cross_steps, self_steps,
-                                 blend_threshold, blend_exclude, blend_start) for t in targets]
-        for name, res in (("self_res", self_res), ("map_res", map_res)):
-            if res is not None and (not isinstance(res, int) or res < 1):
-                raise ValueError(f"`{name}` must be a positive number of latent rows, got {res!r}")
+                 blend_exclude=None, blend_start: float = 0.0, settings: PromptToPromptSettings | None = None):
+        if settings is None:
+            settings = PromptToPromptSettings(mode, weights, blend_words, blend_threshold, blend_exclude, blend_start,
+                                              cross_steps, word_cross_steps, self_steps, self_res, map_res)
+        targets = settings.check(source, targets)
+        self.settings = settings
+        mode, weights, blend_words = settings.mode, settings.weights, settings.blend_words
         self.tokenizer, self.source, self.targets, self.mode = tokenizer, source, targets, mode
         self.length = length or tokenizer.model_max_length
-        self.cross_steps, self.word_cross_steps, self.self_steps = cross_steps, word_cross_steps, self_steps
-        self.self_res_arg, self.map_res_arg = self_res, map_res
+        self.cross_steps, self.word_cross_steps = settings.cross_steps, settings.word_cross_steps
+        self.self_steps = settings.self_steps
+        self.self_res_arg, self.map_res_arg = settings.self_res, settings.map_res
+        blend_exclude, blend_start = settings.blend_exclude, settings.blend_start
         L = self.length
         if mode == "replace":
             self.mapper = torch.stack([replacement_mapper(tokenizer, source, t, L) for t in targets])
@@ -277,7 +340,7 @@ class PromptToPromptController:
             return masks
 
         if blend_words:
-            self.blend = LocalBlend(token_masks(blend_words), blend_threshold,
+            self.blend = LocalBlend(token_masks(blend_words), settings.blend_threshold,
                                     exclude_masks=token_masks(blend_exclude) if blend_exclude else None)
         self.num_prompts = len(targets) + 1
         self.setup(1, (64, 64))
@@ -328,16 +391,9 @@ class PromptToPromptController:
         """Cross-attention maps at ``map_res`` averaged over steps, layers and heads: ``(prompts, h, w, length)``."""
         return None if self.maps_sum is None else self.maps_sum / self.maps_count
 
-    def layer_size(self, tokens: int) -> tuple[int, int]:
-        """Latent ``(rows, columns)`` of a layer with ``tokens`` query positions."""
-        rows, cols = self.latent_size
-        factor = math.sqrt(rows * cols / tokens)
-        height = max(int(round(rows / factor)), 1)
-        return height, tokens // height
-
-    def record(self, probs: torch.Tensor) -> None:
+    def record(self, layer: Layer, probs: torch.Tensor) -> None:
         """Add the conditional rows' ``(prompts, heads, tokens, length)`` (edited) probabilities to the map sum."""
-        height, width = self.layer_size(probs.shape[2])
+        height, width = layer.size(self.latent_size)
         maps = probs.float().mean(1).reshape(probs.shape[0], height, width, -1)
         self.maps_sum = maps if self.maps_sum is None else self.maps_sum + maps
         self.maps_count += 1
@@ -358,41 +414,36 @@ class PromptToPromptController:
         alpha = self.alphas[min(self.step, self.num_steps - 1)][:, None, None, :].to(base)
         return edited * alpha + own * (1 - alpha)
 
-    def __call__(self, processor, query, key, value, attention_mask=None):
-        prompts, rows = self.num_prompts, query.shape[0]
-        if rows not in (prompts, 2 * prompts):
-            raise RuntimeError(f"prompt-to-prompt expects {prompts} or {2 * prompts} batch rows, got {rows}")
-        first = rows - prompts  # conditional rows come last, source first
-        height = self.layer_size(query.shape[2])[0]
-        if processor.is_cross_attention:
-            record = height == self.map_res
-            if self.cross_active or record:
-                return self._explicit_cross(processor, query, key, value, attention_mask, first, record)
-        elif self.self_active and height <= self.self_res:
+    def check_rows(self, rows: int) -> None:
+        if rows not in (self.num_prompts, 2 * self.num_prompts):
+            raise RuntimeError(f"prompt-to-prompt expects {self.num_prompts} or {2 * self.num_prompts} batch rows, "
+                               f"got {rows}")
+
+    def probs_rows(self, layer: Layer, rows: int) -> int:
+        """The conditional rows' cross-attention probabilities, in the steps that edit or the layers that record."""
+        self.check_rows(rows)
+        wanted = layer.is_cross and (self.cross_active or layer.size(self.latent_size)[0] == self.map_res)
+        return self.num_prompts if wanted else 0
+
+    def edit_probs(self, layer: Layer, probs: torch.Tensor) -> torch.Tensor:
+        if not layer.is_cross:
+            return probs
+        prompts = self.num_prompts
+        ours = probs[-prompts:]
+        if self.cross_active:
+            ours = torch.cat([ours[:1], self.edit_cross(ours[0], ours[1:])])
+        if layer.size(self.latent_size)[0] == self.map_res:  # after the edit, as the authors' store keeps them
+            self.record(layer, ours)
+        return torch.cat([probs[:-prompts], ours]) if probs.shape[0] > prompts else ours
+
+    def edit_attention(self, layer: Layer, query, key, value, attention_mask, attend):
+        self.check_rows(query.shape[0])
+        prompts = self.num_prompts
+        if not layer.is_cross and self.self_active and layer.size(self.latent_size)[0] <= self.self_res:
             # P_src @ V_tgt == softmax(Q_src K_src^T) V_tgt: the target rows borrow the source's Q and K.
+            first = query.shape[0] - prompts
             source = slice(first, first + 1)
             shared = (prompts - 1, -1, -1, -1)
             query = torch.cat([query[:first + 1], query[source].expand(shared)])
             key = torch.cat([key[:first + 1], key[source].expand(shared)])
-        return attend(query, key, value, attention_mask, processor.backend)
-
-    def _explicit_cross(self, processor, query, key, value, attention_mask, first, record):
-        """Cross-attention with explicit probabilities for the conditional rows (float32), fused for the rest."""
-        mask = None if attention_mask is None else attention_mask[first:].float()
-        scores = query[first:].float() @ key[first:].float().transpose(-1, -2) * query.shape[-1] ** -0.5
-        probs = (scores if mask is None else scores + mask).softmax(-1)
-        if self.cross_active:
-            probs = torch.cat([probs[:1], self.edit_cross(probs[0], probs[1:])])
-        if record:  # after the edit: the authors' store holds the maps that the edit overwrote in place
-            self.record(probs)
-        out = (probs @ value[first:].float()).to(query.dtype)
-        if first == 0:
-            return out
-        uncond_mask = None if attention_mask is None else attention_mask[:first]
-        uncond = attend(query[:first], key[:first], value[:first], uncond_mask, processor.backend)
-        return torch.cat([uncond, out])
-
-    # ---------------------------------------------------------- attaching
-    def attached(self, unet):
-        """Install this controller as the ``editor`` of every attention layer for the ``with`` block."""
-        return editor_attached(unet, self)
+        return attend(query, key, value, attention_mask)

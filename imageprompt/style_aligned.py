@@ -38,20 +38,24 @@ every step (:func:`pin_reference`; their ``offset``, 5 in that notebook, starts 
 reference a few steps ahead: :func:`reference_start`).
 
 Everything runs on the fused kernel: the keys and values are concatenated and one
-``scaled_dot_product_attention`` call does the rest. The editor is an ``editor`` hook
-of :mod:`imageprompt.attention` on the self-attention layers only, so image branches
-(IP-Adapter, the SD-IPC branch) on the cross-attention layers compose with it.
+``scaled_dot_product_attention`` call does the rest. The controller is an
+:class:`~imageprompt.attention.AttentionEditor` on the self-attention layers only, so image
+branches (IP-Adapter, the SD-IPC branch) on the cross-attention layers compose with it, and
+so does prompt-to-prompt: chained after it, StyleAligned shares the reference's keys and values
+of the self-attention that prompt-to-prompt edited.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from imageprompt.attention import attend, editor_attached, imageprompt_processors
+from imageprompt.attention import AttentionEditor, Layer, editor_attached, imageprompt_processors
+from imageprompt.attention import attend as attend_fused
 
 ADAIN_EPS = 1e-5  # the authors' calc_mean_std
 
@@ -68,7 +72,7 @@ def adain(x: torch.Tensor, reference: torch.Tensor, eps: float = ADAIN_EPS) -> t
 
 def shared_attention(query, key, value, num_prompts: int, adain_queries: bool = True, adain_keys: bool = True,
                      adain_values: bool = False, keys_scale: float = 1.0, attention_mask=None,
-                     backend: str = "sdpa", score_shift: float = 0.0) -> torch.Tensor:
+                     attend=attend_fused, score_shift: float = 0.0) -> torch.Tensor:
     """StyleAligned self-attention of one layer on ``(rows, heads, tokens, head_dim)`` tensors.
 
     Rows are ``[uncond prompts.., cond prompts..]`` or ``[cond prompts..]``; in each half row 0 is the reference.
@@ -102,33 +106,63 @@ def shared_attention(query, key, value, num_prompts: int, adain_queries: bool = 
         shift = torch.zeros(1, 1, 1, 2 * tokens, dtype=query.dtype, device=query.device)
         shift[..., tokens:] = float(score_shift)
         attention_mask = shift if attention_mask is None else attention_mask + shift
-    return attend(torch.cat(out_q), torch.cat(out_k), torch.cat(out_v), attention_mask, backend)
+    return attend(torch.cat(out_q), torch.cat(out_k), torch.cat(out_v), attention_mask)
 
 
-class StyleAlignedController:
-    """The StyleAligned ``editor`` of every self-attention layer (see the module docstring for the options)."""
+@dataclass(frozen=True)
+class StyleAlignedSettings:
+    """StyleAligned's options (the authors' ``StyleAlignedArgs``; see the module docstring), checked when made.
+
+    ``reference_offset``: with a real photo as the reference, it starts this many steps ahead on its inverted
+    trajectory (the authors' ``offset``: 0, their transfer notebook 5).
+    """
+
+    adain_queries: bool = True
+    adain_keys: bool = True
+    adain_values: bool = False
+    keys_scale: float = 1.0
+    score_shift: float = 0.0
+    share_group_norm: bool = False
+    reference_offset: int = 0
+
+    def __post_init__(self):
+        for name in ("adain_queries", "adain_keys", "adain_values", "share_group_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.keys_scale, bool) or not isinstance(self.keys_scale, (int, float)) \
+                or not self.keys_scale > 0 or not math.isfinite(self.keys_scale):
+            raise ValueError(f"`keys_scale` must be a positive number, got {self.keys_scale!r}")
+        if isinstance(self.score_shift, bool) or not isinstance(self.score_shift, (int, float)) \
+                or not math.isfinite(self.score_shift):
+            raise ValueError(f"`score_shift` must be a finite number, got {self.score_shift!r}")
+        offset = self.reference_offset
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"`reference_offset` must be a number of steps >= 0, got {offset!r}")
+
+
+class StyleAlignedController(AttentionEditor):
+    """The StyleAligned editor of every self-attention layer (see the module docstring for the options)."""
 
     def __init__(self, num_prompts: int, adain_queries: bool = True, adain_keys: bool = True,
-                 adain_values: bool = False, keys_scale: float = 1.0, score_shift: float = 0.0):
+                 adain_values: bool = False, keys_scale: float = 1.0, score_shift: float = 0.0,
+                 settings: StyleAlignedSettings | None = None):
         if not isinstance(num_prompts, int) or num_prompts < 2:
             raise ValueError(f"StyleAligned needs a reference and at least one more prompt, got {num_prompts!r}")
-        if isinstance(keys_scale, bool) or not isinstance(keys_scale, (int, float)) or not keys_scale > 0:
-            raise ValueError(f"`keys_scale` must be a positive number, got {keys_scale!r}")
-        if isinstance(score_shift, bool) or not isinstance(score_shift, (int, float)) or not math.isfinite(score_shift):
-            raise ValueError(f"`score_shift` must be a finite number, got {score_shift!r}")
-        self.score_shift = float(score_shift)
-        self.num_prompts = num_prompts
-        self.adain_queries, self.adain_keys, self.adain_values = adain_queries, adain_keys, adain_values
-        self.keys_scale = float(keys_scale)
+        settings = settings or StyleAlignedSettings(adain_queries, adain_keys, adain_values, keys_scale, score_shift)
+        self.settings, self.num_prompts = settings, num_prompts
+        self.adain_queries, self.adain_keys = settings.adain_queries, settings.adain_keys
+        self.adain_values, self.keys_scale = settings.adain_values, float(settings.keys_scale)
+        self.score_shift = float(settings.score_shift)
 
-    def __call__(self, processor, query, key, value, attention_mask=None):
+    def edit_attention(self, layer: Layer, query, key, value, attention_mask, attend):
+        if layer.is_cross:
+            return attend(query, key, value, attention_mask)
         rows = query.shape[0]
         if rows % self.num_prompts or rows // self.num_prompts not in (1, 2):
             raise RuntimeError(f"StyleAligned expects {self.num_prompts} or {2 * self.num_prompts} batch rows, "
                                f"got {rows}")
         return shared_attention(query, key, value, self.num_prompts, self.adain_queries, self.adain_keys,
-                                self.adain_values, self.keys_scale, attention_mask, processor.backend,
-                                self.score_shift)
+                                self.adain_values, self.keys_scale, attention_mask, attend, self.score_shift)
 
     def attached(self, unet):
         """Install this controller as the ``editor`` of every self-attention layer for the ``with`` block."""

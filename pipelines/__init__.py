@@ -1,5 +1,6 @@
 """diffusers pipelines of imageprompt, one per file."""
 
+from imageprompt.pipelines.pipeline_masactrl import StableDiffusionMasaCtrlPipeline, StableDiffusionXLMasaCtrlPipeline
 from imageprompt.pipelines.pipeline_p2p import PromptToPromptPipelineOutput, StableDiffusionPromptToPromptPipeline
 from imageprompt.pipelines.pipeline_p2p_xl import StableDiffusionXLPromptToPromptPipeline
 from imageprompt.pipelines.pipeline_sdipc import ImagePromptPipelineOutput, StableDiffusionImagePromptPipeline
@@ -8,4 +9,5 @@ from imageprompt.pipelines.pipeline_style_aligned import StableDiffusionStyleAli
 
 __all__ = ["ImagePromptPipelineOutput", "StableDiffusionImagePromptPipeline", "PromptToPromptPipelineOutput",
            "StableDiffusionPromptToPromptPipeline", "StableDiffusionStyleAlignedPipeline",
-           "StableDiffusionXLImagePromptPipeline", "StableDiffusionXLPromptToPromptPipeline"]
+           "StableDiffusionXLImagePromptPipeline", "StableDiffusionXLPromptToPromptPipeline",
+           "StableDiffusionMasaCtrlPipeline", "StableDiffusionXLMasaCtrlPipeline"]

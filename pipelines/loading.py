@@ -199,8 +199,17 @@ def _sdxl_pipeline(parts: dict, clip: str, clip_2: str, dtype: torch.dtype):
 def prompt_to_prompt_from(pipe, **kwargs):
     """The prompt-to-prompt pipeline over ``pipe``'s modules (no copies; ``kwargs`` as ``from_pipe``):
     SDXL's when the UNet is SDXL's, else SD 1.x's."""
-    from imageprompt.pipelines import StableDiffusionPromptToPromptPipeline, StableDiffusionXLPromptToPromptPipeline
+    return edit_pipeline_from(pipe, "p2p", **kwargs)
+
+
+def edit_pipeline_from(pipe, edit: str = "p2p", **kwargs):
+    """The ``"p2p"`` (prompt-to-prompt) or ``"masactrl"`` pipeline over ``pipe``'s modules (no copies;
+    ``kwargs`` as ``from_pipe``), for SD 1.x or SDXL as the UNet is."""
+    import imageprompt.pipelines as ours
     from imageprompt.pipelines.pipeline_sdipc_xl import is_sdxl_unet
 
-    cls = StableDiffusionXLPromptToPromptPipeline if is_sdxl_unet(pipe.unet) else StableDiffusionPromptToPromptPipeline
-    return cls.from_pipe(pipe, **kwargs)
+    names = {"p2p": "PromptToPrompt", "masactrl": "MasaCtrl"}
+    if edit not in names:
+        raise ValueError(f"unknown edit {edit!r}; choose from {', '.join(names)}")
+    family = "StableDiffusionXL" if is_sdxl_unet(pipe.unet) else "StableDiffusion"
+    return getattr(ours, f"{family}{names[edit]}Pipeline").from_pipe(pipe, **kwargs)

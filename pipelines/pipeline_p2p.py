@@ -1,9 +1,8 @@
 """Prompt-to-prompt editing (Hertz et al. 2022) on imageprompt's attention processors.
 
 The source and the target prompt(s) are sampled in one batch from the same
-noise; a :class:`~imageprompt.p2p.PromptToPromptController` installed as the
-``editor`` of every attention layer makes the targets reuse the source's
-attention. The source may be
+noise; a :class:`~imageprompt.p2p.PromptToPromptController` attached to every
+attention layer makes the targets reuse the source's attention. The source may be
 
 - a text prompt,
 - an SD-IPC image + text conditioning (``image`` with ``alpha``: "this image,
@@ -16,11 +15,15 @@ attention. The source may be
 Image adapters loaded on the UNet (IP-Adapter, the SD-IPC branch) apply to every
 prompt of the batch: pass ``ip_adapter_image`` as for the other pipelines. Their
 image branch adds to the edited text attention in the same processors.
+
+:class:`PromptEditMixin` is what prompt-to-prompt shares with MasaCtrl
+(:mod:`imageprompt.pipelines.pipeline_masactrl`): prompts that start from one noise,
+their conditioning (text, SD-IPC, a photo's inversion), and the edit's controller on
+the UNet for the parent's sampling loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import PIL.Image
@@ -33,13 +36,12 @@ from imageprompt.conversion import edit_embeds, eos_positions, variation_embeds
 from imageprompt.dpl import dpl_inversion, step_conditioning
 from imageprompt.inversion import METHODS, Inversion, check_sampler, direct_correction, invert
 from imageprompt.ip_adapter import adapters_suspended
-from imageprompt.masactrl import MutualSelfAttentionController
 from imageprompt.p2p import (
     BLEND_THRESHOLD,
     PromptToPromptController,
+    PromptToPromptSettings,
     attention_heights,
     default_resolution,
-    validate_edit,
 )
 
 
@@ -64,8 +66,9 @@ IMAGE_MODES = ("edit", "variation")
 INVERSIONS = (*METHODS, "dpl")  # dpl: Dynamic Prompt Learning (imageprompt.dpl), needs the nouns (`words`)
 
 
-class PromptToPromptMixin:
-    """Prompt-to-prompt (and MasaCtrl) on an imageprompt pipeline: inversion of photos, the edit's ``__call__``."""
+class PromptEditMixin:
+    """Edits of a source prompt into target prompts from one noise (prompt-to-prompt, MasaCtrl): inversion of
+    photos, the conditioning, and :meth:`run_edit`, which samples with the edit's controller attached."""
 
     def invert(self, image: PIL.Image.Image, prompt: str, method: str = "null-text", num_inference_steps: int = 50,
                guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
@@ -95,15 +98,10 @@ class PromptToPromptMixin:
         pooled embeddings here)."""
         return {}
 
-    def check_p2p_inputs(self, source_prompt, target_prompt, mode, weights, blend_words, blend_threshold,
-                         cross_steps, word_cross_steps, self_steps, image, inversion, num_inference_steps,
-                         guidance_scale, latents, image_mode="edit"):
+    def check_edit_inputs(self, source_prompt, targets, image, inversion, num_inference_steps, guidance_scale,
+                          latents, image_mode="edit"):
         if not isinstance(source_prompt, str):
             raise TypeError("`source_prompt` must be a string")
-        targets = [target_prompt] if target_prompt is None or isinstance(target_prompt, str) else list(target_prompt)
-        for target in targets if mode != "masactrl" else ():  # masactrl: checked by its controller
-            validate_edit(source_prompt, target, mode, weights, blend_words, cross_steps, word_cross_steps,
-                          self_steps, blend_threshold)
         if image is not None and not isinstance(image, PIL.Image.Image):
             raise TypeError("`image` (the SD-IPC reference) must be one PIL image")
         if image_mode not in IMAGE_MODES:
@@ -122,105 +120,26 @@ class PromptToPromptMixin:
                 raise ValueError(f"null-text inversion was tuned for guidance {inversion.guidance_scale}; "
                                  f"edit with the same guidance_scale, not {guidance_scale}")
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        source_prompt: str,
-        target_prompt: str | list[str] | None = None,
-        mode: str = "replace",
-        weights: dict[str, float] | None = None,
-        blend_words: list[str] | None = None,
-        blend_threshold: float = BLEND_THRESHOLD,
-        blend_exclude: list[str] | None = None,
-        blend_start: float = 0.0,
-        cross_steps: float | tuple[float, float] = 0.8,
-        word_cross_steps: dict[str, float | tuple[float, float]] | None = None,
-        self_steps: float | tuple[float, float] = 0.4,
-        self_res: int | None = None,
-        map_res: int | None = None,
-        start_step: int = 4,
-        start_layer: int | None = None,
-        mask_words: list[str] | None = None,
-        image: PIL.Image.Image | None = None,
-        alpha: float = 0.5,
-        image_mode: str = "edit",
-        inversion: Inversion | None = None,
-        negative_prompt: str | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        generator: torch.Generator | None = None,
-        latents: torch.Tensor | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        callback_on_step_end: Callable | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
-        ip_adapter_image=None,
-        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        negative_ip_adapter_image=None,
-        **kwargs,
-    ):
-        r"""Sample the source and its edit(s) together.
-
-        Args:
-            source_prompt: the source text (with ``image``: the SD-IPC edit text of the source).
-            target_prompt: the edited text, or a list of them (``reweight``: leave out).
-            mode: ``"replace"`` (same word count), ``"refine"`` (words added/removed), ``"reweight"``, or
-                ``"masactrl"`` (MasaCtrl mutual self-attention: the p2p word options do not apply).
-            weights: ``{word: multiplier}`` of the target's cross-attention, in any mode.
-            blend_words: words whose cross-attention maps form the local-blend mask.
-            blend_threshold: mask threshold on the normalised maps (0.3).
-            blend_exclude: words whose region is taken out of the blend mask (the authors' ``substruct_words``).
-            blend_start: fraction of the steps before local blending starts (the authors' ``start_blend``; 0).
-            cross_steps: fraction ``f`` (the first ``f`` of the steps) or ``(start, end)`` of cross-attention control.
-            word_cross_steps: per-word override of ``cross_steps``.
-            self_steps: fraction or ``(start, end)`` of self-attention replacement.
-            self_res: self-attention is replaced in layers with at most this many latent rows
-                (default: the cross-attention level nearest a quarter of the latent height, 16 at 512x512; 32 allowed).
-            map_res: latent rows of the layers whose maps are recorded for blending and output (same default).
-            start_step / start_layer / mask_words: ``mode="masactrl"`` only (Cao et al. 2023,
-                :mod:`imageprompt.masactrl`): mutual self-attention from step ``start_step`` (4) and self-attention
-                layer ``start_layer`` (None: SD 1.x's 10, translated to this UNet) on, with foreground masks from
-                the cross-attention maps of ``mask_words``.
-            image: SD-IPC reference image: every prompt is conditioned as image + text with ``alpha``.
-            image_mode: with ``image``, ``"edit"`` (every prompt image + text) or ``"variation"`` (the source
-                is the image alone, an SD-IPC variation; the targets are image + text).
-            inversion: a real photo inverted with :meth:`invert` (its prompt should be ``source_prompt``).
-            latents: starting noise ``(1, C, h, w)``, shared by all prompts.
-            **kwargs: the rest of the diffusers parent's ``__call__`` (``eta``, ``timesteps``, ``sigmas``,
-                ``cross_attention_kwargs``, ...). Every scheduler works; windows count denoising steps.
-            ip_adapter_image / ip_adapter_image_embeds / negative_ip_adapter_image: image prompts of the loaded
-                image adapters (as in :class:`StableDiffusionImagePromptPipeline`), shared by every prompt.
-
-        Returns:
-            :class:`PromptToPromptPipelineOutput` (or a tuple ``(images, attention_maps)``).
-        """
+    def run_edit(self, controller, map_res=None, image=None, alpha=0.5, image_mode="edit", inversion=None,
+                 negative_prompt=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5,
+                 generator=None, latents=None, output_type="pil", **kwargs):
+        """Sample ``controller.source`` and its targets from one noise with ``controller`` on the UNet; returns the
+        parent's output. ``kwargs``: the rest of the parent's ``__call__`` (image prompts, callbacks, ...)."""
         # 0. Defaults
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
 
         # 1. Check inputs
-        self.check_p2p_inputs(source_prompt, target_prompt, mode, weights, blend_words, blend_threshold, cross_steps,
-                              word_cross_steps, self_steps, image, inversion, num_inference_steps, guidance_scale,
-                              latents, image_mode)
+        self.check_edit_inputs(controller.source, controller.targets, image, inversion, num_inference_steps,
+                               guidance_scale, latents, image_mode)
         if inversion is not None:  # the edit must retrace the inversion: DDIM, eta 0
             check_sampler(self.scheduler, kwargs.get("eta", 0.0))
         self.check_sampling_inputs(1, num_inference_steps, guidance_scale, height, width)
-        self.check_ip_adapter_inputs(ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image)
+        self.check_ip_adapter_inputs(kwargs.get("ip_adapter_image"), kwargs.get("ip_adapter_image_embeds"),
+                                     kwargs.get("negative_ip_adapter_image"))
         heights = attention_heights(self.unet.config, height // self.vae_scale_factor)
         if map_res is not None and map_res not in heights:
             raise ValueError(f"`map_res` {map_res} names no cross-attention layer; this UNet has {heights} latent rows")
-        if mode == "masactrl":
-            controller = MutualSelfAttentionController(
-                self.tokenizer, source_prompt, target_prompt, start_step, start_layer, mask_words, map_res=map_res,
-                length=self.model_max_length)
-        else:
-            controller = PromptToPromptController(
-                self.tokenizer, source_prompt, target_prompt, mode, weights, blend_words, blend_threshold,
-                cross_steps, word_cross_steps, self_steps, self_res, map_res, length=self.model_max_length,
-                blend_exclude=blend_exclude, blend_start=blend_start,
-            )
         prompts = [controller.source, *controller.targets]
         rows = len(prompts)
         device = self._execution_device
@@ -249,6 +168,7 @@ class PromptToPromptMixin:
         # 5. Controller: its step before each denoising step, blending and inversion's embeddings after it
         latent_size = tuple(latents.shape[-2:])
         controller.setup(num_inference_steps, latent_size, device, default_resolution(self.unet.config, latent_size[0]))
+
         def after_step(pipe, step, tensors):
             if inversion is not None and inversion.method == "direct":  # Ju et al. 2024: source row only
                 tensors["latents"] = direct_correction(tensors["latents"], inversion, step)
@@ -264,27 +184,89 @@ class PromptToPromptMixin:
                 tensors["prompt_embeds"] = torch.cat([negative, positive])
             return tensors
 
-        # 6. diffusers' loop with the controller as every layer's editor
+        # 6. The parent's loop with the controller on every attention layer
         with controller.attached(self.unet):
-            out = self.sample(
+            return self.sample(
                 prompt_embeds=cond, negative_prompt_embeds=uncond, latents=latents, height=height, width=width,
                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                 generator=generator[0] if isinstance(generator, list) else generator,  # the noise is drawn: one
                 output_type=output_type, before_step=[controller.set_step], after_step=[after_step],
-                tensor_inputs=["latents", "prompt_embeds"], callback_on_step_end=callback_on_step_end,
-                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
-                negative_ip_adapter_image=negative_ip_adapter_image,
+                tensor_inputs=["latents", "prompt_embeds"],
                 **self.prompt_extras(prompts, negative_prompt, image, image_mode, alpha, inversion, device),
                 **kwargs)
 
-        # 7. Outputs: the images, and the maps the controller recorded
-        images = out.images
+
+class PromptToPromptMixin(PromptEditMixin):
+    """Prompt-to-prompt's ``__call__`` on an imageprompt pipeline."""
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        source_prompt: str,
+        target_prompt: str | list[str] | None = None,
+        mode: str = "replace",
+        weights: dict[str, float] | None = None,
+        blend_words: list[str] | None = None,
+        blend_threshold: float = BLEND_THRESHOLD,
+        blend_exclude: list[str] | None = None,
+        blend_start: float = 0.0,
+        cross_steps: float | tuple[float, float] = 0.8,
+        word_cross_steps: dict[str, float | tuple[float, float]] | None = None,
+        self_steps: float | tuple[float, float] = 0.4,
+        self_res: int | None = None,
+        map_res: int | None = None,
+        settings: PromptToPromptSettings | None = None,
+        image: PIL.Image.Image | None = None,
+        alpha: float = 0.5,
+        image_mode: str = "edit",
+        inversion: Inversion | None = None,
+        negative_prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        **kwargs,
+    ):
+        r"""Sample the source and its edit(s) together.
+
+        Args:
+            source_prompt: the source text (with ``image``: the SD-IPC edit text of the source).
+            target_prompt: the edited text, or a list of them (``reweight``: leave out).
+            mode / weights / blend_words / blend_threshold / blend_exclude / blend_start / cross_steps /
+                word_cross_steps / self_steps / self_res / map_res: the edit's options
+                (:class:`~imageprompt.p2p.PromptToPromptSettings`), or all of them as ``settings``.
+            image: SD-IPC reference image: every prompt is conditioned as image + text with ``alpha``.
+            image_mode: with ``image``, ``"edit"`` (every prompt image + text) or ``"variation"`` (the source
+                is the image alone, an SD-IPC variation; the targets are image + text).
+            inversion: a real photo inverted with :meth:`invert` (its prompt should be ``source_prompt``).
+            latents: starting noise ``(1, C, h, w)``, shared by all prompts.
+            **kwargs: the rest of the diffusers parent's ``__call__`` (``eta``, ``timesteps``, ``sigmas``,
+                ``callback_on_step_end``, ``cross_attention_kwargs``, ...) and the image prompts of loaded adapters
+                (``ip_adapter_image``, ``ip_adapter_image_embeds``, ``negative_ip_adapter_image``), shared by every
+                prompt. Every scheduler works; the step windows count denoising steps.
+
+        Returns:
+            :class:`PromptToPromptPipelineOutput` (or a tuple ``(images, attention_maps)``).
+        """
+        if mode == "masactrl":
+            raise ValueError("MasaCtrl is an edit of its own: StableDiffusionMasaCtrlPipeline.from_pipe(pipe)")
+        if settings is None:
+            settings = PromptToPromptSettings(mode, weights, blend_words, blend_threshold, blend_exclude, blend_start,
+                                              cross_steps, word_cross_steps, self_steps, self_res, map_res)
+        controller = PromptToPromptController(self.tokenizer, source_prompt, target_prompt, settings=settings,
+                                              length=self.model_max_length)
+        out = self.run_edit(controller, settings.map_res, image, alpha, image_mode, inversion, negative_prompt,
+                            height, width, num_inference_steps, guidance_scale, generator, latents, output_type,
+                            **kwargs)
         maps = controller.attention_maps()
         if not return_dict:
-            return images, maps
-        tokens = [token_labels(self.tokenizer, p) for p in prompts]
-        return PromptToPromptPipelineOutput(images=images, attention_maps=maps, tokens=tokens,
+            return out.images, maps
+        tokens = [token_labels(self.tokenizer, p) for p in [controller.source, *controller.targets]]
+        return PromptToPromptPipelineOutput(images=out.images, attention_maps=maps, tokens=tokens,
                                             blend_mask=controller.blend_mask)
 
 

@@ -6,7 +6,7 @@ edit, run on SDXL's components. What SDXL adds:
 - **Two token sequences, one attention.** SDXL's cross-attention reads the two
   text encoders' states side by side at the same 77 positions, so one token
   mapper serves both; it is only valid when both tokenizers split every word of
-  the prompts the same way, which :meth:`check_p2p_inputs` verifies with each
+  the prompts the same way, which :meth:`check_edit_inputs` verifies with each
   tokenizer (SDXL's two share one BPE vocabulary; they differ only in padding).
 - **Pooled text and size numbers.** Every prompt row carries its own pooled
   bigG embedding (with an SD-IPC ``image``: the image's, as in
@@ -27,18 +27,19 @@ from __future__ import annotations
 
 import PIL.Image
 import torch
-from imageprompt.pipelines.pipeline_p2p import PromptToPromptMixin
+from imageprompt.pipelines.pipeline_p2p import PromptEditMixin, PromptToPromptMixin
 from imageprompt.pipelines.pipeline_sdipc_xl import StableDiffusionXLImagePromptPipeline
 
 from imageprompt.inversion import Inversion
 from imageprompt.p2p_align import word_token_spans
 
 
-class StableDiffusionXLPromptToPromptPipeline(PromptToPromptMixin, StableDiffusionXLImagePromptPipeline):
-    def check_p2p_inputs(self, source_prompt, target_prompt, *args, **kwargs):
-        super().check_p2p_inputs(source_prompt, target_prompt, *args, **kwargs)
-        targets = [] if target_prompt is None else [target_prompt] if isinstance(target_prompt, str) \
-            else list(target_prompt)
+class XLPromptEditMixin(PromptEditMixin):
+    """What edits from one noise need on SDXL (prompt-to-prompt and MasaCtrl): token alignment over both
+    tokenizers, pooled embeddings per row, inversion with the pooled embedding and size numbers."""
+
+    def check_edit_inputs(self, source_prompt, targets, *args, **kwargs):
+        super().check_edit_inputs(source_prompt, targets, *args, **kwargs)
         for prompt in (source_prompt, *targets):
             first = word_token_spans(self.tokenizer, prompt)
             second = word_token_spans(self.tokenizer_2, prompt)
@@ -92,3 +93,8 @@ class StableDiffusionXLPromptToPromptPipeline(PromptToPromptMixin, StableDiffusi
                                   num_inner_steps, early_stop_epsilon, **kwargs)
         finally:
             handle.remove()
+
+
+class StableDiffusionXLPromptToPromptPipeline(PromptToPromptMixin, XLPromptEditMixin,
+                                              StableDiffusionXLImagePromptPipeline):
+    """Prompt-to-prompt on Stable Diffusion XL."""

@@ -29,7 +29,13 @@ from imageprompt.pipelines.pipeline_sdipc import ImagePromptPipelineOutput, Stab
 from imageprompt.conversion import edit_embeds, eos_positions, variation_embeds
 from imageprompt.inversion import Inversion, check_sampler, invert
 from imageprompt.ip_adapter import adapters_suspended
-from imageprompt.style_aligned import StyleAlignedController, pin_reference, reference_start, shared_group_norm
+from imageprompt.style_aligned import (
+    StyleAlignedController,
+    StyleAlignedSettings,
+    pin_reference,
+    reference_start,
+    shared_group_norm,
+)
 
 
 class StableDiffusionStyleAlignedPipeline(StableDiffusionImagePromptPipeline):
@@ -47,8 +53,7 @@ class StableDiffusionStyleAlignedPipeline(StableDiffusionImagePromptPipeline):
         with adapters_suspended(self.unet):
             return invert(self, image, cond, "ddim", num_inference_steps, height=height, width=width)
 
-    def check_style_inputs(self, prompt, prompt_embeds, image, inversion, latents, num_inference_steps, eta,
-                           reference_offset=0):
+    def check_style_inputs(self, prompt, prompt_embeds, image, inversion, latents, num_inference_steps, eta):
         if prompt_embeds is not None and prompt is not None:
             raise ValueError("give `prompt` or `prompt_embeds`, not both")
         if prompt_embeds is None:
@@ -70,8 +75,6 @@ class StableDiffusionStyleAlignedPipeline(StableDiffusionImagePromptPipeline):
                 raise ValueError(f"the reference was inverted with {inversion.num_inference_steps} steps; "
                                  f"sample with the same num_inference_steps, not {num_inference_steps}")
             check_sampler(self.scheduler, eta)
-        if isinstance(reference_offset, bool) or not isinstance(reference_offset, int) or reference_offset < 0:
-            raise ValueError(f"`reference_offset` must be a number of steps >= 0, got {reference_offset!r}")
         if latents is not None and latents.ndim != 4:
             raise ValueError("`latents` must be (prompts, C, h, w)")
 
@@ -89,6 +92,7 @@ class StableDiffusionStyleAlignedPipeline(StableDiffusionImagePromptPipeline):
         score_shift: float = 0.0,
         share_group_norm: bool = False,
         reference_offset: int = 0,
+        settings: StyleAlignedSettings | None = None,
         negative_prompt: str | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -121,6 +125,7 @@ class StableDiffusionStyleAlignedPipeline(StableDiffusionImagePromptPipeline):
             reference_offset: with ``inversion``, the reference starts this many steps ahead on the inverted
                 trajectory (the authors' ``offset``; 0, their transfer notebook 5).
             share_group_norm: also share group-norm statistics with the reference (the authors' SD 1.x notebook).
+            settings: all of the above as one :class:`~imageprompt.style_aligned.StyleAlignedSettings`.
             generator: a generator, or one per prompt; ``latents``: ``(prompts, C, h, w)`` starting noise.
             prompt_embeds: ready conditionings ``(prompts, 77, D)`` instead of ``prompt`` (row 0: the reference).
             ip_adapter_image / ip_adapter_image_embeds / negative_ip_adapter_image: image prompts of loaded
@@ -136,8 +141,12 @@ class StableDiffusionStyleAlignedPipeline(StableDiffusionImagePromptPipeline):
         width = width or self.unet.config.sample_size * self.vae_scale_factor
 
         # 1. Check inputs
+        if settings is None:
+            settings = StyleAlignedSettings(adain_queries, adain_keys, adain_values, keys_scale, score_shift,
+                                            share_group_norm, reference_offset)
+        reference_offset = settings.reference_offset
         self.check_style_inputs(prompt, prompt_embeds, image, inversion, latents, num_inference_steps,
-                                kwargs.get("eta", 0.0), reference_offset)
+                                kwargs.get("eta", 0.0))
         self.check_sampling_inputs(1, num_inference_steps, guidance_scale, height, width)
         self.check_ip_adapter_inputs(ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image)
         device = self._execution_device
@@ -155,7 +164,7 @@ class StableDiffusionStyleAlignedPipeline(StableDiffusionImagePromptPipeline):
                     empty, _ = self.encode_text([""], device)
                     cond[:1] = variation_embeds(h, empty[0, 0], length=cond.shape[1])
         rows = cond.shape[0]
-        controller = StyleAlignedController(rows, adain_queries, adain_keys, adain_values, keys_scale, score_shift)
+        controller = StyleAlignedController(rows, settings=settings)
 
         # 3. Unconditional branch
         uncond, _ = self.encode_text([negative_prompt or ""] * rows, device)
@@ -178,7 +187,7 @@ class StableDiffusionStyleAlignedPipeline(StableDiffusionImagePromptPipeline):
             return tensors
 
         # 5. diffusers' loop with shared attention (and, if asked, shared group norms)
-        norms = shared_group_norm(self.unet, rows) if share_group_norm else contextlib.nullcontext()
+        norms = shared_group_norm(self.unet, rows) if settings.share_group_norm else contextlib.nullcontext()
         with controller.attached(self.unet), norms:
             out = self.sample(
                 prompt_embeds=cond, negative_prompt_embeds=uncond, latents=latents, height=height, width=width,

@@ -150,7 +150,7 @@ def test_p2p_windows_count_denoising_steps(tiny_pipe, scheduler, calls_per_step)
     seen = []
 
     def spy(module, args, kwargs):
-        editor = next(iter(imageprompt_processors(module).values())).editor
+        editor = next(iter(imageprompt_processors(module).values())).editors[0]
         seen.append((editor.step, editor.cross_active, editor.self_active))
 
     n, f, g = 10, 0.5, 0.3

@@ -152,7 +152,7 @@ def test_gradients_reach_only_the_dynamic_tokens(p2p_pipe):
         assert all(p.grad is None for p in m.parameters())
     after = [p.detach() for m in modules for p in m.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
-    assert all(p.editor is None for p in pipe.unet.attn_processors.values())  # the recorder is detached again
+    assert all(p.editors == () for p in pipe.unet.attn_processors.values())  # the recorder is detached again
 
 
 def test_recorder_keeps_fused_layers_equal_and_records_explicit_maps(p2p_pipe):

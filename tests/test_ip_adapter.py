@@ -173,31 +173,29 @@ def test_negative_image_prompt_changes_unconditional_branch(adapter_repo, pipe):
 
 def test_composes_with_sdipc_prompt_and_editor_hook(adapter_repo, pipe, red_image):
     """The IP-Adapter branch on top of SD-IPC conditioning, with a prompt-to-prompt-style editor on the same layers."""
-    from imageprompt.attention import attend, imageprompt_processors
+    from imageprompt.attention import AttentionEditor, editor_attached, imageprompt_processors
+    from imageprompt.attention import attend as fused
 
     a, _ = two_images()
     pipe.load_ip_adapter(str(adapter_repo / "models" / "ip-sd15.safetensors"))
     calls = []
 
-    def swap_editor(processor, q, k, v, mask):
-        # p2p "replace": the second half of the batch reuses the first half's attention probabilities
-        calls.append(processor.name)
-        probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
-        half = q.shape[0] // 2
-        probs = torch.cat([probs[:half], probs[:half]]) if half else probs
-        assert torch.allclose(probs[: max(half, 1)] @ v[: max(half, 1)], attend(q, k, v)[: max(half, 1)], atol=1e-5)
-        return probs @ v
+    class SwapEditor(AttentionEditor):
+        def edit_attention(self, layer, q, k, v, mask, attend):
+            # p2p "replace": the second half of the batch reuses the first half's attention probabilities
+            calls.append(layer.name)
+            probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+            half = q.shape[0] // 2
+            probs = torch.cat([probs[:half], probs[:half]]) if half else probs
+            first = max(half, 1)
+            assert torch.allclose(probs[:first] @ v[:first], fused(q, k, v)[:first], atol=1e-5)
+            return probs @ v
 
     kw = dict(image=red_image, ip_adapter_image=a, **SAMPLE)
     before = pipe(generator=torch.Generator().manual_seed(0), **kw).images
     cross = [p for p in imageprompt_processors(pipe.unet).values() if p.is_cross_attention]
-    for p in cross:
-        p.editor = swap_editor
-    try:
+    with editor_attached(pipe.unet, SwapEditor(), cross):
         edited = pipe(generator=torch.Generator().manual_seed(0), **kw).images
-    finally:
-        for p in cross:
-            p.editor = None
     assert len(calls) == len(cross) * 3  # every cross-attention layer, every step
     assert all(p.image_branch is not None for p in cross)
     assert np.isfinite(edited).all() and np.abs(edited - before).max() > 1e-4

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention
-from imageprompt.pipelines import StableDiffusionPromptToPromptPipeline
+from imageprompt.pipelines import StableDiffusionMasaCtrlPipeline
 
-from imageprompt.attention import ImagePromptAttnProcessor
+from imageprompt.attention import ImagePromptAttnProcessor, Layer
 from imageprompt.masactrl import (
     MutualSelfAttentionController,
     default_start_layer,
@@ -68,13 +68,12 @@ def textbook_mutual(attn, x, prompts, active, fg_keys=None, fg_queries=None):
 def attention():
     torch.manual_seed(0)
     attn = Attention(query_dim=WIDTH, heads=HEADS, dim_head=DIM_HEAD)
-    attn.set_processor(ImagePromptAttnProcessor(LAYER))
+    attn.set_processor(ImagePromptAttnProcessor(LAYER, layer=Layer(LAYER, False, "up", 1, 5)))  # runs sixth
     return attn
 
 
 def controller(tokenizer, targets=TARGET, **kwargs):
     c = MutualSelfAttentionController(tokenizer, SOURCE, targets, **kwargs)
-    c.layers = {LAYER: 5}  # what `attached` sets from the UNet: this layer runs sixth
     c.setup(10, (4, 4))
     return c
 
@@ -86,7 +85,7 @@ def test_mutual_self_attention_matches_the_textbook(attention, p2p_pipe, targets
     prompts = 2 if isinstance(targets, str) else 3
     x = torch.randn(prompts * halves, TOKENS, WIDTH)
     c = controller(p2p_pipe.tokenizer, targets, start_step=2, start_layer=5)
-    attention.processor.editor = c
+    attention.processor.editors = (c,)
     for step, active in ((0, False), (2, True), (7, True)):
         c.set_step(step)
         with torch.no_grad():
@@ -99,7 +98,7 @@ def test_layers_before_the_start_layer_are_plain(attention, p2p_pipe):
     x = torch.randn(4, TOKENS, WIDTH)
     c = controller(p2p_pipe.tokenizer, start_step=0, start_layer=6)
     c.set_step(3)
-    attention.processor.editor = c
+    attention.processor.editors = (c,)
     with torch.no_grad():
         torch.testing.assert_close(attention(x), textbook_mutual(attention, x, 2, False), atol=1e-4, rtol=0)
 
@@ -136,11 +135,18 @@ def test_layers_are_counted_as_they_run(p2p_pipe):
     names = self_attention_layers(p2p_pipe.unet)
     assert [n.split(".")[0] for n in names] == ["down_blocks", "mid_block", "up_blocks", "up_blocks"]
     assert default_start_layer(p2p_pipe.unet) == 2  # the tiny UNet's decoder has one attention level
-    sd15 = ([f"down_blocks.{b}.attentions.{a}.transformer_blocks.0.attn1.processor" for b in range(3) for a in range(2)]
-            + [f"up_blocks.{b}.attentions.{a}.transformer_blocks.0.attn1.processor" for b in (1, 2, 3)
-               for a in range(3)] + ["mid_block.attentions.0.transformer_blocks.0.attn1.processor"])
+    from diffusers import UNet2DConditionModel
+
+    from imageprompt.testing import SD15_UNET
+
+    sd15 = UNet2DConditionModel(**{**SD15_UNET, "block_out_channels": (32, 32, 32, 32), "cross_attention_dim": 32,
+                                   "norm_num_groups": 8})  # SD 1.5's layout, narrow
     order = self_attention_layers(sd15)
+    assert len(order) == 16 and order[:6] == [f"down_blocks.{b}.attentions.{a}.transformer_blocks.0.attn1.processor"
+                                              for b in range(3) for a in range(2)]
+    assert order[6] == "mid_block.attentions.0.transformer_blocks.0.attn1.processor"
     assert order.index("up_blocks.2.attentions.0.transformer_blocks.0.attn1.processor") == 10  # the paper's L
+    assert default_start_layer(sd15) == 10
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -158,73 +164,81 @@ def test_bad_edits_are_clear_errors(kwargs, message):
 
 
 # ------------------------------------------------------------------- pipeline level
+@pytest.fixture(scope="module")
+def masa_pipe(tiny_pipe):
+    """MasaCtrl's own pipeline over the tiny model's modules."""
+    pipe = StableDiffusionMasaCtrlPipeline.from_pipe(tiny_pipe)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def noise(pipe, seed=0):
     side = SAMPLE["height"] // pipe.vae_scale_factor
     return torch.randn(1, pipe.unet.config.in_channels, side, side, generator=torch.Generator().manual_seed(seed))
 
 
-def test_pipeline_keeps_the_source_and_edits_the_target(p2p_pipe, tiny_pipe):
-    latents = noise(p2p_pipe)
+def test_pipeline_keeps_the_source_and_edits_the_target(masa_pipe, tiny_pipe):
+    latents = noise(masa_pipe)
     plain = tiny_pipe(prompt=[SOURCE, TARGET], latents=latents.expand(2, -1, -1, -1), **SAMPLE).images
-    off = p2p_pipe(SOURCE, TARGET, mode="masactrl", start_step=2, start_layer=0, latents=latents, **SAMPLE).images
-    on = p2p_pipe(SOURCE, TARGET, mode="masactrl", start_step=0, start_layer=0, latents=latents, **SAMPLE).images
+    off = masa_pipe(SOURCE, TARGET, start_step=2, start_layer=0, latents=latents, **SAMPLE).images
+    on = masa_pipe(SOURCE, TARGET, start_step=0, start_layer=0, latents=latents, **SAMPLE).images
     np.testing.assert_allclose(off, plain, atol=1e-5)  # no step in the window: plain sampling of both
     np.testing.assert_allclose(on[0], plain[0], atol=1e-5)  # the source is never changed
     assert np.abs(on[1] - plain[1]).max() > 1e-3
-    masked = p2p_pipe(SOURCE, TARGET, mode="masactrl", start_step=0, start_layer=0, mask_words=["circle", "square"],
+    masked = masa_pipe(SOURCE, TARGET, start_step=0, start_layer=0, mask_words=["circle", "square"],
                       latents=latents, **SAMPLE).images
     np.testing.assert_allclose(masked[0], plain[0], atol=1e-5)
     assert np.isfinite(masked).all() and np.abs(masked[1] - on[1]).max() > 1e-4
-    assert all(p.editor is None for p in p2p_pipe.unet.attn_processors.values())  # detached after the call
+    assert all(p.editors == () for p in masa_pipe.unet.attn_processors.values())  # detached after the call
 
 
-def test_a_start_layer_past_the_last_layer_is_refused(p2p_pipe):
+def test_a_start_layer_past_the_last_layer_is_refused(masa_pipe):
     with pytest.raises(ValueError, match="4 self-attention layers"):
-        p2p_pipe(SOURCE, TARGET, mode="masactrl", start_layer=4, latents=noise(p2p_pipe), **SAMPLE)
+        masa_pipe(SOURCE, TARGET, start_layer=4, latents=noise(masa_pipe), **SAMPLE)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_half_precision_pipeline_runs(tiny_model, dtype):
     from imageprompt.pipelines.loading import load_pipeline
 
-    half = StableDiffusionPromptToPromptPipeline.from_pipe(
+    half = StableDiffusionMasaCtrlPipeline.from_pipe(
         load_pipeline(str(tiny_model[0]), str(tiny_model[1]), device="cpu", dtype=dtype))
     half.set_progress_bar_config(disable=True)
-    out = half(SOURCE, TARGET, mode="masactrl", start_step=0, mask_words=["circle", "square"],
+    out = half(SOURCE, TARGET, start_step=0, mask_words=["circle", "square"],
                latents=noise(half).to(half.unet.dtype), **SAMPLE).images
     assert out.shape == (2, 32, 32, 3) and np.isfinite(out).all()
 
 
 # ------------------------------------------------------------------- composition
-def test_masactrl_on_a_direct_inversion_keeps_the_photo(p2p_pipe, noise_image):
-    inversion = p2p_pipe.invert(noise_image, SOURCE, "direct", num_inference_steps=2)
-    edit = p2p_pipe(SOURCE, TARGET, mode="masactrl", start_step=0, start_layer=0, inversion=inversion,
+def test_masactrl_on_a_direct_inversion_keeps_the_photo(masa_pipe, noise_image):
+    inversion = masa_pipe.invert(noise_image, SOURCE, "direct", num_inference_steps=2)
+    edit = masa_pipe(SOURCE, TARGET, start_step=0, start_layer=0, inversion=inversion,
                     **SAMPLE).images
-    recon = p2p_pipe(SOURCE, TARGET, mode="masactrl", start_step=2, inversion=inversion, **SAMPLE).images
+    recon = masa_pipe(SOURCE, TARGET, start_step=2, inversion=inversion, **SAMPLE).images
     np.testing.assert_allclose(edit[0], recon[0], atol=1e-5)  # direct inversion pins the source
     assert np.abs(edit[1] - recon[1]).max() > 1e-3
 
 
-def test_masactrl_with_an_ip_adapter(p2p_pipe):
+def test_masactrl_with_an_ip_adapter(masa_pipe):
     from test_ip_adapter import TINY_ENCODER, official_state_dict, two_images
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(1)
     encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_ENCODER)).eval()
-    latents = noise(p2p_pipe)
-    plain = p2p_pipe(SOURCE, TARGET, mode="masactrl", start_step=0, latents=latents, **SAMPLE).images
-    p2p_pipe.load_ip_adapter(official_state_dict(p2p_pipe.unet, "sd15", encoder.config), image_encoder=encoder)
+    latents = noise(masa_pipe)
+    plain = masa_pipe(SOURCE, TARGET, start_step=0, latents=latents, **SAMPLE).images
+    masa_pipe.load_ip_adapter(official_state_dict(masa_pipe.unet, "sd15", encoder.config), image_encoder=encoder)
     try:
         image, _ = two_images()
-        with_image = p2p_pipe(SOURCE, TARGET, mode="masactrl", start_step=0, latents=latents,
+        with_image = masa_pipe(SOURCE, TARGET, start_step=0, latents=latents,
                               ip_adapter_image=image, **SAMPLE).images
         assert np.abs(with_image - plain).max() > 1e-3  # the image branch acts with mutual self-attention
-        p2p_pipe.set_ip_adapter_scale(0.0)
-        zero = p2p_pipe(SOURCE, TARGET, mode="masactrl", start_step=0, latents=latents, ip_adapter_image=image,
+        masa_pipe.set_ip_adapter_scale(0.0)
+        zero = masa_pipe(SOURCE, TARGET, start_step=0, latents=latents, ip_adapter_image=image,
                         **SAMPLE).images
         np.testing.assert_allclose(zero, plain, atol=1e-5)
     finally:
-        p2p_pipe.unload_ip_adapter()
+        masa_pipe.unload_ip_adapter()
 
 
 # ------------------------------------------------------------------- command line
@@ -259,9 +273,9 @@ def test_cli_masactrl_on_an_inverted_photo(tiny_model, tmp_path, noise_image, ca
     assert code == 0 and len(capsys.readouterr().out.split()) == 2
 
 
-def test_the_same_prompt_as_target_reproduces_the_source(p2p_pipe):
+def test_the_same_prompt_as_target_reproduces_the_source(masa_pipe):
     # Q_tgt == Q_src when the prompts match, so Attn(Q_tgt, K_src, V_src) is the source's own attention
-    out = p2p_pipe(SOURCE, SOURCE, mode="masactrl", start_step=0, start_layer=0, latents=noise(p2p_pipe),
+    out = masa_pipe(SOURCE, SOURCE, start_step=0, start_layer=0, latents=noise(masa_pipe),
                    **SAMPLE).images
     np.testing.assert_allclose(out[1], out[0], atol=1e-5)
 
@@ -287,13 +301,19 @@ def test_batch_rows_of_masactrl(tmp_path, tiny_pipe):
 
 
 def test_masactrl_on_sdxl(sdxl_pipe):
-    from imageprompt.pipelines.loading import prompt_to_prompt_from
+    from imageprompt.pipelines.loading import edit_pipeline_from
 
-    p2p = prompt_to_prompt_from(sdxl_pipe)  # the SDXL prompt-to-prompt pipeline shares __call__
+    p2p = edit_pipeline_from(sdxl_pipe, "masactrl")
+    assert type(p2p).__name__ == "StableDiffusionXLMasaCtrlPipeline"
     p2p.set_progress_bar_config(disable=True)
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     kw = dict(num_inference_steps=2, output_type="np", latents=latents)
-    off = p2p("a red cat", "a red dog", mode="masactrl", start_step=2, **kw).images
-    on = p2p("a red cat", "a red dog", mode="masactrl", start_step=0, mask_words=["cat", "dog"], **kw).images
+    off = p2p("a red cat", "a red dog", start_step=2, **kw).images
+    on = p2p("a red cat", "a red dog", start_step=0, mask_words=["cat", "dog"], **kw).images
     np.testing.assert_allclose(on[0], off[0], atol=1e-5)  # the source is never changed
     assert np.isfinite(on).all() and np.abs(on[1] - off[1]).max() > 1e-4
+
+
+def test_masactrl_is_not_a_prompt_to_prompt_mode(p2p_pipe):
+    with pytest.raises(ValueError, match="StableDiffusionMasaCtrlPipeline"):
+        p2p_pipe(SOURCE, TARGET, mode="masactrl", latents=noise(p2p_pipe), **SAMPLE)

@@ -36,14 +36,14 @@ def latents_of(pipe, noise, **kw):
 
 
 # ------------------------------------------------------- textbook reference
-def textbook_editor(ctl, processor, query, key, value, attention_mask=None):
+def textbook_editor(ctl, layer, query, key, value, attention_mask=None, attend=None):
     """Hertz et al.'s reference: every probability matrix of every row and layer is materialised."""
     probs = (query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5).softmax(-1)
     prompts = ctl.num_prompts
     base, own = probs[-prompts], probs[-prompts + 1:]
-    height = ctl.layer_size(query.shape[2])[0]
-    record = processor.is_cross_attention and height == ctl.map_res
-    if processor.is_cross_attention:
+    height = ctl.latent_size[0] // layer.scale
+    record = layer.is_cross and height == ctl.map_res
+    if layer.is_cross:
         if ctl.step < ctl.num_steps:
             alpha = ctl.alphas[ctl.step][:, None, None, :]
             if ctl.mode == "replace":
@@ -60,7 +60,7 @@ def textbook_editor(ctl, processor, query, key, value, attention_mask=None):
         own = base.expand_as(own)
     probs = torch.cat([probs[:-prompts], base[None], own])
     if record:  # the edited maps, as the authors' store keeps them
-        ctl.record(probs[-prompts:])
+        ctl.record(layer, probs[-prompts:])
     return probs @ value
 
 
@@ -77,7 +77,8 @@ EDITS = [
 def test_fast_path_matches_textbook_reference(p2p_pipe, tiny_pipe, noise, edit, monkeypatch):
     fast = latents_of(p2p_pipe, noise, **edit)
     with monkeypatch.context() as m:
-        m.setattr(PromptToPromptController, "__call__", textbook_editor)
+        m.setattr(PromptToPromptController, "edit_attention", textbook_editor)
+        m.setattr(PromptToPromptController, "probs_rows", lambda ctl, layer, rows: 0)
         reference = latents_of(p2p_pipe, noise, **edit)
     assert (fast.images - reference.images).abs().max().item() <= 1e-4
     assert torch.allclose(fast.attention_maps, reference.attention_maps, atol=1e-5)
@@ -91,13 +92,13 @@ def test_no_self_attention_probabilities_and_explicit_cross_only_where_needed(p2
     shapes, explicit = [], []
     softmax = torch.Tensor.softmax
     monkeypatch.setattr(torch.Tensor, "softmax", lambda t, *a, **k: shapes.append(t.shape) or softmax(t, *a, **k))
-    original = PromptToPromptController._explicit_cross
+    original = PromptToPromptController.edit_probs
 
-    def spy(self, processor, *args):
-        explicit.append((self.step, self.layer_size(args[0].shape[2])[0]))
-        return original(self, processor, *args)
+    def spy(self, layer, probs):
+        explicit.append((self.step, self.latent_size[0] // layer.scale))
+        return original(self, layer, probs)
 
-    monkeypatch.setattr(PromptToPromptController, "_explicit_cross", spy)
+    monkeypatch.setattr(PromptToPromptController, "edit_probs", spy)
     latents_of(p2p_pipe, noise, source_prompt=SOURCE, target_prompt=TARGET, cross_steps=0.5, self_steps=1.0,
                self_res=16, map_res=8)
     assert shapes and all(s[-1] == 77 for s in shapes)  # only cross-attention probabilities, never self
@@ -108,11 +109,7 @@ def test_no_self_attention_probabilities_and_explicit_cross_only_where_needed(p2
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_editor_runs_in_half_precision(p2p_pipe, dtype):
-    class Proc:
-        backend = "sdpa"
-
-        def __init__(self, cross):
-            self.is_cross_attention = cross
+    from imageprompt.attention import Layer, run_editors
 
     ctl = PromptToPromptController(p2p_pipe.tokenizer, SOURCE, TARGET, blend_words=["cat"], weights={"dog": 2.0})
     ctl.setup(4, (16, 16), default_res=16)
@@ -120,8 +117,9 @@ def test_editor_runs_in_half_precision(p2p_pipe, dtype):
     for cross, keys in ((True, 77), (False, 256)):
         q = torch.randn(4, 2, 256, 16, generator=gen)
         k, v = torch.randn(4, 2, keys, 16, generator=gen), torch.randn(4, 2, keys, 16, generator=gen)
-        full = ctl(Proc(cross), q, k, v)
-        half = ctl(Proc(cross), q.to(dtype), k.to(dtype), v.to(dtype))
+        layer = Layer("layer", cross, "up", 1, 0)
+        full = run_editors(layer, [ctl], q, k, v)
+        half = run_editors(layer, [ctl], q.to(dtype), k.to(dtype), v.to(dtype))
         assert half.dtype == dtype and torch.isfinite(half).all()
         assert torch.allclose(half.float(), full, atol=0.05)
 

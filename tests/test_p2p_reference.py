@@ -24,6 +24,8 @@ Deliberate differences from the authors, kept out of the comparison:
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -328,7 +330,9 @@ def test_matches_the_authors_controllers(p2p_pipe, noise, name, monkeypatch):
     ours = p2p_pipe(**kw)
     ref = AuthorsReference(**reference_kwargs(p2p_pipe.tokenizer, edit, extra))
     with monkeypatch.context() as m:
-        m.setattr(PromptToPromptController, "__call__", lambda ctl, *args: ref(*args))
+        m.setattr(PromptToPromptController, "probs_rows", lambda ctl, layer, rows: 0)
+        m.setattr(PromptToPromptController, "edit_attention", lambda ctl, layer, q, k, v, mask, attend: ref(
+            SimpleNamespace(is_cross_attention=layer.is_cross), q, k, v, mask))
         m.setattr(PromptToPromptController, "end_step", lambda ctl, latents: ref.step_callback(latents))
         m.setattr(PromptToPromptController, "attention_maps", lambda ctl: ref.attention_maps())
         theirs = p2p_pipe(**kw)

@@ -17,7 +17,7 @@ from diffusers.models.attention_processor import Attention
 from imageprompt.pipelines import StableDiffusionStyleAlignedPipeline
 from PIL import Image
 
-from imageprompt.attention import ImagePromptAttnProcessor
+from imageprompt.attention import ImagePromptAttnProcessor, Layer
 from imageprompt.style_aligned import StyleAlignedController
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
@@ -66,7 +66,8 @@ def textbook_shared(attn, x, prompts, keys_scale=1.0, adain_values=False, shift=
 def attention():
     torch.manual_seed(0)
     attn = Attention(query_dim=WIDTH, heads=HEADS, dim_head=DIM_HEAD)
-    attn.set_processor(ImagePromptAttnProcessor("up_blocks.1.attentions.0.transformer_blocks.0.attn1.processor"))
+    name = "up_blocks.1.attentions.0.transformer_blocks.0.attn1.processor"
+    attn.set_processor(ImagePromptAttnProcessor(name, layer=Layer(name, False, "up", 1, 0)))
     return attn
 
 
@@ -76,8 +77,8 @@ def attention():
 def test_shared_attention_matches_the_textbook(attention, halves, keys_scale, adain_values, shift):
     prompts = 3
     x = torch.randn(prompts * halves, TOKENS, WIDTH) * 2 + 0.5
-    attention.processor.editor = StyleAlignedController(prompts, keys_scale=keys_scale, adain_values=adain_values,
-                                                        score_shift=shift)
+    attention.processor.editors = (StyleAlignedController(prompts, keys_scale=keys_scale, adain_values=adain_values,
+                                                          score_shift=shift),)
     with torch.no_grad():
         got = attention(x)
         want = textbook_shared(attention, x, prompts, keys_scale, adain_values, shift)
@@ -88,7 +89,7 @@ def test_the_reference_row_is_plain_attention(attention):
     x = torch.randn(6, TOKENS, WIDTH)
     with torch.no_grad():
         plain = attention(x)
-        attention.processor.editor = StyleAlignedController(3)
+        attention.processor.editors = (StyleAlignedController(3),)
         shared = attention(x)
     torch.testing.assert_close(shared[[0, 3]], plain[[0, 3]], atol=1e-4, rtol=0)
     assert (shared[[1, 2, 4, 5]] - plain[[1, 2, 4, 5]]).abs().max() > 1e-3
@@ -126,7 +127,7 @@ def test_pipeline_keeps_the_reference_and_aligns_the_others(sa_pipe, tiny_pipe):
     norm = sa_pipe(PROMPTS, latents=latents, share_group_norm=True, **SAMPLE).images
     np.testing.assert_allclose(norm[0], plain[0], atol=1e-4)
     assert np.abs(norm[1:] - shared[1:]).max() > 1e-4
-    assert all(p.editor is None for p in sa_pipe.unet.attn_processors.values())
+    assert all(p.editors == () for p in sa_pipe.unet.attn_processors.values())
     assert not any(m._forward_hooks for m in sa_pipe.unet.modules() if isinstance(m, torch.nn.GroupNorm))
 
 

@@ -36,13 +36,13 @@ def _kw(ctx) -> dict:
 
 def _masactrl(masks: bool):
     def run(ctx):
-        from imageprompt.pipelines import StableDiffusionPromptToPromptPipeline
+        from imageprompt.pipelines import StableDiffusionMasaCtrlPipeline
 
-        pipe = StableDiffusionPromptToPromptPipeline.from_pipe(ctx.imageprompt_pipeline())
+        pipe = StableDiffusionMasaCtrlPipeline.from_pipe(ctx.imageprompt_pipeline())
         pipe.set_progress_bar_config(disable=True)
         latents = _noise(ctx, pipe, 1)
         words = ["cat"] if masks else None
-        result = measure(ctx, lambda: pipe(SOURCE, TARGET, mode="masactrl", mask_words=words, latents=latents,
+        result = measure(ctx, lambda: pipe(SOURCE, TARGET, mask_words=words, latents=latents,
                                            **_kw(ctx)), 2)
         result.baseline, result.note = PLAIN_TWO, f"{ctx.size}x{ctx.size}"
         return result

@@ -110,27 +110,28 @@ def parse_cross_steps(items: list[str] | None) -> tuple[float, dict[str, float]]
 
 def run_p2p(args) -> int:
     from imageprompt.images import load_image, save_png, sha256_file
-    from imageprompt.p2p import normalize_word, validate_edit
+    from imageprompt.p2p import PromptToPromptSettings, normalize_word
 
     # 1. Everything about the input is checked before any model loads.
     cap_prompt_options(args, "source", "target", "negative_prompt")
     weights = parse_weights(args.weight)
     cross_steps, word_cross_steps = parse_cross_steps(args.cross_steps)
     if args.mode == "masactrl":
-        from imageprompt.masactrl import validate_masactrl
+        from imageprompt.masactrl import MasaCtrlSettings
 
         if weights or args.blend or args.cross_steps:
             raise CommandError("--weight, --blend and --cross-steps are prompt-to-prompt options; "
                                "--mode masactrl takes --start-step, --start-layer and --mask")
         if args.save_attention:
             raise CommandError("--save-attention: --mode masactrl records no attention maps to write")
-        target = validate_masactrl(args.source, args.target, args.start_step, args.start_layer, args.mask)[0]
+        settings = MasaCtrlSettings(args.start_step, args.start_layer, args.mask, map_res=args.map_res)
     else:
         if args.mask:
             raise CommandError("--mask belongs to --mode masactrl (use --blend for a prompt-to-prompt local blend)")
-        target = validate_edit(args.source, args.target, args.mode, weights, args.blend, cross_steps,
-                               word_cross_steps, args.self_steps, args.blend_threshold, args.blend_exclude,
-                               args.blend_start)
+        settings = PromptToPromptSettings(args.mode, weights or None, args.blend, args.blend_threshold,
+                                          args.blend_exclude, args.blend_start, cross_steps,
+                                          word_cross_steps or None, args.self_steps, args.self_res, args.map_res)
+    target = settings.check(args.source, args.target)[0]
     if args.invert and not args.image:
         raise CommandError("--invert needs --image PHOTO")
     if args.invert == "dpl" and not args.dpl_words:
@@ -163,12 +164,12 @@ def run_p2p(args) -> int:
     seed = args.seed if args.seed is not None else random.randrange(2**31)
 
     # 2. Model
-    from imageprompt.pipelines.loading import prompt_to_prompt_from
+    from imageprompt.pipelines.loading import edit_pipeline_from
 
     base = load_pipeline_from_args(args)
     warn_unknown_words(base, [("--source", args.source), ("--target", target),
                               ("--negative-prompt", args.negative_prompt)])
-    pipe = prompt_to_prompt_from(base)  # SD 1.x or SDXL, as the model is
+    pipe = edit_pipeline_from(base, "masactrl" if args.mode == "masactrl" else "p2p")  # SD 1.x or SDXL
     adapter = apply_adapter_options(pipe, args)
     adapter["pipeline"] = {k: v for k, v in adapter["pipeline"].items() if k.startswith(("ip_", "negative_ip_"))}
     params = base_parameters(base, args, "p2p")
@@ -193,12 +194,8 @@ def run_p2p(args) -> int:
     if photo is not None:
         inversion = pipe.invert(photo, args.source, method, args.steps, args.guidance, args.height, args.width,
                                 num_inner_steps=args.inner_steps, words=args.dpl_words)
-    result = pipe(args.source, None if args.mode == "reweight" else target, mode=args.mode, weights=weights or None,
-                  blend_words=args.blend, blend_threshold=args.blend_threshold, blend_exclude=args.blend_exclude,
-                  blend_start=args.blend_start, cross_steps=cross_steps,
-                  word_cross_steps=word_cross_steps or None, self_steps=args.self_steps, self_res=args.self_res,
-                  map_res=args.map_res, start_step=args.start_step, start_layer=args.start_layer,
-                  mask_words=args.mask, image=reference, alpha=args.alpha, inversion=inversion,
+    result = pipe(args.source, None if args.mode == "reweight" else target, settings=settings,
+                  image=reference, alpha=args.alpha, inversion=inversion,
                   image_mode="variation" if args.variation_source else "edit",
                   negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                   num_inference_steps=args.steps, guidance_scale=args.guidance,

@@ -48,21 +48,17 @@ def run_edit(runner, settings: dict, items) -> list:
 def run_p2p(runner, settings: dict, items) -> list:
     """Prompt-to-prompt (Hertz et al. 2022): each item's source and edit in one call; returns the edits.
     With ``adapter``, its image branch (on the shared UNet) reads the row's ``adapter_image`` in both."""
-    pipe = runner.p2p_pipeline()
+    from imageprompt.jobs.schema import edit_settings
+
     if settings.get("adapter"):
         runner.use_adapter(settings["adapter"], settings["scale"], settings.get("window"))
     edits = []
     for item in items:
         p = item.row.params
-        kwargs = dict(source_prompt=p["prompt"], target_prompt=p.get("target"), mode=p["mode"],
-                      weights=p.get("weights"), blend_words=p.get("blend"), cross_steps=p["cross_steps"],
-                      self_steps=p["self_steps"], **_sampling_kwargs(settings, [item]))
+        pipe = runner.edit_pipeline(p["mode"])
+        kwargs = dict(source_prompt=p["prompt"], target_prompt=p.get("target"), settings=edit_settings(p),
+                      **_sampling_kwargs(settings, [item]))
         kwargs["generator"] = kwargs["generator"][0]
-        for name in ("blend_threshold", "blend_exclude", "blend_start", "start_step", "start_layer"):
-            if p.get(name) is not None:
-                kwargs[name] = p[name]
-        if p.get("mask"):  # MasaCtrl's foreground words
-            kwargs["mask_words"] = p["mask"]
         if p.get("image") and p.get("invert"):
             kwargs["inversion"] = runner.inversion(item.row, pipe)
         elif p.get("image"):
@@ -133,7 +129,7 @@ class Runner:
         self.inversions: dict[int, object] = {}
         self.adapter: str | None = None
         self.adapter_errors: dict[str, Exception] = {}
-        self._p2p = None
+        self._edits = {}
 
     def image(self, row: Row):
         from imageprompt.images import load_image
@@ -163,14 +159,16 @@ class Runner:
         self.images.pop(row.line, None)
         self.inversions.pop(row.line, None)
 
-    def p2p_pipeline(self):
-        """The prompt-to-prompt pipeline on the same components (no weights are copied)."""
-        if self._p2p is None:
-            from imageprompt.pipelines.loading import prompt_to_prompt_from
+    def edit_pipeline(self, mode: str):
+        """The prompt-to-prompt (or, for mode ``masactrl``, MasaCtrl) pipeline on the same components (no weights
+        are copied), SD 1.x or SDXL as the model is."""
+        edit = "masactrl" if mode == "masactrl" else "p2p"
+        if edit not in self._edits:
+            from imageprompt.pipelines.loading import edit_pipeline_from
 
-            self._p2p = prompt_to_prompt_from(self.pipe)  # SD 1.x or SDXL, as the model is
-            self._p2p.set_progress_bar_config(disable=True)
-        return self._p2p
+            self._edits[edit] = edit_pipeline_from(self.pipe, edit)
+            self._edits[edit].set_progress_bar_config(disable=True)
+        return self._edits[edit]
 
     def style_pipeline(self):
         """The StyleAligned pipeline on the same components (no weights are copied)."""

@@ -386,32 +386,37 @@ def _check_adapter_extras(values: dict) -> None:
         raise ValueError(f"field(s) {', '.join(map(repr, named))} need 'adapter'")
 
 
+def edit_settings(values: dict):
+    """A p2p row's edit as one settings object: :class:`~imageprompt.masactrl.MasaCtrlSettings` for mode
+    ``masactrl``, else :class:`~imageprompt.p2p.PromptToPromptSettings` (what checks it, and what the sampler runs)."""
+    if values["mode"] == "masactrl":
+        from imageprompt.masactrl import START_STEP, MasaCtrlSettings
+
+        start = values.get("start_step")
+        return MasaCtrlSettings(START_STEP if start is None else start, values.get("start_layer"), values.get("mask"))
+    from imageprompt.p2p import PromptToPromptSettings
+
+    given = {name: values[name] for name in ("blend_threshold", "blend_exclude", "blend_start")
+             if values.get(name) is not None}
+    return PromptToPromptSettings(values["mode"], values.get("weights"), values.get("blend"),
+                                  cross_steps=values["cross_steps"], self_steps=values["self_steps"], **given)
+
+
 def _check_p2p(values: dict) -> None:
     from imageprompt.inversion import METHODS
-    from imageprompt.p2p import normalize_word, validate_edit
+    from imageprompt.p2p import normalize_word
 
-    if not all(isinstance(word, str) for word in values.get("blend") or ()):
-        raise ValueError(f"field 'blend' must be a list of words, got {json.dumps(values['blend'])}")
+    for name in ("blend", "mask"):
+        if not all(isinstance(word, str) for word in values.get(name) or ()):
+            raise ValueError(f"field {name!r} must be a list of words, got {json.dumps(values[name])}")
     if values["mode"] == "masactrl":  # MasaCtrl (imageprompt.masactrl): its own fields, not p2p's word options
-        from imageprompt.masactrl import validate_masactrl
-
-        if not all(isinstance(word, str) for word in values.get("mask") or ()):
-            raise ValueError(f"field 'mask' must be a list of words, got {json.dumps(values['mask'])}")
         named = [n for n in ("weights", "blend", "blend_exclude", "blend_threshold") if values.get(n) is not None]
         if named:
             raise ValueError(f"field(s) {', '.join(map(repr, named))} are prompt-to-prompt options, not 'masactrl''s")
         values.setdefault("start_step", 4)
-        values["target"] = validate_masactrl(values["prompt"], values.get("target"), values["start_step"],
-                                             values.get("start_layer"), values.get("mask"))[0]
     elif any(values.get(name) is not None for name in ("start_step", "start_layer", "mask")):
         raise ValueError("fields 'start_step', 'start_layer' and 'mask' belong to mode 'masactrl'")
-    else:
-        values["target"] = validate_edit(values["prompt"], values.get("target"), values["mode"], values.get("weights"),
-                                         values.get("blend"), values["cross_steps"], None, values["self_steps"],
-                                         **({"blend_threshold": values["blend_threshold"]}
-                                            if values.get("blend_threshold") is not None else {}),
-                                         blend_exclude=values.get("blend_exclude"),
-                                         blend_start=values.get("blend_start") or 0.0)
+    values["target"] = edit_settings(values).check(values["prompt"], values.get("target"))[0]
     if bool(values.get("adapter")) != bool(values.get("adapter_image")):
         raise ValueError("fields 'adapter' and 'adapter_image' go together: the adapter and its image prompt")
     _check_adapter_extras(values)

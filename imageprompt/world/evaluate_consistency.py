@@ -60,9 +60,10 @@ def masactrl_identity(pipe, settings: EvalSettings) -> list[Row]:
     ``settings.extra`` may hold ``masactrl_start_step`` (4, the paper's S) and ``masactrl_start_layer``
     (None: the paper's L translated to the model, the decoder's two highest-resolution levels).
     """
-    from imageprompt.world.evaluate_edits import p2p_pipeline
+    from imageprompt.pipelines import StableDiffusionMasaCtrlPipeline
 
-    p2p = p2p_pipeline(pipe)
+    masactrl = StableDiffusionMasaCtrlPipeline.from_pipe(pipe)
+    masactrl.set_progress_bar_config(disable=True)
     extra, per = settings.extra, settings.images_per_sample
     start_step, start_layer = extra.get("masactrl_start_step", 4), extra.get("masactrl_start_layer")
     found = {m: {"changed": [], "colour": [], "background": [], "all": [], "rgb": []} for m in ("masactrl", "plain")}
@@ -71,7 +72,7 @@ def masactrl_identity(pipe, settings: EvalSettings) -> list[Row]:
             for method in ("masactrl", "plain"):
                 generator = generators(settings.seed + 60_000 + i * per + j, 1)[0]
                 step = start_step if method == "masactrl" else settings.steps  # no step in the window: plain
-                out = p2p(source, target, mode="masactrl", start_step=step, start_layer=start_layer,
+                out = masactrl(source, target, start_step=step, start_layer=start_layer,
                           num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
                           generator=generator)
                 src_image, edit_image = out.images
