@@ -129,7 +129,7 @@ def load_adapters(pipe, specs: list[str], image_encoder: str | None = None) -> l
     from imageprompt.sdipc_branch import SDIPCBranch
 
     files = [parse_adapter_spec(spec) for spec in specs if spec != "sdipc"]
-    loaded = iter(ip_adapter.load_adapters(pipe.unet, [source for source, _ in files],
+    loaded = iter(ip_adapter.load_adapters(pipe, [source for source, _ in files],
                                            weight_name=[weight for _, weight in files],
                                            image_encoder=image_encoder) if files else [])
     return [SDIPCBranch() if spec == "sdipc" else next(loaded) for spec in specs]

@@ -300,7 +300,7 @@ def set_imageprompt_attention(unet, backend: str = "sdpa") -> dict[str, ImagePro
         if name.startswith("encoder_hid_proj."):
             projection_layers[name] = current
         elif isinstance(current, ImagePromptAttnProcessor):
-            current.backend, current.layer = backend, facts[name]
+            current.name, current.backend, current.layer = name, backend, facts[name]
             processors[name] = current
         else:
             processors[name] = ImagePromptAttnProcessor(name, backend, facts[name])

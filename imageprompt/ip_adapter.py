@@ -34,7 +34,13 @@ from diffusers.models.embeddings import MultiIPAdapterImageProjection
 from torch import nn
 
 from imageprompt.adapter_files import check_checkpoint, find_image_encoder, read_checkpoint, resolve_weight_file
-from imageprompt.attention import attend, attention_module, cross_attention_layers, imageprompt_processors
+from imageprompt.attention import (
+    attend,
+    attention_module,
+    cross_attention_layers,
+    imageprompt_processors,
+    set_imageprompt_attention,
+)
 from imageprompt.images import to_rgb
 
 logger = logging.getLogger(__name__)
@@ -180,33 +186,56 @@ class IPAdapter:
                 "ip_adapter": {k: t.detach().cpu().contiguous() for k, t in ip.items()}}
 
 
-def build_adapter(state: dict, unet, image_encoder, feature_extractor, name: str = "ip-adapter",
-                  where: str = "the checkpoint") -> IPAdapter:
-    """An :class:`IPAdapter` from an official state dict, through diffusers' conversion code."""
-    kind = check_checkpoint(state, unet, image_encoder.config, where)
-    # diffusers' converter of the official image_proj keys (ImageProjection / IPAdapterPlusImageProjection / ...)
-    projection = unet._convert_ip_adapter_image_proj_to_diffusers(state["image_proj"], low_cpu_mem_usage=False)
-    keys_values, ids = {}, cross_attention_layers(unet)
-    for layer, key_id in ids.items():
-        k_weight = state["ip_adapter"][f"{key_id}.to_k_ip.weight"]
-        v_weight = state["ip_adapter"][f"{key_id}.to_v_ip.weight"]
-        to_k = nn.Linear(k_weight.shape[1], k_weight.shape[0], bias=False)
-        to_v = nn.Linear(v_weight.shape[1], v_weight.shape[0], bias=False)
-        to_k.weight.data.copy_(k_weight)
-        to_v.weight.data.copy_(v_weight)
-        keys_values[layer] = (to_k, to_v)
-    adapter = IPAdapter(name, kind, projection.eval(), keys_values, image_encoder, feature_extractor)
-    adapter.key_ids = list(ids.values())
-    return adapter
+def build_adapters(pipe, states: list[dict], encoders: list, names: list[str]) -> list[IPAdapter]:
+    """:class:`IPAdapter` s from official state dicts, parsed by diffusers' own ``load_ip_adapter`` (its projection
+    classes and key conversion), then handed to imageprompt's processors; not installed yet.
+
+    ``encoders``: ``(image_encoder, feature_extractor)`` per state dict; ``names``: where each came from (errors
+    name it). The adapters installed before come back as they were (scales included).
+    """
+    from diffusers.loaders import IPAdapterMixin
+
+    unet = pipe.unet
+    kinds = [check_checkpoint(state, unet, encoder.config, name) for state, (encoder, _), name
+             in zip(states, encoders, names)]
+    kept, scales = loaded_adapters(unet), layer_scales(unet)
+    backend = next(iter(imageprompt_processors(unet).values())).backend
+    feature_extractor = getattr(pipe, "feature_extractor", None)  # diffusers' loader registers one when missing
+    install_adapters(unet, [])
+    try:
+        official = [{"image_proj": state["image_proj"], "ip_adapter": state["ip_adapter"]} for state in states]
+        none = [None] * len(official)
+        IPAdapterMixin.load_ip_adapter(pipe, official, subfolder=none, weight_name=none, image_encoder_folder=None,
+                                       low_cpu_mem_usage=False)
+        projections = list(unet.encoder_hid_proj.image_projection_layers)
+        branches = {name: (proc.to_k_ip, proc.to_v_ip) for name, proc in unet.attn_processors.items()
+                    if hasattr(proc, "to_k_ip")}
+    finally:  # diffusers' processors and projection out, imageprompt's back in
+        unet.encoder_hid_proj = None
+        unet.config.encoder_hid_dim_type = None
+        set_imageprompt_attention(unet, backend)
+        if hasattr(pipe, "feature_extractor") and pipe.feature_extractor is not feature_extractor:
+            pipe.register_modules(feature_extractor=feature_extractor)
+        _reinstall(unet, kept, scales)
+    ids = cross_attention_layers(unet)
+    adapters = []
+    for i, (kind, (encoder, processor), name) in enumerate(zip(kinds, encoders, names)):
+        keys_values = {layer: (branches[layer][0][i], branches[layer][1][i]) for layer in ids}
+        adapter = IPAdapter(name, kind, projections[i].eval(), keys_values, encoder, processor)
+        adapter.key_ids = list(ids.values())
+        adapters.append(adapter)
+    return adapters
 
 
-def load_adapters(unet, sources, subfolder=None, weight_name=None, image_encoder_folder: str | None = "image_encoder",
+def load_adapters(pipe, sources, subfolder=None, weight_name=None, image_encoder_folder: str | None = "image_encoder",
                   image_encoder=None, local_files_only: bool | None = None) -> list[IPAdapter]:
-    """Official IP-Adapter checkpoints as :class:`IPAdapter` s for ``unet`` (not installed yet).
+    """Official IP-Adapter checkpoints as :class:`IPAdapter` s for ``pipe``'s UNet (not installed yet).
 
     Arguments as diffusers' ``load_ip_adapter``: ``sources`` is a hub id, folder, weight file or
-    state dict, or a list of these; ``weight_name``/``subfolder`` may be lists. Image encoders
-    shared by several adapters are loaded once.
+    state dict, or a list of these; ``weight_name``/``subfolder`` may be lists. Files are checked
+    (:mod:`imageprompt.adapter_files`: safetensors, pickles only through ``weights_only``, shapes
+    against the UNet and the encoder) before diffusers parses them. Image encoders shared by several
+    adapters are loaded once.
     """
     sources = sources if isinstance(sources, list) else [sources]
     names = weight_name if isinstance(weight_name, list) else [weight_name] * len(sources)
@@ -215,7 +244,7 @@ def load_adapters(unet, sources, subfolder=None, weight_name=None, image_encoder
     subs = subfolder if isinstance(subfolder, list) else [subfolder] * len(sources)
     if not len(sources) == len(names) == len(subs):
         raise ValueError("give as many weight names and subfolders as adapters")
-    encoders, adapters = {}, []
+    found, states, chosen, wheres = {}, [], [], []
     for source, name, sub in zip(sources, names, subs):
         if isinstance(source, dict):
             state, where, weight_file = source, "the state dict", None
@@ -227,12 +256,13 @@ def load_adapters(unet, sources, subfolder=None, weight_name=None, image_encoder
         if name and "/" in name and sub is None:
             sub = name.rsplit("/", 1)[0]
         key = str(image_encoder) if image_encoder is not None else f"{source}|{sub}|{image_encoder_folder}"
-        if key not in encoders:
-            encoders[key] = find_image_encoder(str(source), weight_file, sub, image_encoder_folder, image_encoder,
-                                               unet.dtype, local_files_only)
-        encoder, processor, _ = encoders[key]
-        adapters.append(build_adapter(state, unet, encoder, processor, name=where, where=where))
-    return adapters
+        if key not in found:
+            found[key] = find_image_encoder(str(source), weight_file, sub, image_encoder_folder, image_encoder,
+                                            pipe.unet.dtype, local_files_only)
+        states.append(state)
+        chosen.append(found[key][:2])
+        wheres.append(where)
+    return build_adapters(pipe, states, chosen, wheres)
 
 
 # ------------------------------------------------------- state on the UNet

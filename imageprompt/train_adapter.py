@@ -145,14 +145,14 @@ def build_training_parts(pipe, image_encoder=None, feature_extractor=None, init:
     """Frozen SD parts from ``pipe``; a fresh (or ``init``) sd15 adapter installed in its UNet, trainable."""
     from diffusers import DDPMScheduler
 
-    from imageprompt.ip_adapter import build_adapter, install_adapters
+    from imageprompt.ip_adapter import build_adapters, install_adapters
 
     image_encoder = image_encoder if image_encoder is not None else pipe.image_encoder
     feature_extractor = feature_extractor if feature_extractor is not None else pipe.feature_extractor
     for module in (pipe.unet, pipe.vae, pipe.text_encoder, image_encoder):
         module.requires_grad_(False).eval()
     state = init or initial_state_dict(pipe.unet, image_encoder.config.projection_dim, seed)
-    adapter = build_adapter(state, pipe.unet, image_encoder, feature_extractor, name="trained")
+    adapter, = build_adapters(pipe, [state], [(image_encoder, feature_extractor)], ["trained"])
     install_adapters(pipe.unet, [adapter])
     for param in adapter_parameters(adapter):
         param.data = param.data.float()

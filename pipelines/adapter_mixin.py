@@ -43,7 +43,7 @@ class ImagePromptAdapterMixin:
                 from the repository root.
             image_encoder: a folder or hub id of a ``CLIPVisionModelWithProjection``, or a model, instead.
         """
-        adapters = load_adapters(self.unet, pretrained_model_name_or_path_or_dict, subfolder, weight_name,
+        adapters = load_adapters(self, pretrained_model_name_or_path_or_dict, subfolder, weight_name,
                                  image_encoder_folder, image_encoder, local_files_only)
         keep = [a for a in self.image_adapters if not isinstance(a, IPAdapter)]
         install_adapters(self.unet, adapters + keep)
