@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from imageprompt.world.tokenizer import write_clip_tokenizer
+from imageprompt.tokenizer_writer import write_clip_tokenizer
 
 TEST_WORDS = (
     "a an the of on in and with photo picture painting red green blue yellow black white circle square "
