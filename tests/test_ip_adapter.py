@@ -353,3 +353,38 @@ def test_the_official_layout_builder(tiny_pipe):
     assert again["latents"].shape == (1, 16, 64) and again["proj_out.weight"].shape == (32, 64)
     with pytest.raises(ValueError, match="multiple of its heads of 64"):
         ip_adapter_state_dict(unet, "plus", CLIPVisionConfig(**TINY_ENCODER), resampler_dim=96)
+
+
+def test_per_block_scales_are_diffusers_set_ip_adapter_scale(tiny_model, adapter_repo, pipe):
+    """Each layer's scales after set_ip_adapter_scale, read off diffusers' own IP-Adapter processors."""
+    from imageprompt.ip_adapter import image_branches
+
+    weights = ["ip-sd15.safetensors", "ip-plus.safetensors"]
+    ref = diffusers_pipeline(tiny_model, adapter_repo, weights)
+    pipe.load_ip_adapter(str(adapter_repo), subfolder="models", weight_name=weights)
+    # the tiny UNet: down block 0 (one attention), mid, up block 1 (two attentions); blocks 1 / 0 have none
+    scales = [0.4, {"mid": 1.0}, {"up": 0.5}, {"down": [0.9]}, {"mid": [0.2], "up": {"block_1": [0.6]}},
+              {"down": {"block_0": 0.3}, "up": {"block_1": [0.0, 1.0]}},
+              [{"up": {"block_1": [0.0, 0.7]}}, 0.5], [{"down": 0.25}, {"mid": 0.75, "up": {"block_1": 0.1}}]]
+    for scale in scales:
+        # diffusers refuses one config for two adapters (it checks the count before repeating it): give it two
+        ref.set_ip_adapter_scale(scale if isinstance(scale, list) else [scale, scale])
+        pipe.set_ip_adapter_scale(scale)
+        theirs = {name: list(p.scale) for name, p in ref.unet.attn_processors.items()
+                  if name.endswith("attn2.processor")}
+        ours = {name: list(branch.scale) for name, branch in image_branches(pipe.unet).items()}
+        assert ours == theirs, scale
+    # the last one, by hand: adapter 0 only in the down block, adapter 1 mid 0.75 and up 0.1, the rest 0
+    by_block = {name.split(".transformer_blocks")[0]: values for name, values in ours.items()}
+    assert by_block == {"down_blocks.0.attentions.0": [0.25, 0.0], "mid_block.attentions.0": [0.0, 0.75],
+                        "up_blocks.1.attentions.0": [0.0, 0.1], "up_blocks.1.attentions.1": [0.0, 0.1]}
+    for wrong in ({"up": {"block_1": [1.0, 0.0, 1.0]}}, {"mid": [1.0, 1.0]}):
+        with pytest.raises(ValueError):
+            ref.set_ip_adapter_scale([wrong, 0.5])
+        with pytest.raises(ValueError, match="expected"):
+            pipe.set_ip_adapter_scale([wrong, 0.5])
+    # a block without attention (diffusers drops it without a word): said, not ignored
+    with pytest.raises(ValueError, match="up has no attention block block_0: its attention blocks are block_1"):
+        pipe.set_ip_adapter_scale({"up": {"block_0": 1.0}})
+    with pytest.raises(ValueError, match="use 'down', 'mid' and 'up'"):
+        pipe.set_ip_adapter_scale({"middle": 1.0})
