@@ -550,18 +550,15 @@ def test_hostile_rows_under_a_4_gib_memory_limit(images, tiny_pipe):
     jobs = images / "jobs.jsonl"
     jobs.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")
     out, report = images / "out", images / "report.json"
-    tic = time.monotonic()
     child = multiprocessing.get_context("fork").Process(target=_hostile_job_in_child,
                                                         args=(jobs, out, tiny_pipe, report))
     child.start()
-    child.join(120)
-    took = time.monotonic() - tic
+    child.join(120)  # a guard against a hang, not a measurement
     if child.is_alive():
         child.kill()
         child.join()
     assert report.exists(), f"the job died (exit {child.exitcode})"
     assert json.loads(report.read_text()) == {"done": 3, "failed": 10}
-    assert took < 60  # the three good rows sample in well under a second each here
     records = {r["line"]: r for r in results(out)}
     assert sorted(records) == list(range(1, 14))
     assert {line for line, r in records.items() if r["status"] == "done"} == {1, 12, 13}
