@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from imageprompt.attention import attention_module, cross_attention_layers
-from imageprompt.loading import ModelLoadError, _offline
+from imageprompt.loading import ModelLoadError, hub_offline
 
 OFFICIAL_REPO = "h94/IP-Adapter"
 # Short names for official checkpoints (``--adapter sd15``, ``--adapter sdxl``).
@@ -48,12 +48,12 @@ def first_sentence(err: BaseException | str, limit: int = 200) -> str:
 
 def _hub_failure(err: BaseException) -> str:
     """Why a hub file could not be had, in the user's terms."""
-    from imageprompt.loading import _env_offline
+    from imageprompt.loading import env_offline
 
-    if _offline():
+    if hub_offline():
         from huggingface_hub.constants import HF_HUB_CACHE
 
-        why = "HF_HUB_OFFLINE is set" if _env_offline() else "the hub is unreachable"
+        why = "HF_HUB_OFFLINE is set" if env_offline() else "the hub is unreachable"
         return f"not in the local Hugging Face cache ({HF_HUB_CACHE}) and {why}"
     return first_sentence(err)
 
@@ -108,7 +108,7 @@ def resolve_weight_file(source: str, weight_name: str | None = None, subfolder: 
         from huggingface_hub import hf_hub_download
 
         try:
-            found = Path(hf_hub_download(source, inner, local_files_only=bool(local_files_only or _offline())))
+            found = Path(hf_hub_download(source, inner, local_files_only=bool(local_files_only or hub_offline())))
         except Exception as err:
             raise ModelLoadError(f"could not get IP-Adapter weights {inner!r} from {source!r}: {_hub_failure(err)}. "
                                  "Download them on a machine with access and pass the local file.") from None
@@ -273,7 +273,7 @@ def load_image_encoder(source: str, subfolder: str | None = None, dtype=torch.fl
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     path = Path(source).expanduser()
-    local = path.exists() or bool(local_files_only or _offline())
+    local = path.exists() or bool(local_files_only or hub_offline())
     kwargs = dict(subfolder=subfolder or "", local_files_only=local)
     encoder = CLIPVisionModelWithProjection.from_pretrained(str(path) if path.exists() else source, dtype=dtype,
                                                             **kwargs).eval()

@@ -29,15 +29,16 @@ safetensors with metadata naming the adapters and image encoders that made them;
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 
+from imageprompt.model_identity import identity_mismatch
+
 COMBINE_MODES = ("concat", "add", "subtract", "average", "norm-average")
 FORMAT = "imageprompt.image_embeds"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: the encoder is recorded as model_identity.encoder_identity (1: a hash, dtype-bound)
 
 
 # -------------------------------------------------------------- arithmetic
@@ -108,20 +109,13 @@ def projected_text_embeds(text_encoder, tokenizer, texts: list[str], projection=
 
 
 # ----------------------------------------------------------------- files
-def encoder_fingerprint(image_encoder) -> str:
-    """A short sha256 of the image encoder's output projection: tells one CLIP's embeddings from another's."""
-    weight = getattr(image_encoder, "visual_projection", None)
-    weight = weight.weight if weight is not None else next(image_encoder.parameters())
-    data = weight.detach().float().cpu().contiguous().numpy().tobytes()
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
 def save_image_embeds(path: str | Path, embeds: list[torch.Tensor], adapters: list[dict],
                       do_classifier_free_guidance: bool = True, extra: dict | None = None) -> Path:
     """Write ``ip_adapter_image_embeds`` (one tensor per adapter) to a ``.safetensors`` file.
 
     ``adapters``: one dict per tensor describing the adapter that made it (``name``, ``kind``, ``encoder``:
-    :func:`encoder_fingerprint`); ``extra``: more JSON-able metadata (how the embeddings were combined).
+    :func:`imageprompt.model_identity.encoder_identity`); ``extra``: more JSON-able metadata (how the
+    embeddings were combined).
     """
     from safetensors.torch import save_file
 
@@ -166,12 +160,19 @@ def load_image_embeds(path: str | Path) -> tuple[list[torch.Tensor], dict]:
 
 
 def check_embeds_match(metadata: dict, adapters: list[dict], where: str = "the file") -> None:
-    """Refuse embeddings made by other adapters or image encoders than ``adapters`` (same dicts as saved)."""
+    """Refuse embeddings made by other adapters or image encoders than ``adapters`` (same dicts as saved).
+
+    The encoders are compared by :func:`imageprompt.model_identity.identity_mismatch`: an fp16 copy of the
+    encoder that made the file is the same encoder; another encoder is not.
+    """
     saved = metadata["adapters"]
     if len(saved) != len(adapters):
         raise ValueError(f"{where} holds embeddings for {len(saved)} adapter(s); {len(adapters)} are loaded")
     for i, (was, now) in enumerate(zip(saved, adapters)):
-        for key in ("kind", "encoder"):
-            if was.get(key) != now.get(key):
-                raise ValueError(f"{where}: adapter {i} was made with {key} {was.get(key)!r} "
-                                 f"({was.get('name')}), the loaded one has {now.get(key)!r} ({now.get('name')})")
+        if was.get("kind") != now.get("kind"):
+            raise ValueError(f"{where}: adapter {i} was made with kind {was.get('kind')!r} "
+                             f"({was.get('name')}), the loaded one has {now.get('kind')!r} ({now.get('name')})")
+        why = identity_mismatch(was.get("encoder"), now.get("encoder"))
+        if why:
+            raise ValueError(f"{where}: adapter {i} was made with another image encoder ({was.get('name')}) than "
+                             f"the loaded one ({now.get('name')}): {why}")

@@ -331,9 +331,9 @@ def set_branch_scales(unet, scale, count: int | None = None) -> None:
     """diffusers' ``set_ip_adapter_scale`` semantics on imageprompt's branches.
 
     ``scale``: a float, an InstantStyle dict such as ``{"up": {"block_0": [0.0, 1.0, 0.0]}}``
-    (layers not named get 0), or a list with one of those per adapter.
+    (layers not named get 0; :mod:`imageprompt.block_scales`), or a list with one of those per adapter.
     """
-    from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
+    from imageprompt.block_scales import expand_block_scales, layer_scale
 
     count = len(loaded_adapters(unet)) if count is None else count
     configs = scale if isinstance(scale, list) else [scale]
@@ -341,15 +341,10 @@ def set_branch_scales(unet, scale, count: int | None = None) -> None:
         configs = configs * count
     if len(configs) != count:
         raise ValueError(f"{len(configs)} scales for {count} loaded adapters")
-    configs = _maybe_expand_lora_scales(unet, configs, default_scale=0.0)
+    configs = [expand_block_scales(unet, config) for config in configs]
     for name, branch in image_branches(unet).items():
         for i, config in enumerate(configs):
-            if isinstance(config, dict):
-                for prefix, value in config.items():
-                    if name.startswith(prefix):
-                        branch.scale[i] = value
-            else:
-                branch.scale[i] = config
+            branch.scale[i] = layer_scale(config, name) if isinstance(config, dict) else config
 
 
 def add_adapter(unet, adapter, scale: float = 1.0) -> None:

@@ -5,6 +5,10 @@ local diffusers folder, or a single ``.safetensors``/``.ckpt`` checkpoint;
 ``--clip`` names the CLIP whose projections SD-IPC inverts (a hub id or a
 folder holding a transformers ``CLIPModel``). Failures become one
 :class:`ModelLoadError` that says what was tried and how to use local weights.
+
+The pipeline-level loader (:func:`imageprompt.load_pipeline`) is
+:mod:`imageprompt.pipelines.loading`: it needs the pipeline classes, which this layer
+does not import.
 """
 
 from __future__ import annotations
@@ -87,20 +91,20 @@ def quiet_torchvision_notices() -> None:
         source.addFilter(_TorchvisionNotice())
 
 
-def _env_offline() -> bool:
+def env_offline() -> bool:
     """HF_HUB_OFFLINE as huggingface_hub reads it (once, when it is imported, like every HF library)."""
     from huggingface_hub import constants
 
     return constants.HF_HUB_OFFLINE
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
     """True when the hub must not be asked: HF_HUB_OFFLINE is set, or the hub does not answer."""
-    return _env_offline() or not _hub_reachable()
+    return env_offline() or not hub_reachable()
 
 
 @functools.lru_cache(maxsize=1)
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     """One quick TCP connection to the hub, instead of the hub client's retries (tens of seconds offline)."""
     from urllib.parse import urlparse
 
@@ -125,11 +129,13 @@ def _refused_pickle(err: BaseException) -> bool:
     return False
 
 
-def _load_error(what: str, source: str, err: Exception) -> ModelLoadError:
-    if not Path(source).expanduser().exists() and _offline():
+def load_error(what: str, source: str, err: Exception) -> ModelLoadError:
+    """The :class:`ModelLoadError` for ``err`` raised loading ``what`` from ``source``: not cached while offline,
+    a refused pickle, or the error's first line; with :data:`OFFLINE_HINT`."""
+    if not Path(source).expanduser().exists() and hub_offline():
         from huggingface_hub.constants import HF_HUB_CACHE
 
-        why = "HF_HUB_OFFLINE is set" if _env_offline() else "the hub is unreachable"
+        why = "HF_HUB_OFFLINE is set" if env_offline() else "the hub is unreachable"
         reason = f"not in the local Hugging Face cache ({HF_HUB_CACHE}) and {why}"
     elif _refused_pickle(err):
         # never repeat torch's hint to load the file unsafely
@@ -140,6 +146,43 @@ def _load_error(what: str, source: str, err: Exception) -> ModelLoadError:
     return ModelLoadError(f"could not load {what} from {source!r}: {reason[:300]}\n{OFFLINE_HINT}")
 
 
+def single_file_is_sdxl(path: str) -> bool:
+    """Whether a single-file checkpoint is SDXL (its second text encoder: ``conditioner.embedders.1``).
+
+    Only a ``.safetensors`` header is read; a ``.ckpt`` pickle is taken as SD 1.x.
+    """
+    import json
+    import struct
+
+    path = Path(path).expanduser()
+    if path.suffix.lower() != ".safetensors":
+        return False
+    try:
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100 * 1024 * 1024:
+                return False
+            names = json.loads(f.read(length))
+    except (OSError, ValueError, struct.error):
+        return False  # a broken file: the loader says what is wrong with it
+    return isinstance(names, dict) and any(k.startswith("conditioner.embedders.1.") for k in names)
+
+
+def load_vae(vae: str, dtype: torch.dtype):
+    """An ``AutoencoderKL`` from a hub id, folder or single file (``--vae``, e.g. madebyollama/sdxl-vae-fp16-fix)."""
+    from diffusers import AutoencoderKL
+
+    path = Path(vae).expanduser()
+    try:
+        if path.is_file():
+            return AutoencoderKL.from_single_file(str(path), dtype=dtype)
+        local_only = path.is_dir() or hub_offline()
+        return AutoencoderKL.from_pretrained(str(path) if path.is_dir() else vae, dtype=dtype,
+                                             local_files_only=local_only)
+    except Exception as err:
+        raise load_error("the VAE", vae, err) from None
+
+
 def load_clip_parts(clip: str, dtype: torch.dtype) -> dict:
     """image_encoder, feature_extractor and the text projection (inside a converter) from a ``CLIPModel``."""
     from transformers import CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -147,7 +190,7 @@ def load_clip_parts(clip: str, dtype: torch.dtype) -> dict:
     from imageprompt.conversion import SDIPCConverter
 
     path = Path(clip).expanduser()
-    local_only = path.exists() or _offline()
+    local_only = path.exists() or hub_offline()
     if path.exists() and not (path / "config.json").exists():
         raise ModelLoadError(f"{clip}: folder has no config.json, so it is not a transformers CLIPModel folder")
     try:
@@ -164,7 +207,7 @@ def load_clip_parts(clip: str, dtype: torch.dtype) -> dict:
             feature_extractor = CLIPImageProcessor(size={"shortest_edge": size},
                                                    crop_size={"height": size, "width": size})
     except Exception as err:
-        raise _load_error("the CLIP model", clip, err) from None
+        raise load_error("the CLIP model", clip, err) from None
     if not hasattr(clip_model, "text_projection"):
         raise ModelLoadError(f"{clip}: not a CLIPModel with text and visual projections")
     vision_config = CLIPVisionConfig(**{**clip_model.config.vision_config.to_dict(),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from imageprompt.world.tokenizer import write_clip_tokenizer
+from imageprompt.tokenizer_writer import write_clip_tokenizer
 
 TEST_WORDS = (
     "a an the of on in and with photo picture painting red green blue yellow black white circle square "
@@ -114,3 +114,61 @@ def resampler_state_dict(rand, hidden: int, dim: int, heads: int, cross: int) ->
             f"layers.{i}.1.1.weight": rand(4 * dim, dim), f"layers.{i}.1.3.weight": rand(dim, 4 * dim),
         })
     return state
+
+
+def _config_value(config, name: str):
+    return config[name] if isinstance(config, dict) else getattr(config, name)
+
+
+def ip_adapter_state_dict(unet, kind: str = "sd15", encoder_config=None, seed: int = 0, *, scale: float = 0.2,
+                          resampler_dim: int = 64, image_proj: dict | None = None,
+                          copy_key_values: bool = False) -> dict:
+    """An IP-Adapter state dict in the official checkpoint layout for ``unet``: ``{"image_proj": ...,
+    "ip_adapter": {"{i}.to_k_ip.weight": ..., "{i}.to_v_ip.weight": ...}}`` with random weights.
+
+    ``kind``: ``sd15`` (and ``sdxl``: a Linear to 4 tokens + LayerNorm, from the encoder's ``projection_dim``),
+    ``full-face`` (an MLP on ``hidden_size``) or ``plus`` (the Resampler of :func:`resampler_state_dict`,
+    ``resampler_dim`` wide, heads of 64). ``encoder_config``: the image encoder's config (or a dict of it).
+    Each tensor is ``randn * scale`` from a generator seeded with ``seed``; LayerNorm weights are ``1 + randn *
+    scale``. ``image_proj``: use these projection weights instead (e.g. a freshly initialised
+    ``ImageProjection``); ``copy_key_values``: ``to_k_ip``/``to_v_ip`` start as each layer's own ``to_k``/``to_v``
+    (IP-Adapter's training initialisation) instead of random.
+
+    The official ids count every attention processor of the UNet in diffusers' order, so the cross-attention
+    (``attn2``) layers have the odd ids; ``encoder_hid_proj`` (an image projection already loaded) is left out.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g) * scale
+
+    cross = unet.config.cross_attention_dim
+    if image_proj is not None:
+        proj = {k: v.detach().float().cpu().clone() for k, v in image_proj.items()}
+    elif kind in ("sd15", "sdxl"):
+        emb = _config_value(encoder_config, "projection_dim")
+        proj = {"proj.weight": rand(4 * cross, emb), "proj.bias": rand(4 * cross),
+                "norm.weight": 1 + rand(cross), "norm.bias": rand(cross)}
+    elif kind == "full-face":
+        hid = _config_value(encoder_config, "hidden_size")
+        proj = {"proj.0.weight": rand(hid, hid), "proj.0.bias": rand(hid), "proj.2.weight": rand(cross, hid),
+                "proj.2.bias": rand(cross), "proj.3.weight": 1 + rand(cross), "proj.3.bias": rand(cross)}
+    elif kind == "plus":
+        if resampler_dim % 64:
+            raise ValueError(f"the Resampler's width must be a multiple of its heads of 64, got {resampler_dim}")
+        proj = resampler_state_dict(rand, _config_value(encoder_config, "hidden_size"), resampler_dim,
+                                    resampler_dim // 64, cross)
+    else:
+        raise ValueError(f"kind must be sd15, sdxl, full-face or plus, got {kind!r}")
+    ip = {}
+    names = [n for n in unet.attn_processors if not n.startswith("encoder_hid_proj.")]
+    for key_id, name in enumerate(names):
+        if not name.endswith("attn2.processor"):
+            continue
+        attn = unet.get_submodule(name[: -len(".processor")])
+        if copy_key_values:
+            key, value = (w.weight.detach().float().cpu().clone() for w in (attn.to_k, attn.to_v))
+        else:
+            key, value = rand(attn.to_k.out_features, cross), rand(attn.to_v.out_features, cross)
+        ip[f"{key_id}.to_k_ip.weight"], ip[f"{key_id}.to_v_ip.weight"] = key, value
+    return {"image_proj": proj, "ip_adapter": ip}

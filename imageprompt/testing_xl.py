@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from imageprompt.testing import TEST_WORDS, TINY_VAE
-from imageprompt.world.tokenizer import write_clip_tokenizer
+from imageprompt.tokenizer_writer import write_clip_tokenizer
 
 TINY_TEXT_L = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
                    max_position_embeddings=77, hidden_act="gelu")

@@ -98,19 +98,14 @@ def initial_state_dict(unet, image_embed_dim: int, seed: int = 0) -> dict:
     """An official-format sd15 state: random projection, ``to_k_ip``/``to_v_ip`` copied from ``to_k``/``to_v``."""
     from diffusers.models.embeddings import ImageProjection
 
-    from imageprompt.attention import attention_module, cross_attention_layers
+    from imageprompt.testing import ip_adapter_state_dict
 
     torch.manual_seed(seed)
     cross = unet.config.cross_attention_dim
     proj = ImageProjection(image_embed_dim=image_embed_dim, cross_attention_dim=cross, num_image_text_embeds=4)
     image_proj = {"proj.weight": proj.image_embeds.weight.data, "proj.bias": proj.image_embeds.bias.data,
                   "norm.weight": proj.norm.weight.data, "norm.bias": proj.norm.bias.data}
-    ip = {}
-    for name, key_id in cross_attention_layers(unet).items():
-        attn = attention_module(unet, name)
-        ip[f"{key_id}.to_k_ip.weight"] = attn.to_k.weight.detach().float().cpu().clone()
-        ip[f"{key_id}.to_v_ip.weight"] = attn.to_v.weight.detach().float().cpu().clone()
-    return {"image_proj": {k: v.float().clone() for k, v in image_proj.items()}, "ip_adapter": ip}
+    return ip_adapter_state_dict(unet, "sd15", image_proj=image_proj, copy_key_values=True)
 
 
 def save_adapter(state: dict, path: str | Path) -> Path:

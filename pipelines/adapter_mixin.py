@@ -120,17 +120,17 @@ class ImagePromptAdapterMixin:
         return out
 
     def _content_text_embeds(self, adapter, text: str, text_encoder=None, tokenizer=None) -> torch.Tensor:
-        from imageprompt.image_embeds import encoder_fingerprint, projected_text_embeds
+        from imageprompt.image_embeds import projected_text_embeds
+        from imageprompt.model_identity import same_encoder
 
         if text_encoder is not None:
             if tokenizer is None:
                 raise ValueError("with `text_encoder`, pass its `tokenizer` too")
             return projected_text_embeds(text_encoder, tokenizer, [text])
-        wanted = encoder_fingerprint(adapter.image_encoder)
         for vision, tower, tok in (("image_encoder", "text_encoder", "tokenizer"),
                                    ("image_encoder_2", "text_encoder_2", "tokenizer_2")):  # SD 1.x; SDXL's bigG
             encoder = getattr(self, vision, None)
-            if encoder is not None and encoder_fingerprint(encoder) == wanted:
+            if encoder is not None and same_encoder(encoder, adapter.image_encoder):
                 model = getattr(self, tower)
                 projection = getattr(model, "text_projection", None)  # else SD-IPC's copy of CLIP's projection
                 projection = projection if projection is not None else self.converter.text_projection
@@ -140,11 +140,11 @@ class ImagePromptAdapterMixin:
                          "CLIPModel) and tokenizer=")
 
     def ip_adapter_records(self) -> list[dict]:
-        """What made the embeddings of each loaded adapter: its name, kind and image encoder's fingerprint."""
-        from imageprompt.image_embeds import encoder_fingerprint
+        """What made the embeddings of each loaded adapter: its name, kind and image encoder's identity."""
+        from imageprompt.model_identity import encoder_identity
 
         return [{"name": str(a.name), "kind": a.kind,
-                 "encoder": encoder_fingerprint(getattr(a, "image_encoder", None) or self.image_encoder)}
+                 "encoder": encoder_identity(getattr(a, "image_encoder", None) or self.image_encoder)}
                 for a in self.image_adapters]
 
     def save_ip_adapter_image_embeds(self, path, embeds: list[torch.Tensor], do_classifier_free_guidance: bool = True,

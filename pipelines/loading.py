@@ -1,8 +1,13 @@
 """Load a Stable Diffusion 1.x model as imageprompt's pipeline: hub ids, local diffusers folders
 and single-file checkpoints, with the CLIP parts SD-IPC needs (:func:`load_pipeline`).
 
-The component loaders that do not depend on a pipeline class (CLIP parts, devices,
-dtypes, errors, offline detection) are :mod:`imageprompt.loading`.
+The loaders that do not depend on a pipeline class (CLIP parts, VAEs, devices, dtypes,
+errors, offline detection) are :mod:`imageprompt.loading`; this module holds what needs
+imageprompt's pipeline classes (:func:`load_pipeline`, :func:`load_sd_components`, which
+picks the class a saved folder names, :func:`prompt_to_prompt_from`). It stays a module of
+its own because the library layer never imports :mod:`imageprompt.pipelines`, not even
+inside a function (``tests/test_layout.py``), and the pipelines import
+:mod:`imageprompt.loading`. ``load_vae`` and ``single_file_is_sdxl`` are re-exported here.
 """
 
 from __future__ import annotations
@@ -12,17 +17,19 @@ from pathlib import Path
 
 import torch
 
-from imageprompt.loading import (
+from imageprompt.loading import (  # noqa: F401 (load_vae, single_file_is_sdxl: re-exported)
     ModelLoadError,
-    _load_error,
-    _offline,
     default_device,
+    hub_offline,
     load_clip_parts,
+    load_error,
+    load_vae,
     make_scheduler,
     model_kind,
     quiet_torchvision_notices,
     resolve_dtype,
     resolve_model,
+    single_file_is_sdxl,
 )
 
 logger = logging.getLogger("imageprompt.loading")
@@ -43,10 +50,10 @@ def load_sd_components(model: str, dtype: torch.dtype, config: str | None = None
             if single_file_is_sdxl(model):
                 single, common = StableDiffusionXLPipeline, dict(dtype=dtype, add_watermarker=False)
             pipe = single.from_single_file(
-                model, config=config, local_files_only=True if local_config else (_offline() or None), **common
+                model, config=config, local_files_only=True if local_config else (hub_offline() or None), **common
             )
         else:
-            local_only = kind == "folder" or _offline()
+            local_only = kind == "folder" or hub_offline()
             try:
                 cls, kwargs = _pipeline_class(model, local_only, common)
                 pipe = cls.from_pretrained(model, local_files_only=local_only, **kwargs)
@@ -59,45 +66,8 @@ def load_sd_components(model: str, dtype: torch.dtype, config: str | None = None
     except ModelLoadError:
         raise
     except Exception as err:  # diffusers/hub raise many types for "not there"
-        raise _load_error("the Stable Diffusion model", model, err) from None
+        raise load_error("the Stable Diffusion model", model, err) from None
     return dict(pipe.components)
-
-
-def single_file_is_sdxl(path: str) -> bool:
-    """Whether a single-file checkpoint is SDXL (its second text encoder: ``conditioner.embedders.1``).
-
-    Only a ``.safetensors`` header is read; a ``.ckpt`` pickle is taken as SD 1.x.
-    """
-    import json
-    import struct
-
-    path = Path(path).expanduser()
-    if path.suffix.lower() != ".safetensors":
-        return False
-    try:
-        with path.open("rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > 100 * 1024 * 1024:
-                return False
-            names = json.loads(f.read(length))
-    except (OSError, ValueError, struct.error):
-        return False  # a broken file: the loader says what is wrong with it
-    return isinstance(names, dict) and any(k.startswith("conditioner.embedders.1.") for k in names)
-
-
-def load_vae(vae: str, dtype: torch.dtype):
-    """An ``AutoencoderKL`` from a hub id, folder or single file (``--vae``, e.g. madebyollama/sdxl-vae-fp16-fix)."""
-    from diffusers import AutoencoderKL
-
-    path = Path(vae).expanduser()
-    try:
-        if path.is_file():
-            return AutoencoderKL.from_single_file(str(path), dtype=dtype)
-        local_only = path.is_dir() or _offline()
-        return AutoencoderKL.from_pretrained(str(path) if path.is_dir() else vae, dtype=dtype,
-                                             local_files_only=local_only)
-    except Exception as err:
-        raise _load_error("the VAE", vae, err) from None
 
 
 def _pipeline_class(model: str, local_only: bool, common: dict):

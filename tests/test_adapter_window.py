@@ -6,9 +6,10 @@ import pytest
 import torch
 from imageprompt.pipelines import StableDiffusionPromptToPromptPipeline
 from test_image_embeds import write_own_clip_adapter
-from test_ip_adapter import TINY_ENCODER, official_state_dict, two_images
+from test_ip_adapter import TINY_ENCODER, two_images
 
 from imageprompt.ip_adapter import adapter_windows, image_branches, window_steps
+from imageprompt.testing import ip_adapter_state_dict
 
 SAMPLE = dict(num_inference_steps=4, guidance_scale=7.5, height=32, width=32, output_type="latent")
 
@@ -33,7 +34,7 @@ def pipe(tiny_pipe):
 
 
 def load(pipe, encoder):
-    pipe.load_ip_adapter(official_state_dict(pipe.unet, "sd15", encoder.config), image_encoder=encoder)
+    pipe.load_ip_adapter(ip_adapter_state_dict(pipe.unet, "sd15", encoder.config), image_encoder=encoder)
 
 
 def trajectory(pipe, **kwargs) -> list[torch.Tensor]:
@@ -217,7 +218,7 @@ def test_window_and_arithmetic_in_bfloat16(tiny_model):
     pipe = load_pipeline(str(tiny_model[0]), str(tiny_model[1]), device="cpu", dtype="bf16")
     pipe.set_progress_bar_config(disable=True)
     plain = trajectory(pipe, prompt="a red circle")
-    state = official_state_dict(pipe.unet, "sd15", pipe.image_encoder.config)
+    state = ip_adapter_state_dict(pipe.unet, "sd15", pipe.image_encoder.config)
     pipe.load_ip_adapter(state, image_encoder=pipe.image_encoder)
     image, other = two_images()
     pipe.set_ip_adapter_window((0.5, 1.0))

@@ -8,9 +8,10 @@ import pytest
 import torch
 from imageprompt.pipelines import StableDiffusionImagePromptPipeline, StableDiffusionPromptToPromptPipeline
 from PIL import Image
-from test_ip_adapter import TINY_ENCODER, official_state_dict, two_images, write_official
+from test_ip_adapter import TINY_ENCODER, two_images, write_official
 
 from imageprompt.sdipc_branch import enable_sdipc_branch
+from imageprompt.testing import ip_adapter_state_dict
 
 SOURCE, TARGET = "a red circle", "a blue circle"
 SAMPLE = dict(num_inference_steps=3, guidance_scale=7.5, height=32, width=32, output_type="np")
@@ -42,7 +43,7 @@ def p2p(pipe, **kwargs):
 def test_p2p_with_an_official_ip_adapter(base, encoder):
     pipe = StableDiffusionPromptToPromptPipeline.from_pipe(base)
     plain = p2p(pipe)
-    pipe.load_ip_adapter(official_state_dict(base.unet, "sd15", encoder.config), image_encoder=encoder)
+    pipe.load_ip_adapter(ip_adapter_state_dict(base.unet, "sd15", encoder.config), image_encoder=encoder)
     image, _ = two_images()
     with_image = p2p(pipe, ip_adapter_image=image)
     assert with_image.shape == plain.shape == (2, 32, 32, 3)
@@ -63,7 +64,7 @@ def test_p2p_with_the_sdipc_branch(base, red_image):
 
 def test_p2p_without_the_adapters_image_is_a_clear_error(base, encoder):
     pipe = StableDiffusionPromptToPromptPipeline.from_pipe(base)
-    base.load_ip_adapter(official_state_dict(base.unet, "sd15", encoder.config), image_encoder=encoder)
+    base.load_ip_adapter(ip_adapter_state_dict(base.unet, "sd15", encoder.config), image_encoder=encoder)
     with pytest.raises(ValueError, match="ip_adapter_image"):
         p2p(pipe)
 
@@ -87,7 +88,7 @@ def test_sibling_pipelines_share_adapters_and_backend(base, encoder, tmp_path):
 
     sibling = StableDiffusionPromptToPromptPipeline.from_pipe(base)
     assert sibling.unet is base.unet
-    base.load_ip_adapter(official_state_dict(base.unet, "sd15", encoder.config), image_encoder=encoder)
+    base.load_ip_adapter(ip_adapter_state_dict(base.unet, "sd15", encoder.config), image_encoder=encoder)
     assert [a.kind for a in sibling.image_adapters] == ["sd15"]
     sibling.set_ip_adapter_scale(0.3)
     assert all(b.scale == [0.3] for b in _branches(base))
@@ -129,7 +130,7 @@ def test_inversion_with_an_adapter_loaded_inverts_under_the_text(base, encoder, 
 
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     plain = pipe.invert(noise_image, SOURCE, "ddim", 3, 7.5, 32, 32).latents
-    pipe.load_ip_adapter(official_state_dict(base.unet, "sd15", encoder.config), image_encoder=encoder)
+    pipe.load_ip_adapter(ip_adapter_state_dict(base.unet, "sd15", encoder.config), image_encoder=encoder)
     pipe.set_ip_adapter_scale(0.7)
     inverted = pipe.invert(noise_image, SOURCE, "ddim", 3, 7.5, 32, 32).latents
     np.testing.assert_allclose(inverted, plain, atol=1e-6)
@@ -141,7 +142,7 @@ def test_cli_p2p_with_an_adapter(tiny_model, encoder, tiny_pipe, tmp_path, capsy
     from imageprompt.cli.main import main
     from imageprompt.images import read_parameters
 
-    weights = write_official(official_state_dict(tiny_pipe.unet, "sd15", encoder.config),
+    weights = write_official(ip_adapter_state_dict(tiny_pipe.unet, "sd15", encoder.config),
                              tmp_path / "ip.safetensors")
     encoder.save_pretrained(tmp_path / "encoder")
     two_images()[0].save(tmp_path / "ref.png")
@@ -192,7 +193,7 @@ def test_per_block_scales_survive_adding_removing_and_suspending(base, encoder):
     from imageprompt.ip_adapter import adapters_suspended, layer_scales
     from imageprompt.sdipc_branch import disable_sdipc_branch
 
-    base.load_ip_adapter(official_state_dict(base.unet, "sd15", encoder.config), image_encoder=encoder)
+    base.load_ip_adapter(ip_adapter_state_dict(base.unet, "sd15", encoder.config), image_encoder=encoder)
     base.set_ip_adapter_scale({"up": {"block_1": [0.0, 1.0]}})  # InstantStyle: layers differ
     before = layer_scales(base.unet)
     assert len({tuple(v) for v in before.values()}) > 1

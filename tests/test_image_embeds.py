@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_ip_adapter import TINY_ENCODER, official_state_dict, two_images
+from test_ip_adapter import TINY_ENCODER, two_images
 
 from imageprompt.image_embeds import combine_embeds, load_image_embeds, subtract_content
+from imageprompt.testing import ip_adapter_state_dict
 
 SAMPLE = dict(num_inference_steps=3, guidance_scale=7.5, height=32, width=32, output_type="np")
 
@@ -20,7 +21,7 @@ def pipe(tiny_pipe):
 
 def load_own_clip_adapter(pipe, kind="sd15"):
     """An adapter whose image encoder is the pipeline's own CLIP (as for the bundled adapter)."""
-    state = official_state_dict(pipe.unet, kind, pipe.image_encoder.config)
+    state = ip_adapter_state_dict(pipe.unet, kind, pipe.image_encoder.config)
     pipe.load_ip_adapter(state, image_encoder=pipe.image_encoder)
 
 
@@ -120,10 +121,10 @@ def test_content_subtraction_errors(pipe):
     image, _ = two_images()
     torch.manual_seed(1)
     other = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_ENCODER)).eval()
-    pipe.load_ip_adapter(official_state_dict(pipe.unet, "sd15", other.config), image_encoder=other)
+    pipe.load_ip_adapter(ip_adapter_state_dict(pipe.unet, "sd15", other.config), image_encoder=other)
     with pytest.raises(ValueError, match="text tower of the adapter's own CLIP.*text_encoder="):
         pipe.encode_ip_adapter_image(image, content_text="a cat")
-    pipe.load_ip_adapter(official_state_dict(pipe.unet, "plus", other.config), image_encoder=other)
+    pipe.load_ip_adapter(ip_adapter_state_dict(pipe.unet, "plus", other.config), image_encoder=other)
     with pytest.raises(ValueError, match="sd15-format adapter.*'plus'"):
         pipe.encode_ip_adapter_image(image, content_text="a cat")
     with pytest.raises(ValueError, match="combine mode must be one of"):
@@ -177,10 +178,10 @@ def test_embeddings_file_errors(pipe, tmp_path):
     # another image encoder made them: refused
     torch.manual_seed(1)
     other = CLIPVisionModelWithProjection(CLIPVisionConfig(**{**TINY_ENCODER, "projection_dim": 32})).eval()
-    pipe.load_ip_adapter(official_state_dict(pipe.unet, "sd15", other.config), image_encoder=other)
-    with pytest.raises(ValueError, match="adapter 0 was made with encoder"):
+    pipe.load_ip_adapter(ip_adapter_state_dict(pipe.unet, "sd15", other.config), image_encoder=other)
+    with pytest.raises(ValueError, match="adapter 0 was made with another image encoder.*visual_projection differs"):
         pipe.load_ip_adapter_image_embeds(path)
-    pipe.load_ip_adapter(official_state_dict(pipe.unet, "plus", other.config), image_encoder=other)
+    pipe.load_ip_adapter(ip_adapter_state_dict(pipe.unet, "plus", other.config), image_encoder=other)
     with pytest.raises(ValueError, match="was made with kind 'sd15'"):
         pipe.load_ip_adapter_image_embeds(path)
 
@@ -190,7 +191,7 @@ def write_own_clip_adapter(pipe, folder):
     """An sd15-format adapter file whose image_encoder/ is the pipeline's own CLIP vision tower."""
     from test_ip_adapter import write_official
 
-    state = official_state_dict(pipe.unet, "sd15", pipe.image_encoder.config, seed=4)
+    state = ip_adapter_state_dict(pipe.unet, "sd15", pipe.image_encoder.config, seed=4)
     path = write_official(state, folder / "adapter.safetensors")
     pipe.image_encoder.save_pretrained(folder / "image_encoder")
     pipe.feature_extractor.save_pretrained(folder / "image_encoder")

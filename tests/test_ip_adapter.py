@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from imageprompt.loading import ModelLoadError
-from imageprompt.testing import resampler_state_dict
+from imageprompt.testing import ip_adapter_state_dict
 
 # A tiny "ViT-H": projection_dim (40) and hidden size (48) differ from the UNet's cross_attention_dim (32),
 # so a mixed-up dimension cannot go unnoticed.
@@ -21,34 +21,6 @@ TINY_ENCODER = dict(hidden_size=48, intermediate_size=37, num_hidden_layers=2, n
 
 
 # ----------------------------------------------------- official-format files
-def official_state_dict(unet, kind: str, encoder_config, seed: int = 0) -> dict:
-    """Random tensors under the official IP-Adapter key names and shapes for ``unet``."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=0.2):
-        return torch.randn(*shape, generator=g) * scale
-
-    cross = unet.config.cross_attention_dim
-    if kind == "sd15":
-        emb = encoder_config.projection_dim
-        proj = {"proj.weight": rand(4 * cross, emb), "proj.bias": rand(4 * cross),
-                "norm.weight": 1 + rand(cross), "norm.bias": rand(cross)}
-    elif kind == "full-face":
-        hid = encoder_config.hidden_size
-        proj = {"proj.0.weight": rand(hid, hid), "proj.0.bias": rand(hid), "proj.2.weight": rand(cross, hid),
-                "proj.2.bias": rand(cross), "proj.3.weight": 1 + rand(cross), "proj.3.bias": rand(cross)}
-    else:  # plus: the Resampler (4 layers, heads of 64)
-        proj = resampler_state_dict(rand, encoder_config.hidden_size, 64, 1, cross)
-    ip, key_id = {}, 0  # official ids count all attention processors: cross-attention ones are odd
-    for name in [n for n in unet.attn_processors if not n.startswith("encoder_hid_proj.")]:
-        if name.endswith("attn2.processor"):
-            inner = unet.get_submodule(name[: -len(".processor")]).to_k.out_features
-            ip[f"{key_id}.to_k_ip.weight"] = rand(inner, cross)
-            ip[f"{key_id}.to_v_ip.weight"] = rand(inner, cross)
-        key_id += 1
-    return {"image_proj": proj, "ip_adapter": ip}
-
-
 def write_official(state: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
@@ -71,7 +43,7 @@ def adapter_repo(tmp_path_factory, tiny_pipe):
     CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_ENCODER)).save_pretrained(root / "models" / "image_encoder")
     config = CLIPVisionConfig(**TINY_ENCODER)
     for kind, seed in (("sd15", 0), ("plus", 1), ("full-face", 2)):
-        state = official_state_dict(tiny_pipe.unet, kind, config, seed)
+        state = ip_adapter_state_dict(tiny_pipe.unet, kind, config, seed)
         write_official(state, root / "models" / f"ip-{kind}.safetensors")
         write_official(state, root / "models" / f"ip-{kind}.bin")
     return root
@@ -224,13 +196,13 @@ def test_size_mismatch_names_expected_and_found(tmp_path, adapter_repo, pipe):
     from transformers import CLIPVisionConfig
 
     # an SD 1.5 adapter's layer widths against the tiny UNet: cross_attention_dim 768 instead of 32
-    state = official_state_dict(pipe.unet, "sd15", CLIPVisionConfig(**TINY_ENCODER))
+    state = ip_adapter_state_dict(pipe.unet, "sd15", CLIPVisionConfig(**TINY_ENCODER))
     state["ip_adapter"] = {k: torch.zeros(v.shape[0], 768) for k, v in state["ip_adapter"].items()}
     path = write_official(state, tmp_path / "models" / "other.safetensors")
     with pytest.raises(ModelLoadError, match=r"to_k_ip is 32x768, this UNet expects 32x32"):
         pipe.load_ip_adapter(str(path), image_encoder=str(adapter_repo / "models" / "image_encoder"))
     # image encoder mismatch: a ViT-H adapter (1024) with the tiny encoder (40)
-    state = official_state_dict(pipe.unet, "sd15", CLIPVisionConfig(**{**TINY_ENCODER, "projection_dim": 1024}))
+    state = ip_adapter_state_dict(pipe.unet, "sd15", CLIPVisionConfig(**{**TINY_ENCODER, "projection_dim": 1024}))
     path = write_official(state, tmp_path / "models" / "vith.safetensors")
     with pytest.raises(ModelLoadError, match=r"projection_dim\) is 1024 in the checkpoint, expected 40"):
         pipe.load_ip_adapter(str(path), image_encoder=str(adapter_repo / "models" / "image_encoder"))
@@ -352,9 +324,65 @@ def test_cli_adapter_errors_before_sampling(tiny_model, adapter_repo, tmp_path, 
     from imageprompt.testing import TINY_UNET, build_components
 
     other = build_components(tmp_path / "tok")["unet"].__class__(**{**TINY_UNET, "cross_attention_dim": 48})
-    path = write_official(official_state_dict(other, "sd15", CLIPVisionConfig(**TINY_ENCODER)),
+    path = write_official(ip_adapter_state_dict(other, "sd15", CLIPVisionConfig(**TINY_ENCODER)),
                           adapter_repo / "models" / "other-base.safetensors")
     assert main(["vary", str(tmp_path / "ref.png"), "--out", str(tmp_path / "o"), *model,
                  "--adapter", str(path)]) == 1
     assert "is 32x48, this UNet expects 32x32" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_official_layout_builder(tiny_pipe):
+    """Official ids count every attention processor (attn1, attn2, attn1, ...): the cross-attention ones are odd."""
+    from transformers import CLIPVisionConfig
+
+    unet = tiny_pipe.unet
+    crosses = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
+    state = ip_adapter_state_dict(unet, "sd15", CLIPVisionConfig(**TINY_ENCODER))
+    ids = list(range(1, 2 * len(crosses), 2))
+    assert sorted(state["ip_adapter"]) == sorted(f"{i}.to_{kv}_ip.weight" for i in ids for kv in "kv")
+    assert state["image_proj"]["proj.weight"].shape == (4 * 32, TINY_ENCODER["projection_dim"])
+    first = unet.get_submodule(crosses[0][: -len(".processor")])
+    assert state["ip_adapter"]["1.to_k_ip.weight"].shape == first.to_k.weight.shape
+    copied = ip_adapter_state_dict(unet, "sd15", image_proj=state["image_proj"], copy_key_values=True)
+    assert torch.equal(copied["ip_adapter"]["1.to_v_ip.weight"], first.to_v.weight.detach())
+    assert torch.equal(copied["image_proj"]["norm.bias"], state["image_proj"]["norm.bias"])
+    again = ip_adapter_state_dict(unet, "plus", CLIPVisionConfig(**TINY_ENCODER), seed=3)["image_proj"]
+    assert again["latents"].shape == (1, 16, 64) and again["proj_out.weight"].shape == (32, 64)
+    with pytest.raises(ValueError, match="multiple of its heads of 64"):
+        ip_adapter_state_dict(unet, "plus", CLIPVisionConfig(**TINY_ENCODER), resampler_dim=96)
+
+
+def test_per_block_scales_are_diffusers_set_ip_adapter_scale(tiny_model, adapter_repo, pipe):
+    """Each layer's scales after set_ip_adapter_scale, read off diffusers' own IP-Adapter processors."""
+    from imageprompt.ip_adapter import image_branches
+
+    weights = ["ip-sd15.safetensors", "ip-plus.safetensors"]
+    ref = diffusers_pipeline(tiny_model, adapter_repo, weights)
+    pipe.load_ip_adapter(str(adapter_repo), subfolder="models", weight_name=weights)
+    # the tiny UNet: down block 0 (one attention), mid, up block 1 (two attentions); blocks 1 / 0 have none
+    scales = [0.4, {"mid": 1.0}, {"up": 0.5}, {"down": [0.9]}, {"mid": [0.2], "up": {"block_1": [0.6]}},
+              {"down": {"block_0": 0.3}, "up": {"block_1": [0.0, 1.0]}},
+              [{"up": {"block_1": [0.0, 0.7]}}, 0.5], [{"down": 0.25}, {"mid": 0.75, "up": {"block_1": 0.1}}]]
+    for scale in scales:
+        # diffusers refuses one config for two adapters (it checks the count before repeating it): give it two
+        ref.set_ip_adapter_scale(scale if isinstance(scale, list) else [scale, scale])
+        pipe.set_ip_adapter_scale(scale)
+        theirs = {name: list(p.scale) for name, p in ref.unet.attn_processors.items()
+                  if name.endswith("attn2.processor")}
+        ours = {name: list(branch.scale) for name, branch in image_branches(pipe.unet).items()}
+        assert ours == theirs, scale
+    # the last one, by hand: adapter 0 only in the down block, adapter 1 mid 0.75 and up 0.1, the rest 0
+    by_block = {name.split(".transformer_blocks")[0]: values for name, values in ours.items()}
+    assert by_block == {"down_blocks.0.attentions.0": [0.25, 0.0], "mid_block.attentions.0": [0.0, 0.75],
+                        "up_blocks.1.attentions.0": [0.0, 0.1], "up_blocks.1.attentions.1": [0.0, 0.1]}
+    for wrong in ({"up": {"block_1": [1.0, 0.0, 1.0]}}, {"mid": [1.0, 1.0]}):
+        with pytest.raises(ValueError):
+            ref.set_ip_adapter_scale([wrong, 0.5])
+        with pytest.raises(ValueError, match="expected"):
+            pipe.set_ip_adapter_scale([wrong, 0.5])
+    # a block without attention (diffusers drops it without a word): said, not ignored
+    with pytest.raises(ValueError, match="up has no attention block block_0: its attention blocks are block_1"):
+        pipe.set_ip_adapter_scale({"up": {"block_0": 1.0}})
+    with pytest.raises(ValueError, match="use 'down', 'mid' and 'up'"):
+        pipe.set_ip_adapter_scale({"middle": 1.0})

@@ -233,18 +233,14 @@ def _tiny_sd15_adapter(pipe, folder: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+    from imageprompt.testing import ip_adapter_state_dict
+
     torch.manual_seed(0)
     config = CLIPVisionConfig(hidden_size=48, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                               image_size=32, patch_size=8, projection_dim=40)
     CLIPVisionModelWithProjection(config).save_pretrained(folder / "image_encoder")
-    cross = pipe.unet.config.cross_attention_dim
-    state = {"image_proj.proj.weight": torch.randn(4 * cross, 40) * 0.2, "image_proj.proj.bias": torch.zeros(4 * cross),
-             "image_proj.norm.weight": torch.ones(cross), "image_proj.norm.bias": torch.zeros(cross)}
-    for key_id, name in enumerate(n for n in pipe.unet.attn_processors if not n.startswith("encoder_hid_proj.")):
-        if name.endswith("attn2.processor"):
-            inner = pipe.unet.get_submodule(name[: -len(".processor")]).to_k.out_features
-            state[f"ip_adapter.{key_id}.to_k_ip.weight"] = torch.randn(inner, cross) * 0.2
-            state[f"ip_adapter.{key_id}.to_v_ip.weight"] = torch.randn(inner, cross) * 0.2
+    nested = ip_adapter_state_dict(pipe.unet, "sd15", config)
+    state = {f"{part}.{k}": v for part in nested for k, v in nested[part].items()}
     save_file(state, str(folder / "ip-adapter.safetensors"))
     return folder / "ip-adapter.safetensors"
 
@@ -554,18 +550,15 @@ def test_hostile_rows_under_a_4_gib_memory_limit(images, tiny_pipe):
     jobs = images / "jobs.jsonl"
     jobs.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")
     out, report = images / "out", images / "report.json"
-    tic = time.monotonic()
     child = multiprocessing.get_context("fork").Process(target=_hostile_job_in_child,
                                                         args=(jobs, out, tiny_pipe, report))
     child.start()
-    child.join(120)
-    took = time.monotonic() - tic
+    child.join(120)  # a guard against a hang, not a measurement
     if child.is_alive():
         child.kill()
         child.join()
     assert report.exists(), f"the job died (exit {child.exitcode})"
     assert json.loads(report.read_text()) == {"done": 3, "failed": 10}
-    assert took < 60  # the three good rows sample in well under a second each here
     records = {r["line"]: r for r in results(out)}
     assert sorted(records) == list(range(1, 14))
     assert {line for line, r in records.items() if r["status"] == "done"} == {1, 12, 13}

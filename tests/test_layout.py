@@ -64,12 +64,26 @@ def test_no_import_circles():
 def test_the_library_does_not_import_the_layers_above_it():
     mods = modules()
     above = ("imageprompt.cli", "imageprompt.demo", "imageprompt.jobs", "imageprompt.bench", "imageprompt.world")
-    # imageprompt.testing builds tiny models for the tests and benchmarks, with the world's tokenizer writer
-    support = ("imageprompt.pipelines", "imageprompt.testing", "imageprompt.__main__")  # __main__: the CLI
+    support = ("imageprompt.pipelines", "imageprompt.__main__")  # __main__: the CLI
     core = [name for name in mods if not name.startswith((*above, *support))]
     for name in core:
         wrong = {m for m in imports(mods[name], set(mods)) if m.startswith((*above, "imageprompt.pipelines"))}
         assert not wrong, f"{name} imports {sorted(wrong)}"
+
+
+def test_the_tiny_model_builders_do_not_import_the_world():
+    """imageprompt.testing(_xl) are library code: the tokenizer writer they need is imageprompt.tokenizer_writer."""
+    import subprocess
+    import sys
+
+    code = ("import sys, imageprompt.testing, imageprompt.testing_xl; "
+            "print(sorted(m for m in sys.modules if m.startswith('imageprompt.world')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    from imageprompt.tokenizer_writer import write_clip_tokenizer
+    from imageprompt.world.tokenizer import write_clip_tokenizer as world_writer
+
+    assert world_writer is write_clip_tokenizer  # the world's users keep their import
 
 
 def test_the_other_front_ends_do_not_import_the_command_line():

@@ -220,14 +220,16 @@ def test_masactrl_on_a_direct_inversion_keeps_the_photo(masa_pipe, noise_image):
 
 
 def test_masactrl_with_an_ip_adapter(masa_pipe):
-    from test_ip_adapter import TINY_ENCODER, official_state_dict, two_images
+    from test_ip_adapter import TINY_ENCODER, two_images
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from imageprompt.testing import ip_adapter_state_dict
 
     torch.manual_seed(1)
     encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_ENCODER)).eval()
     latents = noise(masa_pipe)
     plain = masa_pipe(SOURCE, TARGET, start_step=0, latents=latents, **SAMPLE).images
-    masa_pipe.load_ip_adapter(official_state_dict(masa_pipe.unet, "sd15", encoder.config), image_encoder=encoder)
+    masa_pipe.load_ip_adapter(ip_adapter_state_dict(masa_pipe.unet, "sd15", encoder.config), image_encoder=encoder)
     try:
         image, _ = two_images()
         with_image = masa_pipe(SOURCE, TARGET, start_step=0, latents=latents,

@@ -247,14 +247,14 @@ def test_no_hub_probe_for_local_folders_or_offline(tiny_model, monkeypatch):
         raise AssertionError("the hub was probed")
 
     monkeypatch.setattr(socket, "create_connection", no_network)
-    loading._hub_reachable.cache_clear()
-    monkeypatch.setattr(loading, "_env_offline", lambda: False)
+    loading.hub_reachable.cache_clear()
+    monkeypatch.setattr(loading, "env_offline", lambda: False)
     pipe = load_pipeline(str(tiny_model[0]), str(tiny_model[1]), device="cpu")  # local folders
     assert pipe.model_name == str(tiny_model[0])
-    monkeypatch.setattr(loading, "_env_offline", lambda: True)
+    monkeypatch.setattr(loading, "env_offline", lambda: True)
     with pytest.raises(loading.ModelLoadError, match="HF_HUB_OFFLINE is set"):
         load_pipeline("someone/not-cached", str(tiny_model[1]), device="cpu")
-    loading._hub_reachable.cache_clear()
+    loading.hub_reachable.cache_clear()
 
 
 def test_torchvision_notices_are_silenced():

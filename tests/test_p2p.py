@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from imageprompt.pipelines.loading import load_pipeline
@@ -344,4 +342,7 @@ def test_cli_p2p_errors_before_loading(tmp_path, capsys, args, message):
 
 def test_token_labels(tiny_pipe):
     assert token_labels(tiny_pipe.tokenizer, "a cat") == ["a", "cat"]
-    assert json.dumps(token_labels(tiny_pipe.tokenizer, "zebu"))  # unknown words: their pieces
+    # an unknown word: its pieces, in order, each labelled (none empty), between the known words
+    pieces = token_labels(tiny_pipe.tokenizer, "a zebu cat")
+    assert pieces[0] == "a" and pieces[-1] == "cat" and len(pieces) > 3
+    assert "".join(pieces[1:-1]) == "zebu" and all(pieces)

@@ -101,14 +101,14 @@ def test_without_ray_the_flag_says_how_to_install_it(images, monkeypatch, capsys
 def test_the_driver_counts_each_batch_once_and_each_row_once(images):
     """A row split over batches is done when all its batches are; a batch that comes back twice counts once."""
     from imageprompt.jobs import Item, read_manifest, validate_rows
-    from imageprompt.jobs.ray_backend import _Tally
+    from imageprompt.jobs.ray_backend import BatchTally
 
     jobs = write_jobs(images / "jobs.jsonl", [{"kind": "vary", "image": "red.png", "num": 3},
                                               {"kind": "vary", "image": "blue.jpg"}])
     two, one = validate_rows(read_manifest(jobs), JobDefaults(), images)
     first, second = [Item(two, 0), Item(two, 1)], [Item(two, 2), Item(one, 0)]
     written = []
-    tally = _Tally(first + second, type("W", (), {"write": lambda self, r: written.append(r)})())
+    tally = BatchTally(first + second, type("W", (), {"write": lambda self, r: written.append(r)})())
 
     def done(row, images, seconds):
         return {"line": row.line, "status": "done", "images": images, "seconds": seconds}

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from imageprompt.loading import ModelLoadError
-from imageprompt.testing import resampler_state_dict
+from imageprompt.testing import ip_adapter_state_dict
 
 # tiny encoders shaped like h94/IP-Adapter's: bigG (sdxl_models/image_encoder) and ViT-H (models/image_encoder),
 # every size different from the UNet's cross_attention_dim (80)
@@ -30,29 +30,6 @@ def xl(sdxl_pipe):
 
 
 # ------------------------------------------------------------ official files
-def official_sdxl_state(unet, kind: str, encoder: dict, seed: int = 0) -> dict:
-    """Random tensors under the official IP-Adapter SDXL key names: ``sdxl`` (ip-adapter_sdxl and _vit-h: a
-    Linear to 4 tokens + LayerNorm) or ``plus`` (ip-adapter-plus(-face)_sdxl_vit-h: the Resampler)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=0.2):
-        return torch.randn(*shape, generator=g) * scale
-
-    cross = unet.config.cross_attention_dim
-    if kind == "sdxl":
-        proj = {"proj.weight": rand(4 * cross, encoder["projection_dim"]), "proj.bias": rand(4 * cross),
-                "norm.weight": 1 + rand(cross), "norm.bias": rand(cross)}
-    else:  # the Resampler: 16 queries, heads of 64 (20 heads of 64 in the real SDXL plus; 2 here)
-        proj = resampler_state_dict(rand, encoder["hidden_size"], 128, 2, cross)
-    ip = {}
-    for key_id, name in enumerate(n for n in unet.attn_processors if not n.startswith("encoder_hid_proj.")):
-        if name.endswith("attn2.processor"):  # official ids count every attention layer
-            inner = unet.get_submodule(name[: -len(".processor")]).to_k.out_features
-            ip[f"{key_id}.to_k_ip.weight"] = rand(inner, cross)
-            ip[f"{key_id}.to_v_ip.weight"] = rand(inner, cross)
-    return {"image_proj": proj, "ip_adapter": ip}
-
-
 @pytest.fixture(scope="module")
 def sdxl_adapter_repo(tmp_path_factory, sdxl_pipe):
     """A local folder laid out like h94/IP-Adapter's SDXL part."""
@@ -67,7 +44,8 @@ def sdxl_adapter_repo(tmp_path_factory, sdxl_pipe):
              "ip-adapter_sdxl_vit-h.safetensors": ("sdxl", TINY_VITH, 1),
              "ip-adapter-plus_sdxl_vit-h.safetensors": ("plus", TINY_VITH, 2)}
     for name, (kind, encoder, seed) in files.items():
-        state = official_sdxl_state(sdxl_pipe.unet, kind, encoder, seed)
+        # the Resampler: 16 queries, heads of 64 (20 heads of 64 in the real SDXL plus; 2 here)
+        state = ip_adapter_state_dict(sdxl_pipe.unet, kind, encoder, seed, resampler_dim=128)
         flat = {f"{part}.{k}": v.contiguous() for part in state for k, v in state[part].items()}
         save_file(flat, str(root / "sdxl_models" / name))
     return root

@@ -176,14 +176,16 @@ def test_a_real_photo_reference_through_ddim_inversion(sa_pipe, noise_image):
 
 
 def test_style_aligned_with_an_ip_adapter(sa_pipe):
-    from test_ip_adapter import TINY_ENCODER, official_state_dict, two_images
+    from test_ip_adapter import TINY_ENCODER, two_images
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from imageprompt.testing import ip_adapter_state_dict
 
     torch.manual_seed(1)
     encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_ENCODER)).eval()
     latents = noise(sa_pipe, 3)
     plain = sa_pipe(PROMPTS, latents=latents, **SAMPLE).images
-    sa_pipe.load_ip_adapter(official_state_dict(sa_pipe.unet, "sd15", encoder.config), image_encoder=encoder)
+    sa_pipe.load_ip_adapter(ip_adapter_state_dict(sa_pipe.unet, "sd15", encoder.config), image_encoder=encoder)
     try:
         image, _ = two_images()
         assert np.abs(sa_pipe(PROMPTS, latents=latents, ip_adapter_image=image, **SAMPLE).images - plain).max() > 1e-3

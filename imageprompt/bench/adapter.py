@@ -14,38 +14,12 @@ import torch
 
 from imageprompt.bench.common import measure
 from imageprompt.images import generators
+from imageprompt.testing import ip_adapter_state_dict
 
 VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
              image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu")
 TINY_ENCODER = dict(hidden_size=48, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                     image_size=32, patch_size=8, projection_dim=40)
-
-
-def random_official_state(unet, kind: str, encoder_config, seed: int = 0) -> dict:
-    """Random tensors under the official key names and shapes (sd15 or plus) for ``unet``."""
-    from imageprompt.attention import attention_module, cross_attention_layers
-    from imageprompt.testing import resampler_state_dict
-
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g) * 0.02
-
-    cross = unet.config.cross_attention_dim
-    if kind == "sd15":
-        emb = encoder_config.projection_dim
-        proj = {"proj.weight": rand(4 * cross, emb), "proj.bias": rand(4 * cross),
-                "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
-    else:  # plus: Resampler with 16 queries, depth 4, heads of 64 (SD 1.5: 12 heads, width 768)
-        hid, dim = encoder_config.hidden_size, cross if cross % 64 == 0 else 64
-        heads = dim // 64
-        proj = resampler_state_dict(rand, hid, dim, heads, cross)
-    ip = {}
-    for name, key_id in cross_attention_layers(unet).items():
-        inner = attention_module(unet, name).to_k.out_features
-        ip[f"{key_id}.to_k_ip.weight"] = rand(inner, cross)
-        ip[f"{key_id}.to_v_ip.weight"] = rand(inner, cross)
-    return {"image_proj": proj, "ip_adapter": ip}
 
 
 def _adapter_parts(ctx, kind: str):
@@ -61,7 +35,10 @@ def _adapter_parts(ctx, kind: str):
     if key not in ctx.cache:
         unet = ctx.parts["unet"]
         unet.encoder_hid_proj = None
-        ctx.cache[key] = random_official_state(unet, kind, ctx.cache["ip_encoder"][0].config)
+        # plus: the Resampler with 16 queries, depth 4, heads of 64 (SD 1.5: 12 heads, width 768)
+        cross = unet.config.cross_attention_dim
+        ctx.cache[key] = ip_adapter_state_dict(unet, kind, ctx.cache["ip_encoder"][0].config, scale=0.02,
+                                               resampler_dim=cross if cross % 64 == 0 else 64)
     return ctx.cache[key], ctx.cache["ip_encoder"]
 
 

@@ -14,9 +14,9 @@ import sys
 
 import torch
 
-from imageprompt.bench.adapter import random_official_state
 from imageprompt.bench.common import Context, Result, measure
 from imageprompt.images import generators
+from imageprompt.testing import ip_adapter_state_dict
 
 PROMPT, SOURCE, TARGET = "a photo of a cat", "a photo of a cat on the beach", "a photo of a dog on the beach"
 GUIDANCE = 5.0
@@ -161,24 +161,9 @@ def _adapter_state(ctx, kind: str):
         unet = ctx.parts["unet"]
         unet.encoder_hid_proj = None
         encoder = _vision(ctx, "g" if kind == "sdxl" else "h")[0]
-        state = random_official_state(unet, "sd15", encoder.config)  # the key/value weights, and sdxl's projection
-        if kind == "plus":
-            state["image_proj"] = _resampler(encoder.config.hidden_size, unet.config.cross_attention_dim,
-                                             64 if ctx.tiny else 1280)
-        ctx.cache[key] = state
+        ctx.cache[key] = ip_adapter_state_dict(unet, kind, encoder.config, scale=0.02,
+                                               resampler_dim=64 if ctx.tiny else 1280)
     return ctx.cache[key]
-
-
-def _resampler(hidden: int, cross: int, dim: int) -> dict:
-    """IP-Adapter plus's Resampler weights (16 queries, depth 4, heads of 64), official key names."""
-    g = torch.Generator().manual_seed(2)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g) * 0.02
-
-    from imageprompt.testing import resampler_state_dict
-
-    return resampler_state_dict(rand, hidden, dim, dim // 64, cross)
 
 
 def _copy(state: dict) -> dict:

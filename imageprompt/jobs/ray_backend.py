@@ -304,7 +304,7 @@ class RaySampler:
             PipelineActor, batch_size=1, fn_constructor_kwargs=constructor,
             compute=ray.data.ActorPoolStrategy(size=min(actors, len(batches)), max_tasks_in_flight_per_actor=1),
             **resources)
-        tally = _Tally(pending, writer)
+        tally = BatchTally(pending, writer)
         try:
             for reply in results.iter_rows():
                 batch = int(reply["batch"])
@@ -330,7 +330,7 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "unknown error"
 
 
-class _Tally:
+class BatchTally:
     """Adds up the records of each row over its batches; writes one record per row, once."""
 
     def __init__(self, pending: list[Item], writer):

@@ -13,6 +13,13 @@ from pathlib import Path
 import torch
 
 from imageprompt.images import atomic_write
+from imageprompt.model_identity import (  # noqa: F401 (VISION_KEYS, same_weight: re-exported)
+    VISION_KEYS,
+    encoder_identity,
+    identity_mismatch,
+    same_weight,
+    weight_fingerprint,
+)
 from imageprompt.tuning.lora import LORA_ADAPTER, add_unet_lora, lora_parameters, lora_settings
 from imageprompt.tuning.prompts import (
     DeepVisualPrompts,
@@ -28,44 +35,12 @@ CHECKPOINT_KEY = "imageprompt/sdipc-tuning-checkpoint"
 
 
 # ------------------------------------------------------------ CLIP identity
-def weight_fingerprint(weight: torch.Tensor, count: int = 64) -> dict:
-    """Shape, mean magnitude and ``count`` evenly spaced entries: survives fp16/bf16 casts, not another model."""
-    flat = weight.detach().float().flatten().cpu()
-    index = torch.linspace(0, flat.numel() - 1, count).round().long()
-    return {"shape": list(weight.shape), "abs_mean": flat.abs().mean().item(), "samples": flat[index].tolist()}
-
-
-def same_weight(a: dict, b: dict, rtol: float = 1e-2) -> bool:
-    if a["shape"] != b["shape"] or len(a["samples"]) != len(b["samples"]):
-        return False
-    floor = 1e-3 * max(a["abs_mean"], 1e-12)  # fp16 flushes tiny values; bf16 keeps 8 bits
-    return all(abs(x - y) <= rtol * abs(y) + floor for x, y in zip(a["samples"], b["samples"]))
-
-
-VISION_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
-               "patch_size", "projection_dim")
-
-
 def clip_identity(pipe) -> dict:
-    """What identifies the CLIP a tuning belongs to: vision config and both projections' fingerprints."""
-    cfg = pipe.image_encoder.config
-    return {
-        "vision_config": {k: getattr(cfg, k) for k in VISION_KEYS},
-        "visual_projection": weight_fingerprint(pipe.image_encoder.visual_projection.weight),
-        "text_projection": weight_fingerprint(pipe.converter.text_projection.weight),
-    }
-
-
-def identity_mismatch(made_for: dict, here: dict) -> str | None:
-    """Why ``made_for`` is not ``here``, in words, or None when they match."""
-    if made_for["vision_config"] != here["vision_config"]:
-        diff = {k: (v, here["vision_config"].get(k)) for k, v in made_for["vision_config"].items()
-                if here["vision_config"].get(k) != v}
-        return "vision tower differs (" + ", ".join(f"{k}: {a} in file, {b} here" for k, (a, b) in diff.items()) + ")"
-    for name in ("visual_projection", "text_projection"):
-        if not same_weight(made_for[name], here[name]):
-            return f"same architecture but different weights ({name} differs)"
-    return None
+    """What identifies the CLIP a tuning belongs to: the image encoder's identity
+    (:func:`imageprompt.model_identity.encoder_identity`: vision config, ``visual_projection``) and the
+    fingerprint of the text projection; compared by :func:`~imageprompt.model_identity.identity_mismatch`."""
+    return {**encoder_identity(pipe.image_encoder),
+            "text_projection": weight_fingerprint(pipe.converter.text_projection.weight)}
 
 
 # -------------------------------------------------------------- the file
