@@ -173,12 +173,9 @@ class MutualSelfAttentionController(AttentionEditor):
         tokenizer: the pipeline's CLIP tokenizer (token positions of the mask words).
         source: the source prompt (batch row 0 of each half).
         targets: the target prompt(s), rows 1...
-        start_step: first denoising step (0-based) with mutual self-attention (the paper's ``S``, 4 of 50).
-        start_layer: first self-attention layer (counted as they run, from 0) with it (the paper's ``L``, 10 on
-            SD 1.x); None: :func:`default_start_layer` when attached.
-        mask_words: words of the foreground object (each prompt uses those it contains); None: no masks.
-        mask_threshold: threshold of the normalised cross-attention maps (the authors' 0.1).
-        map_res: latent rows of the cross-attention layers whose maps make the masks (None: ``default_res``).
+        settings: the edit's :class:`MasaCtrlSettings`; or its fields as keyword arguments (``start_step``,
+            ``start_layer``, ``mask_words``, ``mask_threshold``, ``map_res``), from which one is made.
+        length: the text encoder's context length (None: the tokenizer's).
     """
 
     def __init__(self, tokenizer, source: str, targets, start_step: int = START_STEP, start_layer: int | None = None,

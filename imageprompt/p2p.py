@@ -290,19 +290,10 @@ class PromptToPromptController(AttentionEditor):
         tokenizer: the pipeline's CLIP tokenizer (token positions of words).
         source: the source prompt (batch row 0 of the conditional half).
         targets: the edited prompt(s), rows 1.. (for ``reweight``: the source).
-        mode: ``"replace"``, ``"refine"`` or ``"reweight"``.
-        weights: ``{word: multiplier}`` on the target's cross-attention (any mode).
-        blend_words: words whose maps form the local-blend mask (None: no blend).
-        blend_threshold: mask threshold on the normalised maps.
-        blend_exclude: words whose region is removed from the blend mask (the authors' ``substruct_words``).
-        blend_start: fraction of the steps before blending starts (the authors' ``start_blend``;
-            step ``s`` blends when ``s >= int(blend_start * num_steps)``).
-        cross_steps: fraction ``f`` or ``(start, end)`` of the steps with cross-attention control.
-        word_cross_steps: ``{word: fraction or (start, end)}`` overriding ``cross_steps`` per word.
-        self_steps: fraction or ``(start, end)`` of the steps with self-attention replacement.
-        self_res: self-attention is replaced in layers with at most this many latent rows
-            (None: ``default_res`` of :meth:`setup`).
-        map_res: latent rows of the layers whose cross maps are recorded (blend, maps; None: ``default_res``).
+        settings: the edit's :class:`PromptToPromptSettings`; or its fields as keyword arguments (``mode``,
+            ``weights``, ``blend_words``, ...), from which one is made. ``self_res``/``map_res`` left out
+            default to ``default_res`` of :meth:`setup`.
+        length: the text encoder's context length (None: the tokenizer's).
     """
 
     def __init__(self, tokenizer, source: str, targets: str | list[str] | None, mode: str = "replace",

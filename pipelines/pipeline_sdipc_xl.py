@@ -140,8 +140,10 @@ class StableDiffusionXLImagePromptPipeline(ImagePromptMixin, StableDiffusionXLPi
 
     def image_conditioning(self, image, prompt, alpha, device, clip_skip=None) -> dict:
         """SD-IPC's token states and pooled embedding for an image (else the prompt, encoded by diffusers)."""
-        if image is None:
-            return super().image_conditioning(image, prompt, alpha, device, clip_skip)
+        if image is None:  # diffusers' SDXL encodes it (its clip_skip path works on transformers 5)
+            prompts = [p[:MAX_PROMPT_CHARS] for p in ([prompt] if isinstance(prompt, str) else prompt)]
+            self.tokenize(prompts)  # the truncation warning, as for the other paths
+            return {"prompt": prompts}
         images = list(image) if isinstance(image, (list, tuple)) else [image]
         prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
         if prompts is not None and len(prompts) == 1:

@@ -244,3 +244,5 @@ def test_sdxl_vae_latents_statistics_as_in_diffusers(tiny_sdxl):
     ref.set_progress_bar_config(disable=True)
     ours = run(pipe, prompt="a red cat")
     np.testing.assert_allclose(ours, run(ref, prompt="a red cat"), atol=1e-4)
+    np.testing.assert_allclose(run(pipe, prompt="a red cat", clip_skip=1), run(ref, prompt="a red cat", clip_skip=1),
+                               atol=1e-4)
