@@ -135,6 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args``, except that an unknown option is reported with its subcommand's usage
+    (``imageprompt vary IMG --nmu 2`` shows ``vary``'s), not the top-level one."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        command = parser  # the deepest subcommand named, such as `tune online`
+        while True:
+            found = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+            chosen = found and found[0].choices.get(getattr(args, found[0].dest, None))
+            if not chosen:
+                break
+            command = chosen
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def _one_line_warnings(message, category, filename, lineno, file=None, line=None):
     print(f"imageprompt: warning: {message}", file=sys.stderr)
 
@@ -157,7 +173,7 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
