@@ -4,6 +4,8 @@ one Pillow range, the clone on the path, and quiet loads."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,17 @@ def test_the_core_pillow_range_is_one_every_extra_accepts():
             checked += 1
     assert checked, "no installed package to check against"
     assert not ours.contains("13.0.0")  # gradio 6 pins pillow<13: the quick start and the tests share a Pillow
+
+
+# ------------------------------------------- 10. the clone's parent folder
+def test_python_m_imageprompt_beside_a_clone_says_what_to_do(tmp_path):
+    (tmp_path / "imageprompt").symlink_to(REPO, target_is_directory=True)  # a clone named like the package
+    probe = subprocess.run([sys.executable, "-c", "import imageprompt; print(getattr(imageprompt, '__file__', None))"],
+                           cwd=tmp_path, capture_output=True, text=True)
+    if probe.stdout.strip() != "None":
+        pytest.skip("the installed package wins here (not an editable install)")
+    done = subprocess.run([sys.executable, "-m", "imageprompt", "--version"], cwd=tmp_path, capture_output=True,
+                          text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith(f"imageprompt: error: the folder {tmp_path / 'imageprompt'} (a clone?) hides")
+    assert "run the command from another folder" in done.stderr

@@ -123,9 +123,22 @@ def run_sdipc(args) -> int:
 
 
 # ----------------------------------------------------------------- entry
+def check_package() -> None:
+    """Exit with a sentence, not an ``AttributeError``, when ``imageprompt`` was imported as a namespace package:
+    ``python -m imageprompt`` run from the folder that holds a clone named ``imageprompt`` (with an editable
+    install) finds the clone before the package inside it."""
+    import imageprompt
+
+    if not hasattr(imageprompt, "__version__"):
+        where = ", ".join(getattr(imageprompt, "__path__", [])) or "a folder"
+        sys.exit(f"imageprompt: error: the folder {where} (a clone?) hides the installed imageprompt package: "
+                 "run the command from another folder, such as the clone itself")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import imageprompt
 
+    check_package()
     parser = argparse.ArgumentParser(prog="imageprompt", description="Prompt Stable Diffusion with images.")
     parser.add_argument("--version", action="version", version=f"imageprompt {imageprompt.__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
