@@ -4,12 +4,14 @@ one Pillow range, the clone on the path, and quiet loads."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from imageprompt.checkpoints import BUNDLED_MODEL
+from PIL import Image
 
 from imageprompt.cli.main import main
 
@@ -81,3 +83,43 @@ def test_python_m_imageprompt_beside_a_clone_says_what_to_do(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.startswith(f"imageprompt: error: the folder {tmp_path / 'imageprompt'} (a clone?) hides")
     assert "run the command from another folder" in done.stderr
+
+
+# --------------------------------------------------- 6. batch summaries
+@pytest.fixture
+def tiny_load(monkeypatch, tiny_pipe):
+    monkeypatch.setattr("imageprompt.pipelines.loading.load_pipeline", lambda **kwargs: tiny_pipe)
+
+
+def batch(*args) -> int:
+    return main(["batch", *map(str, args), "--steps", "2", "--height", "32", "--width", "32", "--no-progress"])
+
+
+def test_batch_says_why_rows_failed_and_leaves_no_parts_folder(tmp_path, tiny_load, capsys):
+    Image.new("RGB", (40, 40), (220, 30, 30)).save(tmp_path / "red.png")
+    rows = [{"kind": "vary", "image": "red.png"}, {"kind": "vary", "image": "missing.png", "id": "gone"},
+            {"kind": "edit", "image": "red.png", "prompt": " "}, {"kind": "morph", "image": "red.png"},
+            {"kind": "vary", "image": "red.png", "promt": "typo"}]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert batch(tmp_path / "jobs.jsonl", "--out", tmp_path / "out") == 1
+    err = capsys.readouterr().err.splitlines()
+    reasons = [line for line in err if line.startswith("imageprompt: error: row ")]
+    assert [line.split(":")[2] for line in reasons] == [" row 2 (gone)", " row 3", " row 4"], err
+    assert "missing.png" in reasons[0] and "imageprompt: error: ... and 1 more" in err
+    assert not (tmp_path / "out" / ".imageprompt-parts").exists()
+    left = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(left) == 2 and left[0].endswith(".png") and left[1] == "results.jsonl", left
+
+
+def test_a_rerun_that_skips_every_row_reports_its_time_and_no_rate(tmp_path, tiny_load, capsys):
+    Image.new("RGB", (40, 40), (220, 30, 30)).save(tmp_path / "red.png")
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"kind": "vary", "image": "red.png"}) + "\n")
+    assert batch(tmp_path / "jobs.jsonl", "--out", tmp_path / "out") == 0
+    capsys.readouterr()
+    assert batch(tmp_path / "jobs.jsonl", "--out", tmp_path / "out") == 0
+    summary = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "0 done, 1 skipped (already complete)" in summary and "0 images, nothing sampled, " in summary
+    assert "images/s" not in summary
+    seconds = float(summary.split(" s in all")[0].rsplit(" ", 1)[1])
+    assert seconds > 0.0  # the command's time (imports, reading, checking), not the time after them
+    assert not (tmp_path / "out" / ".imageprompt-parts").exists()

@@ -9,12 +9,14 @@ import argparse
 import math
 import os
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+STARTED = time.perf_counter()  # when the command line was imported: the start of a command's "s in all"
 
 
 class CommandError(Exception):

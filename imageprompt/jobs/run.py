@@ -52,9 +52,10 @@ class JobSummary:
         return self.images / self.sampling_seconds if self.sampling_seconds > 0 else 0.0
 
     def __str__(self) -> str:
+        rate = f"{self.images_per_second:.2f} images/s while sampling" if self.images else "nothing sampled"
         return (f"{self.rows} rows: {self.done} done, {self.skipped} skipped (already complete), "
-                f"{self.failed} failed; {self.images} images, {self.images_per_second:.2f} images/s while sampling, "
-                f"{self.seconds:.1f} s in all; results in {self.results}")
+                f"{self.failed} failed; {self.images} images, {rate}, {self.seconds:.1f} s in all; "
+                f"results in {self.results}")
 
 
 class _Progress:
