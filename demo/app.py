@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 import gradio as gr
-from imageprompt.checkpoints import BUNDLED_MODEL
+from imageprompt.checkpoints import BUNDLED_IP_ADAPTER, BUNDLED_MODEL
 from imageprompt.demo.context import DemoContext, load_adapters
 from imageprompt.demo.limits import (
     EXAMPLES_DIR,
@@ -51,7 +51,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "EXAMPLES_DIR", "MAX_FILE_SIZE", "MAX_IMAGES", "MAX_INPUT_PIXELS", "MAX_STEPS", "QUEUE_SIZE", "TABS",
-    "DemoContext", "Tab", "build_demo", "bundled_notice", "launch", "load_adapters", "serve", "startup_message",
+    "DemoContext", "Tab", "build_demo", "bundled_notice", "default_adapters", "launch", "load_adapters", "serve",
+    "startup_message",
 ]
 
 
@@ -154,6 +155,13 @@ def startup_message(local_url: str, share_url: str | None, share: bool) -> str:
     return "\n".join(lines)
 
 
+def default_adapters(model: str) -> list[str]:
+    """The adapters the demo loads when none are named: the bundled IP-Adapter with the bundled model, else none."""
+    if Path(model).expanduser().resolve() == BUNDLED_MODEL.resolve() and BUNDLED_IP_ADAPTER.is_file():
+        return [str(BUNDLED_IP_ADAPTER)]
+    return []
+
+
 def launch(*, model: str | None = None, clip: str | None = None, dtype: str | None = None, device: str | None = None,
            attention: str = "sdpa", scheduler: str | None = "ddim", config: str | None = None,
            vae: str | None = None, clip_2: str | None = None, adapters: list[str] | None = None,
@@ -163,8 +171,8 @@ def launch(*, model: str | None = None, clip: str | None = None, dtype: str | No
     """``imageprompt demo``: load the model, serve the page and wait until interrupted.
 
     Arguments as :func:`imageprompt.loading.load_pipeline`, :func:`load_adapters` (``adapters``: specs like
-    ``--adapter``) and :func:`serve`. The model's notice (the bundled model is used, for instance) is logged to
-    the terminal as well as shown on the page.
+    ``--adapter``; none: :func:`default_adapters`) and :func:`serve`. The model's notice (the bundled model is
+    used, for instance) is logged to the terminal as well as shown on the page.
     """
     import diffusers.utils.logging
     import transformers.utils.logging
@@ -182,7 +190,7 @@ def launch(*, model: str | None = None, clip: str | None = None, dtype: str | No
     transformers.utils.logging.disable_progress_bar()
     pipe = load_pipeline(model=model, clip=clip, dtype=dtype, device=device, attention=attention,
                          scheduler=scheduler, config=config, vae=vae, clip_2=clip_2)
-    specs = list(adapters or [])
+    specs = list(adapters or default_adapters(model))
     loaded = load_adapters(pipe, specs, image_encoder) if specs else []
     demo = build_demo(pipe, notice=notice, scheduler=scheduler, queue_size=max_queue, adapters=loaded,
                       adapter_names=specs)

@@ -43,6 +43,7 @@ from imageprompt.demo.validation import (
     read_image,
 )
 
+from imageprompt.cli.common import DEFAULT_INVERSION
 from imageprompt.images import generators
 
 
@@ -213,10 +214,11 @@ def real_edit_tab(ctx: DemoContext) -> None:
                                 placeholder="e.g. a large red circle in the center on a white background",
                                 elem_id="real-source")
             edit = edit_controls()
-            method = gr.Radio(["null-text", "negative-prompt", "ddim", "direct", "dpl"], value="negative-prompt",
-                              label="Inversion", info="null-text: most faithful, slowest · negative-prompt: fast · "
-                                                      "ddim: plain · direct: exact source, fast · dpl: null-text "
-                                                      "plus learned noun tokens (slower still)")
+            method = gr.Radio(["direct", "null-text", "negative-prompt", "ddim", "dpl"], value=DEFAULT_INVERSION,
+                              label="Inversion", info="direct: exact source, fast, measured best (the default) · "
+                                                      "null-text: faithful, slowest · negative-prompt: fast · "
+                                                      "ddim: plain · dpl: null-text plus learned noun tokens "
+                                                      "(slower still)")
             dpl_words = gr.Textbox(value="", label="DPL nouns", max_lines=1, placeholder="with dpl: e.g. circle square",
                                    info="the nouns of the source prompt whose tokens DPL learns",
                                    elem_id="real-dpl-words")

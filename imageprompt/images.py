@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -102,10 +103,11 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def atomic_write(path: str | os.PathLike, write, mode: str = "wb") -> Path:
+def atomic_write(path: str | os.PathLike, write, mode: str = "wb", replace: bool = True) -> Path:
     """Call ``write(handle)`` on a temporary file beside ``path``, then rename it into place.
 
-    Readers never see a partial file, and a failure leaves nothing behind. The file gets the mode
+    Readers never see a partial file, and a failure leaves nothing behind. With ``replace=False`` an
+    existing ``path`` is never replaced: ``FileExistsError``, and the temporary file is removed. The file gets the mode
     a plain ``open(path, "w")`` would give it (``0o666`` less the umask), not ``mkstemp``'s ``0o600``:
     the temporary file is given that mode before anything is written, and the rename keeps it.
     """
@@ -118,18 +120,37 @@ def atomic_write(path: str | os.PathLike, write, mode: str = "wb") -> Path:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _rename_no_replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict) -> Path:
-    """Write ``image`` to ``path`` atomically, with ``parameters`` as JSON in the ``parameters`` text chunk."""
+def _rename_no_replace(tmp: str, path: Path) -> None:
+    """Move ``tmp`` to ``path`` unless ``path`` exists (``FileExistsError``): a hard link, which never replaces,
+    where the file system has them; else a check, then the rename."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "file exists", str(path)) from None
+    except OSError:  # no hard links here (some network and FAT file systems)
+        if path.exists():
+            raise FileExistsError(errno.EEXIST, "file exists", str(path)) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict, replace: bool = True) -> Path:
+    """Write ``image`` to ``path`` atomically, with ``parameters`` as JSON in the ``parameters`` text chunk
+    (``replace=False``: never over an existing file, see :func:`atomic_write`)."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", json.dumps(parameters, sort_keys=True))
-    return atomic_write(path, lambda handle: image.save(handle, format="PNG", pnginfo=info))
+    return atomic_write(path, lambda handle: image.save(handle, format="PNG", pnginfo=info), replace=replace)
 
 
 def loaded_extras(pipe) -> dict:

@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from imageprompt.checkpoints import BUNDLED_MODEL
+from imageprompt.checkpoints import BUNDLED_IP_ADAPTER, BUNDLED_MODEL
 from PIL import Image
 
 from imageprompt.cli.main import main
+from imageprompt.images import read_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 RED_CIRCLE = REPO / "demo" / "examples" / "red-circle.png"
@@ -123,3 +124,113 @@ def test_a_rerun_that_skips_every_row_reports_its_time_and_no_rate(tmp_path, tin
     seconds = float(summary.split(" s in all")[0].rsplit(" ", 1)[1])
     assert seconds > 0.0  # the command's time (imports, reading, checking), not the time after them
     assert not (tmp_path / "out" / ".imageprompt-parts").exists()
+
+
+# ------------------------------------------------ 1. nothing overwritten
+@pytest.fixture
+def tiny_args(tiny_model):
+    model_dir, clip_dir = tiny_model
+    return ["--model", str(model_dir), "--clip", str(clip_dir), "--steps", "2", "--device", "cpu"]
+
+
+@pytest.fixture
+def photo(tmp_path):
+    path = tmp_path / "ref.png"
+    Image.new("RGB", (48, 40), (220, 30, 30)).save(path)
+    return path
+
+
+def test_vary_names_carry_the_method_and_never_replace_a_file(tmp_path, photo, tiny_args, capsys):
+    out = tmp_path / "out"
+    code, first, err = run_cli(["vary", photo, "--seed", 9, "--out", out, *tiny_args], capsys)
+    assert code == 0, err
+    assert first.split() == [str(out / "ref-vary-9.png")]
+    before = (out / "ref-vary-9.png").read_bytes()
+    code, second, err = run_cli(["vary", photo, "--seed", 9, "--num", 2, "--out", out, *tiny_args], capsys)
+    assert code == 0, err
+    assert second.split() == [str(out / "ref-vary-9_2.png"), str(out / "ref-vary-10_2.png")]  # one suffix a run
+    assert (out / "ref-vary-9.png").read_bytes() == before
+    code, third, err = run_cli(["vary", photo, "--seed", 9, "--adapter", "sdipc", "--out", out, *tiny_args], capsys)
+    assert code == 0, err
+    assert third.split() == [str(out / "ref-adapter-vary-9.png")]
+    code, fourth, err = run_cli(["vary", photo, "--seed", 9, "--steps", 1, "--overwrite", "--out", out,
+                                 *tiny_args[:-4], "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert fourth.split() == [str(out / "ref-vary-9.png")] and read_parameters(out / "ref-vary-9.png")["steps"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["ref-adapter-vary-9.png", "ref-vary-10_2.png", "ref-vary-9.png",
+                                                     "ref-vary-9_2.png"]
+
+
+def test_a_second_p2p_edit_of_a_photo_keeps_the_first(tmp_path, photo, tiny_args, capsys):
+    out = tmp_path / "out"
+    edit = ["p2p", "--image", photo, "--source", "a red square", "--target", "a blue square", "--out", out,
+            "--save-attention", out / "maps.png", "--height", 32, "--width", 32, *tiny_args]
+    code, first, err = run_cli(edit, capsys)
+    assert code == 0, err
+    assert first.split() == [str(out / n) for n in ("ref-source.png", "ref-edit.png", "maps.png")]
+    code, second, err = run_cli(edit, capsys)
+    assert code == 0, err
+    assert second.split() == [str(out / n) for n in ("ref-source_2.png", "ref-edit_2.png", "maps_2.png")]
+    assert read_parameters(out / "ref-edit.png")["target"] == "a blue square"
+    assert read_parameters(out / "ref-edit.png")["invert"] == "direct"  # 3. the default that measures best
+
+
+def test_a_file_that_appears_while_writing_is_never_replaced(tmp_path):
+    from imageprompt.cli.common import CommandError, write_outputs
+
+    (tmp_path / "a.png").write_bytes(b"theirs")
+    with pytest.raises(CommandError, match="a.png: written by something else while this command ran"):
+        write_outputs([Image.new("RGB", (4, 4))], tmp_path, ["a.png"], [{}])
+    assert (tmp_path / "a.png").read_bytes() == b"theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+    write_outputs([Image.new("RGB", (4, 4))], tmp_path, ["a.png"], [{}], overwrite=True)
+    assert read_parameters(tmp_path / "a.png") == {}
+
+
+# ------------------------------- 3. the demo: bundled adapter, one inversion default
+def test_one_inversion_default_everywhere():
+    pytest.importorskip("gradio")
+    from imageprompt.cli.common import DEFAULT_INVERSION
+    from imageprompt.cli.main import build_parser
+
+    assert DEFAULT_INVERSION == "direct"
+    p2p = build_parser()._subparsers._group_actions[0].choices["p2p"]
+    assert "default direct" in p2p.format_help().replace("\n", " ").replace("  ", " ")
+
+
+def test_the_demos_real_image_tab_defaults_to_direct_inversion(tiny_pipe):
+    gr = pytest.importorskip("gradio")
+    from imageprompt.demo.app import build_demo
+
+    demo = build_demo(tiny_pipe, default_steps=2)
+    try:
+        radios = [b for b in demo.blocks.values() if isinstance(b, gr.Radio) and b.label == "Inversion"]
+        assert [r.value for r in radios] == ["direct"] and radios[0].choices[0][0] == "direct"
+    finally:
+        demo.close()
+
+
+def test_the_demo_loads_the_bundled_adapter_with_the_bundled_model(monkeypatch):
+    pytest.importorskip("gradio")
+    import imageprompt.demo.app as app
+    import imageprompt.pipelines.loading
+    from imageprompt.checkpoints import BUNDLED_CLIP
+
+    import imageprompt.loading
+
+    class Stop(Exception):
+        pass
+
+    def build_demo(pipe, adapter_names, **kwargs):
+        raise Stop(adapter_names)
+
+    loaded = []
+    bundled = (str(BUNDLED_MODEL), str(BUNDLED_CLIP), None)
+    monkeypatch.setattr(imageprompt.loading, "resolve_model", lambda model, clip: bundled)
+    monkeypatch.setattr(imageprompt.pipelines.loading, "load_pipeline", lambda **kwargs: "pipe")
+    monkeypatch.setattr(app, "load_adapters", lambda pipe, specs, encoder: loaded.append((specs, encoder)) or ["a"])
+    monkeypatch.setattr(app, "build_demo", build_demo)
+    with pytest.raises(Stop) as stop:
+        app.launch(device="cpu", port=None)
+    assert stop.value.args[0] == [str(BUNDLED_IP_ADAPTER)] and loaded == [([str(BUNDLED_IP_ADAPTER)], None)]
+    assert app.default_adapters("stable-diffusion-v1-5/stable-diffusion-v1-5") == []
+    assert app.default_adapters(str(BUNDLED_MODEL) + "/") == [str(BUNDLED_IP_ADAPTER)]

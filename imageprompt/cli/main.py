@@ -27,6 +27,7 @@ from imageprompt.cli.common import (
     cap_prompt_options,
     check_out_dir,
     finite_float,
+    free_names,
     load_pipeline_from_args,
     user_errors,
     warn_unknown_words,
@@ -103,8 +104,7 @@ def run_sdipc(args) -> int:
     adapter = apply_adapter_options(pipe, args, image)
     params.update(adapter["parameters"])
 
-    stem = Path(args.image).stem
-    kind = "vary" if args.method == "sdipc-variation" else "edit"
+    names = free_names(out_dir, output_names(args, seed), args.overwrite)
     done = []
     for start in range(0, args.num, args.batch_size):
         count = min(args.batch_size, args.num - start)
@@ -115,11 +115,21 @@ def run_sdipc(args) -> int:
         result = pipe(**{**call, **adapter["pipeline"]})
         seeds = [seed + start + i for i in range(count)]
         metas = [dict(params, seed=s, width=im.size[0], height=im.size[1]) for s, im in zip(seeds, result.images)]
-        names = [f"{stem}-{kind}-{s}.png" for s in seeds]
-        done += write_outputs(result.images, out_dir, names, metas)
+        done += write_outputs(result.images, out_dir, names[start:start + count], metas, args.overwrite)
     for path in done:
         print(path)
     return 0
+
+
+def output_names(args, seed: int) -> list[str]:
+    """``INPUT-KIND-SEED.png`` per image, KIND naming what made it: ``vary``/``edit`` (SD-IPC), ``adapter-vary``/
+    ``adapter-edit`` (with --adapter), with ``-tuned`` after it for tuned SD-IPC (--tuned, --online-steps)."""
+    kind = "vary" if args.method == "sdipc-variation" else "edit"
+    if getattr(args, "adapter", None):
+        kind = f"adapter-{kind}"
+    if getattr(args, "tuned", None) or getattr(args, "online_steps", None):
+        kind = f"{kind}-tuned"
+    return [f"{Path(args.image).stem}-{kind}-{seed + i}.png" for i in range(args.num)]
 
 
 # ----------------------------------------------------------------- entry

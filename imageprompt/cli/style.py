@@ -14,6 +14,7 @@ from imageprompt.cli.common import (
     cap_prompt_options,
     check_out_dir,
     finite_float,
+    free_names,
     load_pipeline_from_args,
     positive_float,
     warn_unknown_words,
@@ -115,8 +116,9 @@ def run_style_aligned(args) -> int:
 
     # 4. Outputs: the reference (reconstruction, for a photo) first, then one image per prompt
     names = [f"style-reference-{seed}.png"] + [f"style-{i}-{seed}.png" for i in range(1, len(prompts))]
+    names = free_names(out_dir, names, args.overwrite)
     metas = [dict(params, role="reference" if i == 0 else "image", prompt=p, index=i, width=im.size[0],
                   height=im.size[1]) for i, (p, im) in enumerate(zip(prompts, result.images))]
-    for path in write_outputs(result.images, out_dir, names, metas):
+    for path in write_outputs(result.images, out_dir, names, metas, args.overwrite):
         print(path)
     return 0
