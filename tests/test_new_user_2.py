@@ -234,3 +234,31 @@ def test_the_demo_loads_the_bundled_adapter_with_the_bundled_model(monkeypatch):
     assert stop.value.args[0] == [str(BUNDLED_IP_ADAPTER)] and loaded == [([str(BUNDLED_IP_ADAPTER)], None)]
     assert app.default_adapters("stable-diffusion-v1-5/stable-diffusion-v1-5") == []
     assert app.default_adapters(str(BUNDLED_MODEL) + "/") == [str(BUNDLED_IP_ADAPTER)]
+
+
+# ------------------------------------------------------------- 5. eval
+def test_eval_help_lists_the_measurements_and_defaults(capsys):
+    from imageprompt.world.evaluate import MEASUREMENTS
+
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert stop.value.code == 0
+    for name in MEASUREMENTS:
+        assert f"'{name}'" in text, name
+    for default in ("(default 30; --quick: 6)", "(default 2; --quick: 1)", "(default 25; --quick: 12)",
+                    "(default 7.5)", "(default 0.5)"):
+        assert default in text, default
+
+
+def test_eval_refuses_an_unknown_measurement_before_loading(monkeypatch, capsys):
+    import imageprompt.world.evaluate as evaluate
+
+    def load(*args, **kwargs):
+        raise AssertionError("loaded a model")
+
+    monkeypatch.setattr(evaluate, "load_bundled", load)
+    monkeypatch.setattr("imageprompt.pipelines.loading.load_pipeline", load)
+    code, _, err = run_cli(["eval", "--only", "SD-IPC edit", "--only", "bogus"], capsys)
+    assert code == 1 and err.startswith("imageprompt: error: --only 'bogus': no such measurement; known: ")
+    assert "'SD-IPC variation'" in err
