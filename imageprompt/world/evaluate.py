@@ -269,7 +269,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance-scale", type=float, help=f"classifier-free guidance ({default('guidance_scale')})")
     parser.add_argument("--alpha", type=float,
                         help=f"SD-IPC edit: weight of the text at positions EOS..76 ({default('alpha')})")
-    parser.add_argument("--seed", type=int, help=f"first seed of the fixed sets ({default('seed')})")
+    parser.add_argument("--seed", type=int, help=f"random seed ({default('seed')})")
     parser.add_argument("--model", help="default: the bundled shapes-world model")
     parser.add_argument("--clip", help="default: the bundled shapes-world CLIP")
     parser.add_argument("--device", default="cpu", help="default cpu")
