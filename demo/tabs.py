@@ -43,7 +43,7 @@ from imageprompt.demo.validation import (
     read_image,
 )
 
-from imageprompt.cli.common import DEFAULT_INVERSION
+from imageprompt import DEFAULT_INVERSION
 from imageprompt.images import generators
 
 

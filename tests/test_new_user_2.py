@@ -189,7 +189,7 @@ def test_a_file_that_appears_while_writing_is_never_replaced(tmp_path):
 # ------------------------------- 3. the demo: bundled adapter, one inversion default
 def test_one_inversion_default_everywhere():
     pytest.importorskip("gradio")
-    from imageprompt.cli.common import DEFAULT_INVERSION
+    from imageprompt import DEFAULT_INVERSION
     from imageprompt.cli.main import build_parser
 
     assert DEFAULT_INVERSION == "direct"

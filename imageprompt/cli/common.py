@@ -16,9 +16,6 @@ from pathlib import Path
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
-# How a real photo is inverted unless told otherwise, in the command line and the demo alike: Direct Inversion
-# measures best on the bundled model (31.8 dB reconstruction, 90% edit success; docs/prompt-to-prompt.md).
-DEFAULT_INVERSION = "direct"
 STARTED = time.perf_counter()  # when the command line was imported: the start of a command's "s in all"
 
 

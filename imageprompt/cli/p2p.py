@@ -7,9 +7,9 @@ import math
 import random
 from pathlib import Path
 
+from imageprompt import DEFAULT_INVERSION
 from imageprompt.cli.adapter import add_adapter_options, apply_adapter_options, check_adapter_options
 from imageprompt.cli.common import (
-    DEFAULT_INVERSION,
     CommandError,
     add_model_options,
     add_sampling_options,
