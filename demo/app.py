@@ -47,6 +47,8 @@ from imageprompt.demo.limits import (
 from imageprompt.demo.tabs import TABS, Tab
 from imageprompt.demo.validation import readable_numbers, set_debug
 
+from imageprompt.progress import SAMPLING, label
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -110,6 +112,7 @@ def build_demo(
         tabs: the tabs to offer (default :data:`TABS`); those whose capability is missing are left out.
     """
     pipe = pipe_or_loader if hasattr(pipe_or_loader, "unet") else pipe_or_loader()
+    label(pipe, SAMPLING)  # the page's progress says what runs (inverting, where a tab inverts a photo)
     model_name = model_name or getattr(pipe, "model_name", None) or "(unnamed model)"
     folder = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="imageprompt-demo-"))
     folder.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from imageprompt.demo.validation import (
 )
 
 from imageprompt.images import generators
+from imageprompt.progress import INVERTING, SAMPLING, label, labelled
 
 MAX_SET = 8  # images in one StyleAligned set, the reference included
 
@@ -90,8 +91,8 @@ def style_pipeline(ctx: DemoContext, ddim: bool = False):
         from imageprompt.pipelines import StableDiffusionStyleAlignedPipeline
 
         scheduler = DDIMScheduler if ddim else type(ctx.pipe.scheduler)
-        ctx.pipelines[key] = StableDiffusionStyleAlignedPipeline.from_pipe(
-            ctx.pipe, scheduler=scheduler.from_config(ctx.pipe.scheduler.config))
+        ctx.pipelines[key] = label(StableDiffusionStyleAlignedPipeline.from_pipe(
+            ctx.pipe, scheduler=scheduler.from_config(ctx.pipe.scheduler.config)), SAMPLING)
     return ctx.pipelines[key]
 
 
@@ -129,7 +130,8 @@ def style_aligned_tab(ctx: DemoContext) -> None:
         pipe = style_pipeline(ctx, ddim=bool(photo_path))
         if photo_path:
             image, about = read_image(ctx, photo_path, "a reference photo")
-            inversion = pipe.invert_reference(image, lines[0], sampling.steps, sampling.height, sampling.width)
+            with labelled(pipe, INVERTING):
+                inversion = pipe.invert_reference(image, lines[0], sampling.steps, sampling.height, sampling.width)
         params = parameters(ctx, "style-aligned", sampling, prompts=lines, keys_scale=scale,
                             share_group_norm=bool(share_norm), **about)
         result = pipe(lines, inversion=inversion, keys_scale=scale, share_group_norm=bool(share_norm),

@@ -45,6 +45,7 @@ from imageprompt.demo.validation import (
 
 from imageprompt import DEFAULT_INVERSION
 from imageprompt.images import generators
+from imageprompt.progress import INVERTING, labelled
 
 
 # ----------------------------------------------------------------- SD-IPC
@@ -250,8 +251,9 @@ def real_edit_tab(ctx: DemoContext) -> None:
                             inner_steps=inner_steps if method in ("null-text", "dpl") else None,
                             **({"dpl_words": nouns} if nouns else {}), **settings, **about)
         pipe = p2p_pipeline(ctx, ddim=True)
-        inversion = pipe.invert(photo, settings["source_prompt"], method, sampling.steps, sampling.guidance,
-                                sampling.height, sampling.width, num_inner_steps=inner_steps, words=nouns)
+        with labelled(pipe, INVERTING):
+            inversion = pipe.invert(photo, settings["source_prompt"], method, sampling.steps, sampling.guidance,
+                                    sampling.height, sampling.width, num_inner_steps=inner_steps, words=nouns)
         result = pipe(**settings, inversion=inversion, negative_prompt=sampling.negative_prompt,
                       height=sampling.height, width=sampling.width, num_inference_steps=sampling.steps,
                       guidance_scale=sampling.guidance)

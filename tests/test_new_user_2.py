@@ -262,3 +262,56 @@ def test_eval_refuses_an_unknown_measurement_before_loading(monkeypatch, capsys)
     code, _, err = run_cli(["eval", "--only", "SD-IPC edit", "--only", "bogus"], capsys)
     assert code == 1 and err.startswith("imageprompt: error: --only 'bogus': no such measurement; known: ")
     assert "'SD-IPC variation'" in err
+
+
+# ------------------------------------------------------- 2. labelled progress
+def bar_labels(err: str) -> list[str]:
+    """The labels of the tqdm bars in ``err``, in order of first appearance."""
+    import re
+
+    labels = []
+    for label in re.findall(r"(?:^|\r|\n)([A-Za-z][A-Za-z ()-]*): +\d+%\|", err):
+        if label not in labels:
+            labels.append(label)
+    return labels
+
+
+def test_p2p_of_a_photo_says_what_each_phase_does(tmp_path, photo, tiny_args, capsys):
+    code, _, err = run_cli(["p2p", "--image", photo, "--source", "a red square", "--target", "a blue square",
+                            "--invert", "null-text", "--inner-steps", 1, "--out", tmp_path / "out", *tiny_args],
+                           capsys)
+    assert code == 0, err
+    assert err.startswith(f"imageprompt: loading {tiny_args[1]} ...\n")
+    assert bar_labels(err) == ["inverting (DDIM)", "inverting (null-text)", "sampling"], err
+
+
+def test_vary_labels_its_sampling_bar(tmp_path, photo, tiny_args, capsys):
+    code, _, err = run_cli(["vary", photo, "--out", tmp_path / "out", *tiny_args], capsys)
+    assert code == 0, err
+    assert bar_labels(err) == ["sampling"], err
+
+
+def test_batch_labels_its_bar_with_the_phase(tmp_path, tiny_load, capsys):
+    Image.new("RGB", (40, 40), (220, 30, 30)).save(tmp_path / "red.png")
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"kind": "vary", "image": "red.png"}) + "\n")
+    assert main(["batch", str(tmp_path / "jobs.jsonl"), "--out", str(tmp_path / "out"), "--steps", "2",
+                 "--height", "32", "--width", "32"]) == 0
+    err = capsys.readouterr().err
+    assert "loading: " in err and "sampling: 100%" in err and "batch: " not in err.replace("imageprompt: batch: ", "")
+
+
+def test_the_demos_pipelines_label_their_bars(tiny_pipe):
+    pytest.importorskip("gradio")
+    from imageprompt.demo.app import build_demo
+    from imageprompt.demo.context import p2p_pipeline
+
+    from imageprompt.progress import bar_settings
+
+    demo = build_demo(tiny_pipe, default_steps=2)
+    try:
+        ctx = demo.imageprompt_context
+        assert bar_settings(ctx.pipe) == {"disable": True, "desc": "sampling"}  # the test's settings are kept
+        assert bar_settings(p2p_pipeline(ctx, ddim=True))["desc"] == "sampling"
+    finally:
+        demo.close()
+        tiny_pipe.set_progress_bar_config(disable=True)

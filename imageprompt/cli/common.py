@@ -110,10 +110,12 @@ def load_pipeline_from_args(args):
     import transformers.utils.logging
 
     from imageprompt.pipelines.loading import load_pipeline
+    from imageprompt.progress import LOADING, say
 
-    # the sampling bar is the one the user wants to see; the loading bars are noise
+    # the sampling bar is the one the user wants to see; the loading bars are noise: one line says what loads
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    say(LOADING, args.model or "the default model")
     return load_pipeline(model=args.model, clip=args.clip, dtype=args.dtype, device=args.device,
                          attention=args.attention, scheduler=args.scheduler, config=args.config,
                          vae=getattr(args, "vae", None), clip_2=getattr(args, "clip_2", None))

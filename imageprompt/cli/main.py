@@ -34,6 +34,7 @@ from imageprompt.cli.common import (
     write_outputs,
 )
 from imageprompt.images import generators
+from imageprompt.progress import SAMPLING, labelled
 
 # Modules that add subcommands (each defines register(subparsers)); kept import-light.
 COMMAND_MODULES = [
@@ -112,7 +113,8 @@ def run_sdipc(args) -> int:
                     negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                     guidance_scale=args.guidance, num_images_per_prompt=count, height=args.height,
                     width=args.width, generator=generators(seed + start, count))
-        result = pipe(**{**call, **adapter["pipeline"]})
+        with labelled(pipe, SAMPLING):
+            result = pipe(**{**call, **adapter["pipeline"]})
         seeds = [seed + start + i for i in range(count)]
         metas = [dict(params, seed=s, width=im.size[0], height=im.size[1]) for s, im in zip(seeds, result.images)]
         done += write_outputs(result.images, out_dir, names[start:start + count], metas, args.overwrite)

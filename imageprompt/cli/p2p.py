@@ -25,6 +25,7 @@ from imageprompt.cli.common import (
     write_outputs,
 )
 from imageprompt.images import generators
+from imageprompt.progress import INVERTING, SAMPLING, labelled
 
 INVERSIONS = ("direct", "null-text", "negative-prompt", "ddim", "dpl")
 REPLACE_NEGATIVE = ("null-text", "negative-prompt", "dpl")  # inversions that replace the unconditional branch
@@ -196,18 +197,20 @@ def run_p2p(args) -> int:
     # 3. Inversion of a real photo, then the edit
     inversion = None
     if photo is not None:
-        inversion = pipe.invert(photo, args.source, method, args.steps, args.guidance, args.height, args.width,
-                                num_inner_steps=args.inner_steps, words=args.dpl_words)
-    result = pipe(args.source, None if args.mode == "reweight" else target, mode=args.mode, weights=weights or None,
-                  blend_words=args.blend, blend_threshold=args.blend_threshold, blend_exclude=args.blend_exclude,
-                  blend_start=args.blend_start, cross_steps=cross_steps,
-                  word_cross_steps=word_cross_steps or None, self_steps=args.self_steps, self_res=args.self_res,
-                  map_res=args.map_res, start_step=args.start_step, start_layer=args.start_layer,
-                  mask_words=args.mask, image=reference, alpha=args.alpha, inversion=inversion,
-                  image_mode="variation" if args.variation_source else "edit",
-                  negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                  num_inference_steps=args.steps, guidance_scale=args.guidance,
-                  generator=None if inversion is not None else generators(seed, 1), **adapter["pipeline"])
+        with labelled(pipe, INVERTING):
+            inversion = pipe.invert(photo, args.source, method, args.steps, args.guidance, args.height, args.width,
+                                    num_inner_steps=args.inner_steps, words=args.dpl_words)
+    with labelled(pipe, SAMPLING):
+        result = pipe(args.source, None if args.mode == "reweight" else target, mode=args.mode, weights=weights or None,
+                      blend_words=args.blend, blend_threshold=args.blend_threshold, blend_exclude=args.blend_exclude,
+                      blend_start=args.blend_start, cross_steps=cross_steps,
+                      word_cross_steps=word_cross_steps or None, self_steps=args.self_steps, self_res=args.self_res,
+                      map_res=args.map_res, start_step=args.start_step, start_layer=args.start_layer,
+                      mask_words=args.mask, image=reference, alpha=args.alpha, inversion=inversion,
+                      image_mode="variation" if args.variation_source else "edit",
+                      negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                      num_inference_steps=args.steps, guidance_scale=args.guidance,
+                      generator=None if inversion is not None else generators(seed, 1), **adapter["pipeline"])
 
     # 4. Outputs
     stem = Path(args.image).stem if args.image else "p2p"

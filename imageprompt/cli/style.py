@@ -21,6 +21,7 @@ from imageprompt.cli.common import (
     write_outputs,
 )
 from imageprompt.images import generators
+from imageprompt.progress import INVERTING, SAMPLING, labelled
 
 
 def register(subparsers) -> None:
@@ -106,13 +107,15 @@ def run_style_aligned(args) -> int:
     # 3. Inversion of the reference photo, then the set
     inversion = None
     if photo is not None:
-        inversion = pipe.invert_reference(photo, args.reference_prompt, args.steps, args.height, args.width)
-    result = pipe(prompts, image=sdipc, alpha=args.alpha, inversion=inversion, adain_queries=not args.no_adain,
-                  adain_keys=not args.no_adain, keys_scale=args.keys_scale, score_shift=args.score_shift,
-                  share_group_norm=args.share_group_norm, reference_offset=args.reference_offset,
-                  negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                  num_inference_steps=args.steps, guidance_scale=args.guidance,
-                  generator=generators(seed, len(prompts)), **adapter["pipeline"])
+        with labelled(pipe, INVERTING):
+            inversion = pipe.invert_reference(photo, args.reference_prompt, args.steps, args.height, args.width)
+    with labelled(pipe, SAMPLING):
+        result = pipe(prompts, image=sdipc, alpha=args.alpha, inversion=inversion, adain_queries=not args.no_adain,
+                      adain_keys=not args.no_adain, keys_scale=args.keys_scale, score_shift=args.score_shift,
+                      share_group_norm=args.share_group_norm, reference_offset=args.reference_offset,
+                      negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                      num_inference_steps=args.steps, guidance_scale=args.guidance,
+                      generator=generators(seed, len(prompts)), **adapter["pipeline"])
 
     # 4. Outputs: the reference (reconstruction, for a photo) first, then one image per prompt
     names = [f"style-reference-{seed}.png"] + [f"style-{i}-{seed}.png" for i in range(1, len(prompts))]
