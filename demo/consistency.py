@@ -17,6 +17,7 @@ from imageprompt.demo.validation import (
     check_sampling,
     check_words,
     checked_number,
+    notify_fitted,
     optional_prompt,
     page_error,
     read_image,
@@ -130,6 +131,7 @@ def style_aligned_tab(ctx: DemoContext) -> None:
         pipe = style_pipeline(ctx, ddim=bool(photo_path))
         if photo_path:
             image, about = read_image(ctx, photo_path, "a reference photo")
+            notify_fitted(ctx, image, about, sampling)
             with labelled(pipe, INVERTING):
                 inversion = pipe.invert_reference(image, lines[0], sampling.steps, sampling.height, sampling.width)
         params = parameters(ctx, "style-aligned", sampling, prompts=lines, keys_scale=scale,

@@ -38,6 +38,7 @@ from imageprompt.demo.validation import (
     check_sampling,
     check_words,
     checked_number,
+    notify_fitted,
     optional_prompt,
     page_error,
     read_image,
@@ -67,6 +68,7 @@ def variation_tab(ctx: DemoContext) -> None:
         picture, source = read_image(ctx, image)
         sampling = check_sampling(ctx, num_images=num_images, steps=steps, guidance=guidance, seed=seed, width=width,
                                   height=height, negative_prompt=negative_prompt)
+        notify_fitted(ctx, picture, source)
         params = parameters(ctx, "sdipc-variation", sampling, **source)
         return sample(ctx, "sdipc-variation", dict(image=picture), sampling, params)
 
@@ -97,6 +99,7 @@ def edit_tab(ctx: DemoContext) -> None:
         sampling = check_sampling(ctx, num_images=num_images, steps=steps, guidance=guidance, seed=seed, width=width,
                                   height=height, negative_prompt=negative_prompt)
         alpha = checked_number("Alpha", alpha, float, 0.0, 2.0)
+        notify_fitted(ctx, picture, source)
         params = parameters(ctx, "sdipc-edit", sampling, prompt=prompt, alpha=alpha, **source)
         return sample(ctx, "sdipc-edit", dict(image=picture, prompt=prompt, alpha=alpha), sampling, params)
 
@@ -132,6 +135,7 @@ def ip_adapter_tab(ctx: DemoContext) -> None:
     def ip_adapter(image, prompt, scale, num_images, steps, guidance, seed, width, height, negative_prompt,
                    begin=0.0, end=1.0, content="", progress=gr.Progress(track_tqdm=True)):
         picture, source = read_image(ctx, image, "an image prompt")
+        notify_fitted(ctx, picture, source)
         sampling = check_sampling(ctx, num_images=num_images, steps=steps, guidance=guidance, seed=seed, width=width,
                                   height=height, negative_prompt=negative_prompt)
         text = optional_prompt(prompt, "the text prompt")
@@ -247,6 +251,7 @@ def real_edit_tab(ctx: DemoContext) -> None:
         sampling = check_sampling(ctx, steps=steps, guidance=guidance, width=width, height=height,
                                   negative_prompt=negative_prompt)
         inner_steps = checked_number("Null-text inner steps", inner_steps, int, 1, 20)
+        notify_fitted(ctx, photo, about, sampling)
         params = parameters(ctx, "p2p", sampling, invert=method, scheduler="ddim",
                             inner_steps=inner_steps if method in ("null-text", "dpl") else None,
                             **({"dpl_words": nouns} if nouns else {}), **settings, **about)

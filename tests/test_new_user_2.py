@@ -315,3 +315,57 @@ def test_the_demos_pipelines_label_their_bars(tiny_pipe):
     finally:
         demo.close()
         tiny_pipe.set_progress_bar_config(disable=True)
+
+
+# ----------------------------------------------------- 8. resized or cropped
+def test_resize_and_crop_notices_say_how():
+    from types import SimpleNamespace
+
+    from imageprompt.images import crop_notice, resize_notice
+
+    assert resize_notice("--image a.png", (640, 480), (64, 64)) == (
+        "--image a.png (640x480) is resized to 64x64, stretched from 4:3 to 1:1 (not cropped); give --width and "
+        "--height in its proportions to keep its shape")
+    assert resize_notice("a.png", (640, 480), (64, 48)) == "a.png (640x480) is resized to 64x48"
+    assert resize_notice("a.png", (64, 64), (64, 64)) is None
+    clip = SimpleNamespace(do_center_crop=True, size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    assert crop_notice("a.png", (640, 480), clip) == (
+        "a.png (640x480): the image encoder sees its centre 480x480, scaled to 224x224; the left and right edges "
+        "are cropped")
+    assert "centre 300x300" in crop_notice("b.png", (300, 900), clip) and "top and bottom edges" in \
+        crop_notice("b.png", (300, 900), clip)
+    assert crop_notice("a.png", (64, 64), clip) is None
+
+
+def test_the_cli_says_when_an_input_is_cropped_or_resized(tmp_path, photo, tiny_args, capsys):
+    code, _, err = run_cli(["vary", photo, "--out", tmp_path / "out", *tiny_args], capsys)
+    assert code == 0, err
+    assert "imageprompt: warning: ref.png (48x40): the image encoder sees its centre 40x40, scaled to " in err
+    assert "the left and right edges are cropped" in err
+    code, _, err = run_cli(["p2p", "--image", photo, "--source", "a red square", "--target", "a blue square",
+                            "--height", 32, "--width", 32, "--out", tmp_path / "out", *tiny_args], capsys)
+    assert code == 0, err
+    assert ("imageprompt: warning: --image ref.png (48x40) is resized to 32x32, stretched from 6:5 to 1:1 "
+            "(not cropped)") in err
+
+
+def test_the_demo_says_when_a_photo_is_resized(monkeypatch, tiny_pipe):
+    pytest.importorskip("gradio")
+    from types import SimpleNamespace
+
+    import imageprompt.demo.validation as validation
+
+    said = []
+    monkeypatch.setattr(validation.gr, "Info", said.append)
+    ctx = SimpleNamespace(pipe=tiny_pipe)
+    validation.notify_fitted(ctx, Image.new("RGB", (48, 40)), {"input": "p.png"}, SimpleNamespace(width=32, height=32))
+    assert said == ["p.png (48x40) is resized to 32x32, stretched from 6:5 to 1:1 (not cropped); set Width and "
+                    "Height in its proportions to keep its shape"]
+
+
+def test_batch_says_when_a_rows_image_is_cropped(tmp_path, tiny_load, capsys):
+    Image.new("RGB", (48, 40), (220, 30, 30)).save(tmp_path / "wide.png")
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"kind": "vary", "image": "wide.png"}) + "\n")
+    assert batch(tmp_path / "jobs.jsonl", "--out", tmp_path / "out") == 0
+    err = capsys.readouterr().err
+    assert "imageprompt: warning: row 1: wide.png (48x40): the image encoder sees its centre 40x40" in err

@@ -131,6 +131,33 @@ def warn_unknown_words(pipe, prompts) -> None:
     warn(getattr(pipe, "model_name", None), prompts)
 
 
+def warn_fitted(pipe, encoded=(), resized=(), size: tuple[int | None, int | None] = (None, None)) -> None:
+    """A warning for each input that is cropped or resized on its way into the model.
+
+    ``encoded``: ``(option, path, image)`` read by the image encoder (CLIP: the short side scaled, the centre
+    cropped); ``resized``: photos resized to the output ``size`` (``(width, height)``, None: the model's) to
+    be inverted.
+    """
+    from imageprompt.images import crop_notice, resize_notice
+
+    native = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    target = (size[0] or native, size[1] or native)
+    processor = getattr(pipe, "feature_extractor", None)
+    def name(option, path):
+        return " ".join(filter(None, (option, Path(path).name)))
+
+    notices = [crop_notice(name(option, path), image.size, processor) for option, path, image in encoded]
+    notices += [resize_notice(name(option, path), image.size, target) for option, path, image in resized]
+    for notice in dict.fromkeys(n for n in notices if n):
+        warnings.warn(notice, UserWarning, stacklevel=2)
+
+
+def adapter_inputs(args) -> list[tuple]:
+    """``(option, path, image)`` of each --adapter-image, for :func:`warn_fitted`."""
+    return [("--adapter-image", path, image) for path, image in zip(args.adapter_image or [],
+                                                                     getattr(args, "_adapter_images", []))]
+
+
 def base_parameters(pipe, args, method: str) -> dict:
     """What any output records so it can be reproduced: :func:`imageprompt.images.generation_parameters`."""
     from imageprompt.images import generation_parameters

@@ -21,6 +21,7 @@ from imageprompt.cli.common import (
     EXIT_USAGE,
     SEED_MAX,
     CommandError,
+    adapter_inputs,
     add_model_options,
     add_sampling_options,
     base_parameters,
@@ -30,6 +31,7 @@ from imageprompt.cli.common import (
     free_names,
     load_pipeline_from_args,
     user_errors,
+    warn_fitted,
     warn_unknown_words,
     write_outputs,
 )
@@ -96,6 +98,7 @@ def run_sdipc(args) -> int:
     check_tuning_options(args)
     check_adapter_options(args)
     pipe = load_pipeline_from_args(args)
+    warn_fitted(pipe, encoded=[("", args.image, image), *adapter_inputs(args)])
     prompt = getattr(args, "prompt", None)
     alpha = getattr(args, "alpha", None)
     warn_unknown_words(pipe, [("--prompt", prompt), ("--negative-prompt", args.negative_prompt)])

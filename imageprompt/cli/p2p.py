@@ -11,6 +11,7 @@ from imageprompt import DEFAULT_INVERSION
 from imageprompt.cli.adapter import add_adapter_options, apply_adapter_options, check_adapter_options
 from imageprompt.cli.common import (
     CommandError,
+    adapter_inputs,
     add_model_options,
     add_sampling_options,
     base_parameters,
@@ -21,6 +22,7 @@ from imageprompt.cli.common import (
     free_names,
     load_pipeline_from_args,
     positive_int,
+    warn_fitted,
     warn_unknown_words,
     write_outputs,
 )
@@ -172,6 +174,9 @@ def run_p2p(args) -> int:
     from imageprompt.pipelines.loading import prompt_to_prompt_from
 
     base = load_pipeline_from_args(args)
+    warn_fitted(base, encoded=[*([("--image-prompt", args.image_prompt, reference)] if reference else []),
+                               *adapter_inputs(args)],
+                resized=[("--image", args.image, photo)] if photo else [], size=(args.width, args.height))
     warn_unknown_words(base, [("--source", args.source), ("--target", target),
                               ("--negative-prompt", args.negative_prompt)])
     pipe = prompt_to_prompt_from(base)  # SD 1.x or SDXL, as the model is

@@ -8,6 +8,7 @@ from pathlib import Path
 from imageprompt.cli.adapter import add_adapter_options, apply_adapter_options, check_adapter_options
 from imageprompt.cli.common import (
     CommandError,
+    adapter_inputs,
     add_model_options,
     add_sampling_options,
     base_parameters,
@@ -17,6 +18,7 @@ from imageprompt.cli.common import (
     free_names,
     load_pipeline_from_args,
     positive_float,
+    warn_fitted,
     warn_unknown_words,
     write_outputs,
 )
@@ -88,6 +90,9 @@ def run_style_aligned(args) -> int:
     from imageprompt.pipelines import StableDiffusionStyleAlignedPipeline
 
     base = load_pipeline_from_args(args)
+    warn_fitted(base, encoded=[*([("--reference-sdipc", args.reference_sdipc, sdipc)] if sdipc else []),
+                               *adapter_inputs(args)],
+                resized=[("--reference", args.reference, photo)] if photo else [], size=(args.width, args.height))
     if hasattr(base, "text_encoder_2"):
         raise CommandError("style-aligned runs on SD 1.x models; it is not available on SDXL yet")
     warn_unknown_words(base, [("--prompts", " ".join(args.prompts)), ("--reference-prompt", args.reference_prompt)])
