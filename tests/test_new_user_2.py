@@ -369,3 +369,27 @@ def test_batch_says_when_a_rows_image_is_cropped(tmp_path, tiny_load, capsys):
     assert batch(tmp_path / "jobs.jsonl", "--out", tmp_path / "out") == 0
     err = capsys.readouterr().err
     assert "imageprompt: warning: row 1: wide.png (48x40): the image encoder sees its centre 40x40" in err
+
+
+# ------------------------------------------------------ 7. bench on the CPU
+def test_cpu_bench_gives_the_peak_rss():
+    import torch
+
+    from imageprompt.bench.common import PEAK_RSS_MISSING, reset_peak_rss, timed
+    from imageprompt.bench.main import build_context, format_table, run_rows
+
+    torch.manual_seed(0)
+    ctx = build_context("cpu", None, 1, None, tiny=True)
+    measurable = reset_peak_rss()
+    _, small = timed(ctx, lambda: None)
+    _, large = timed(ctx, lambda: b"x" * (256 << 20))  # 256 MiB more, held for the call
+    name = "plain diffusers, batch 1"
+    table = format_table(ctx, run_rows(ctx, [name]))
+    row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+    peak = row.split("|")[4].strip()
+    assert "peak: the process's resident set (RSS)" in table.splitlines()[0]
+    if measurable:
+        assert large - small > 0.2 and float(peak) > 0
+        assert PEAK_RSS_MISSING not in table
+    else:  # not Linux, or /proc/self/clear_refs not writable: the table says why there is no figure
+        assert (small, large, peak) == (None, None, "-") and PEAK_RSS_MISSING in table
