@@ -393,3 +393,30 @@ def test_cpu_bench_gives_the_peak_rss():
         assert PEAK_RSS_MISSING not in table
     else:  # not Linux, or /proc/self/clear_refs not writable: the table says why there is no figure
         assert (small, large, peak) == (None, None, "-") and PEAK_RSS_MISSING in table
+
+
+# ------------------------------------------------------- 11. quiet loads
+def test_the_converter_casts_without_diffusers_float32_notice():
+    import logging
+
+    import diffusers.utils.logging as diffusers_logging
+    import torch
+
+    from imageprompt.conversion import SDIPCConverter
+
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("diffusers.models.modeling_utils")  # diffusers' loggers do not propagate to caplog
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_warning()
+    logger.addHandler(handler)
+    try:
+        converter = SDIPCConverter(text_hidden_size=8, projection_dim=4)
+        for dtype in (torch.float32, torch.float16):
+            assert converter.to(dtype=dtype) is converter and converter.to("cpu", dtype) is converter
+    finally:
+        logger.removeHandler(handler)
+        diffusers_logging.set_verbosity(verbosity)
+    assert converter.text_projection.weight.dtype == torch.float32  # it stays float32, as before
+    assert not [r.getMessage() for r in records if "should be kept in float32" in r.getMessage()]
