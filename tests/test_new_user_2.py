@@ -420,3 +420,17 @@ def test_the_converter_casts_without_diffusers_float32_notice():
         diffusers_logging.set_verbosity(verbosity)
     assert converter.text_projection.weight.dtype == torch.float32  # it stays float32, as before
     assert not [r.getMessage() for r in records if "should be kept in float32" in r.getMessage()]
+
+
+def test_trained_files_are_not_replaced_without_overwrite(tmp_path, photo, capsys):
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (40, 40)).save(tmp_path / "data" / "a.png")
+    (tmp_path / "data" / "a.txt").write_text("a red square")
+    for argv in (["tune", "online", photo, "--out", tmp_path / "t.safetensors"],
+                 ["train-adapter", tmp_path / "data", "--out", tmp_path / "t.safetensors"]):
+        (tmp_path / "t.safetensors").write_bytes(b"earlier run")
+        code, _, err = run_cli([*argv, "--model", tmp_path / "no-model"], capsys)
+        assert code == 1 and f"--out {tmp_path / 't.safetensors'}: exists; pass --overwrite to replace it" in err
+        assert (tmp_path / "t.safetensors").read_bytes() == b"earlier run"
+        code, _, err = run_cli([*argv, "--overwrite", "--model", tmp_path / "no-model"], capsys)
+        assert code == 1 and "exists" not in err and "no-model" in err  # past the check: the model is missing
