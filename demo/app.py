@@ -47,7 +47,7 @@ from imageprompt.demo.limits import (
 from imageprompt.demo.tabs import TABS, Tab
 from imageprompt.demo.validation import readable_numbers, set_debug
 
-from imageprompt.progress import SAMPLING, label
+from imageprompt.progress import LOADING, SAMPLING, label, say
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +185,7 @@ def launch(*, model: str | None = None, clip: str | None = None, dtype: str | No
 
     set_debug(debug)  # refused requests: one log line each, the traceback only with --debug
     model, clip, notice = resolve_model(model, clip)
+    say(LOADING, model)
     notice = notice or bundled_notice(model)
     if notice:
         logger.warning(notice)
