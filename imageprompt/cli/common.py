@@ -143,13 +143,15 @@ def warn_fitted(pipe, encoded=(), resized=(), size: tuple[int | None, int | None
     native = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
     target = (size[0] or native, size[1] or native)
     processor = getattr(pipe, "feature_extractor", None)
-    def name(option, path):
-        return " ".join(filter(None, (option, Path(path).name)))
-
-    notices = [crop_notice(name(option, path), image.size, processor) for option, path, image in encoded]
-    notices += [resize_notice(name(option, path), image.size, target) for option, path, image in resized]
+    notices = [crop_notice(_input_name(option, path), image.size, processor) for option, path, image in encoded]
+    notices += [resize_notice(_input_name(option, path), image.size, target) for option, path, image in resized]
     for notice in dict.fromkeys(n for n in notices if n):
         warnings.warn(notice, UserWarning, stacklevel=2)
+
+
+def _input_name(option: str, path) -> str:
+    """``--image photo.png``, or ``photo.png`` for a positional input (``option`` empty)."""
+    return " ".join(filter(None, (option, Path(path).name)))
 
 
 def adapter_inputs(args) -> list[tuple]:
