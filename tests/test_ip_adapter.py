@@ -317,14 +317,14 @@ def test_cli_vary_and_edit_with_adapters(tiny_model, adapter_repo, tmp_path, red
     weights = str(adapter_repo / "models" / "ip-sd15.safetensors")
     assert main(["vary", str(tmp_path / "ref.png"), "--adapter", weights, "--scale", "0.7",
                  "--adapter-image", str(tmp_path / "extra.png"), "--out", str(tmp_path / "v"), *model]) == 0
-    params = read_parameters(tmp_path / "v" / "ref-vary-5.png")
+    params = read_parameters(tmp_path / "v" / "ref-adapter-vary-5.png")
     assert params["method"] == "ip-adapter-variation" and params["adapters"] == [weights]
     assert params["adapter_scales"] == [0.7] and params["adapter_images"] == ["extra.png"]
 
     style = '{"up": {"block_1": [0.0, 1.0]}}'
     assert main(["edit", str(tmp_path / "ref.png"), "--prompt", "a cat", "--adapter", weights, "--adapter", "sdipc",
                  "--scale", style, "--scale", "0.5", "--out", str(tmp_path / "e"), *model]) == 0
-    params = read_parameters(tmp_path / "e" / "ref-edit-5.png")
+    params = read_parameters(tmp_path / "e" / "ref-adapter-edit-5.png")
     assert params["method"] == "ip-adapter-edit" and params["adapter_scales"] == [json_loads(style), 0.5]
 
 
