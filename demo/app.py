@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 import gradio as gr
-from imageprompt.checkpoints import BUNDLED_MODEL
+from imageprompt.checkpoints import BUNDLED_IP_ADAPTER, BUNDLED_MODEL
 from imageprompt.demo.context import DemoContext, load_adapters
 from imageprompt.demo.limits import (
     EXAMPLES_DIR,
@@ -47,11 +47,14 @@ from imageprompt.demo.limits import (
 from imageprompt.demo.tabs import TABS, Tab
 from imageprompt.demo.validation import readable_numbers, set_debug
 
+from imageprompt.progress import LOADING, SAMPLING, label, say
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "EXAMPLES_DIR", "MAX_FILE_SIZE", "MAX_IMAGES", "MAX_INPUT_PIXELS", "MAX_STEPS", "QUEUE_SIZE", "TABS",
-    "DemoContext", "Tab", "build_demo", "bundled_notice", "launch", "load_adapters", "serve", "startup_message",
+    "DemoContext", "Tab", "build_demo", "bundled_notice", "default_adapters", "launch", "load_adapters", "serve",
+    "startup_message",
 ]
 
 
@@ -109,6 +112,7 @@ def build_demo(
         tabs: the tabs to offer (default :data:`TABS`); those whose capability is missing are left out.
     """
     pipe = pipe_or_loader if hasattr(pipe_or_loader, "unet") else pipe_or_loader()
+    label(pipe, SAMPLING)  # the page's progress says what runs (inverting, where a tab inverts a photo)
     model_name = model_name or getattr(pipe, "model_name", None) or "(unnamed model)"
     folder = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="imageprompt-demo-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -154,6 +158,13 @@ def startup_message(local_url: str, share_url: str | None, share: bool) -> str:
     return "\n".join(lines)
 
 
+def default_adapters(model: str) -> list[str]:
+    """The adapters the demo loads when none are named: the bundled IP-Adapter with the bundled model, else none."""
+    if Path(model).expanduser().resolve() == BUNDLED_MODEL.resolve() and BUNDLED_IP_ADAPTER.is_file():
+        return [str(BUNDLED_IP_ADAPTER)]
+    return []
+
+
 def launch(*, model: str | None = None, clip: str | None = None, dtype: str | None = None, device: str | None = None,
            attention: str = "sdpa", scheduler: str | None = "ddim", config: str | None = None,
            vae: str | None = None, clip_2: str | None = None, adapters: list[str] | None = None,
@@ -163,8 +174,8 @@ def launch(*, model: str | None = None, clip: str | None = None, dtype: str | No
     """``imageprompt demo``: load the model, serve the page and wait until interrupted.
 
     Arguments as :func:`imageprompt.loading.load_pipeline`, :func:`load_adapters` (``adapters``: specs like
-    ``--adapter``) and :func:`serve`. The model's notice (the bundled model is used, for instance) is logged to
-    the terminal as well as shown on the page.
+    ``--adapter``; none: :func:`default_adapters`) and :func:`serve`. The model's notice (the bundled model is
+    used, for instance) is logged to the terminal as well as shown on the page.
     """
     import diffusers.utils.logging
     import transformers.utils.logging
@@ -174,6 +185,7 @@ def launch(*, model: str | None = None, clip: str | None = None, dtype: str | No
 
     set_debug(debug)  # refused requests: one log line each, the traceback only with --debug
     model, clip, notice = resolve_model(model, clip)
+    say(LOADING, model)
     notice = notice or bundled_notice(model)
     if notice:
         logger.warning(notice)
@@ -182,7 +194,7 @@ def launch(*, model: str | None = None, clip: str | None = None, dtype: str | No
     transformers.utils.logging.disable_progress_bar()
     pipe = load_pipeline(model=model, clip=clip, dtype=dtype, device=device, attention=attention,
                          scheduler=scheduler, config=config, vae=vae, clip_2=clip_2)
-    specs = list(adapters or [])
+    specs = list(adapters or default_adapters(model))
     loaded = load_adapters(pipe, specs, image_encoder) if specs else []
     demo = build_demo(pipe, notice=notice, scheduler=scheduler, queue_size=max_queue, adapters=loaded,
                       adapter_names=specs)

@@ -17,12 +17,14 @@ from imageprompt.demo.validation import (
     check_sampling,
     check_words,
     checked_number,
+    notify_fitted,
     optional_prompt,
     page_error,
     read_image,
 )
 
 from imageprompt.images import generators
+from imageprompt.progress import INVERTING, SAMPLING, label, labelled
 
 MAX_SET = 8  # images in one StyleAligned set, the reference included
 
@@ -91,8 +93,8 @@ def style_pipeline(ctx: DemoContext, ddim: bool = False):
         from imageprompt.pipelines import StableDiffusionStyleAlignedPipeline
 
         scheduler = DDIMScheduler if ddim else type(ctx.pipe.scheduler)
-        ctx.pipelines[key] = StableDiffusionStyleAlignedPipeline.from_pipe(
-            ctx.pipe, scheduler=scheduler.from_config(ctx.pipe.scheduler.config))
+        ctx.pipelines[key] = label(StableDiffusionStyleAlignedPipeline.from_pipe(
+            ctx.pipe, scheduler=scheduler.from_config(ctx.pipe.scheduler.config)), SAMPLING)
     return ctx.pipelines[key]
 
 
@@ -130,7 +132,9 @@ def style_aligned_tab(ctx: DemoContext) -> None:
         pipe = style_pipeline(ctx, ddim=bool(photo_path))
         if photo_path:
             image, about = read_image(ctx, photo_path, "a reference photo")
-            inversion = pipe.invert_reference(image, lines[0], sampling.steps, sampling.height, sampling.width)
+            notify_fitted(ctx, image, about, sampling)
+            with labelled(pipe, INVERTING):
+                inversion = pipe.invert_reference(image, lines[0], sampling.steps, sampling.height, sampling.width)
         params = parameters(ctx, "style-aligned", sampling, prompts=lines, keys_scale=scale,
                             share_group_norm=bool(share_norm), **about)
         result = pipe(lines, inversion=inversion, keys_scale=scale, share_group_norm=bool(share_norm),

@@ -19,6 +19,7 @@ from typing import Any
 from imageprompt.demo.limits import KEEP_RUNS, MAX_IMAGES, MAX_SIDE, MAX_STEPS
 
 from imageprompt.images import generation_parameters, save_png
+from imageprompt.progress import SAMPLING, label
 
 
 @dataclass
@@ -158,6 +159,6 @@ def p2p_pipeline(ctx: DemoContext, ddim: bool = False, edit: str = "p2p"):
 
         # its own scheduler object: schedulers keep per-run state
         scheduler = DDIMScheduler if ddim else type(ctx.pipe.scheduler)
-        ctx.pipelines[key] = edit_pipeline_from(  # SD 1.x or SDXL, as the model is
-            ctx.pipe, edit, scheduler=scheduler.from_config(ctx.pipe.scheduler.config))
+        ctx.pipelines[key] = label(edit_pipeline_from(  # SD 1.x or SDXL, as the model is
+            ctx.pipe, edit, scheduler=scheduler.from_config(ctx.pipe.scheduler.config)), SAMPLING)
     return ctx.pipelines[key]

@@ -38,12 +38,15 @@ from imageprompt.demo.validation import (
     check_sampling,
     check_words,
     checked_number,
+    notify_fitted,
     optional_prompt,
     page_error,
     read_image,
 )
 
+from imageprompt import DEFAULT_INVERSION
 from imageprompt.images import generators
+from imageprompt.progress import INVERTING, labelled
 
 
 # ----------------------------------------------------------------- SD-IPC
@@ -65,6 +68,7 @@ def variation_tab(ctx: DemoContext) -> None:
         picture, source = read_image(ctx, image)
         sampling = check_sampling(ctx, num_images=num_images, steps=steps, guidance=guidance, seed=seed, width=width,
                                   height=height, negative_prompt=negative_prompt)
+        notify_fitted(ctx, picture, source)
         params = parameters(ctx, "sdipc-variation", sampling, **source)
         return sample(ctx, "sdipc-variation", dict(image=picture), sampling, params)
 
@@ -95,6 +99,7 @@ def edit_tab(ctx: DemoContext) -> None:
         sampling = check_sampling(ctx, num_images=num_images, steps=steps, guidance=guidance, seed=seed, width=width,
                                   height=height, negative_prompt=negative_prompt)
         alpha = checked_number("Alpha", alpha, float, 0.0, 2.0)
+        notify_fitted(ctx, picture, source)
         params = parameters(ctx, "sdipc-edit", sampling, prompt=prompt, alpha=alpha, **source)
         return sample(ctx, "sdipc-edit", dict(image=picture, prompt=prompt, alpha=alpha), sampling, params)
 
@@ -130,6 +135,7 @@ def ip_adapter_tab(ctx: DemoContext) -> None:
     def ip_adapter(image, prompt, scale, num_images, steps, guidance, seed, width, height, negative_prompt,
                    begin=0.0, end=1.0, content="", progress=gr.Progress(track_tqdm=True)):
         picture, source = read_image(ctx, image, "an image prompt")
+        notify_fitted(ctx, picture, source)
         sampling = check_sampling(ctx, num_images=num_images, steps=steps, guidance=guidance, seed=seed, width=width,
                                   height=height, negative_prompt=negative_prompt)
         text = optional_prompt(prompt, "the text prompt")
@@ -213,10 +219,11 @@ def real_edit_tab(ctx: DemoContext) -> None:
                                 placeholder="e.g. a large red circle in the center on a white background",
                                 elem_id="real-source")
             edit = edit_controls()
-            method = gr.Radio(["null-text", "negative-prompt", "ddim", "direct", "dpl"], value="negative-prompt",
-                              label="Inversion", info="null-text: most faithful, slowest · negative-prompt: fast · "
-                                                      "ddim: plain · direct: exact source, fast · dpl: null-text "
-                                                      "plus learned noun tokens (slower still)")
+            method = gr.Radio(["direct", "null-text", "negative-prompt", "ddim", "dpl"], value=DEFAULT_INVERSION,
+                              label="Inversion", info="direct: exact source, fast, measured best (the default) · "
+                                                      "null-text: faithful, slowest · negative-prompt: fast · "
+                                                      "ddim: plain · dpl: null-text plus learned noun tokens "
+                                                      "(slower still)")
             dpl_words = gr.Textbox(value="", label="DPL nouns", max_lines=1, placeholder="with dpl: e.g. circle square",
                                    info="the nouns of the source prompt whose tokens DPL learns",
                                    elem_id="real-dpl-words")
@@ -244,12 +251,14 @@ def real_edit_tab(ctx: DemoContext) -> None:
         sampling = check_sampling(ctx, steps=steps, guidance=guidance, width=width, height=height,
                                   negative_prompt=negative_prompt)
         inner_steps = checked_number("Null-text inner steps", inner_steps, int, 1, 20)
+        notify_fitted(ctx, photo, about, sampling)
         params = parameters(ctx, "p2p", sampling, invert=method, scheduler="ddim",
                             inner_steps=inner_steps if method in ("null-text", "dpl") else None,
                             **({"dpl_words": nouns} if nouns else {}), **settings, **about)
         pipe = p2p_pipeline(ctx, ddim=True)
-        inversion = pipe.invert(photo, settings["source_prompt"], method, sampling.steps, sampling.guidance,
-                                sampling.height, sampling.width, num_inner_steps=inner_steps, words=nouns)
+        with labelled(pipe, INVERTING):
+            inversion = pipe.invert(photo, settings["source_prompt"], method, sampling.steps, sampling.guidance,
+                                    sampling.height, sampling.width, num_inner_steps=inner_steps, words=nouns)
         result = pipe(**settings, inversion=inversion, negative_prompt=sampling.negative_prompt,
                       height=sampling.height, width=sampling.width, num_inference_steps=sampling.steps,
                       guidance_scale=sampling.guidance)

@@ -21,7 +21,14 @@ from imageprompt.demo.context import DemoContext, Sampling
 from imageprompt.demo.limits import MAX_INPUT_PIXELS, MAX_WORD_WEIGHT, SEED_MAX
 from PIL import Image
 
-from imageprompt.images import MAX_PROMPT_CHARS, ImageInputError, load_image, sha256_file
+from imageprompt.images import (
+    MAX_PROMPT_CHARS,
+    ImageInputError,
+    crop_notice,
+    load_image,
+    resize_notice,
+    sha256_file,
+)
 
 
 def escape(message: str) -> str:
@@ -93,6 +100,20 @@ def read_image(ctx: DemoContext, path: str | None, what: str = "an image") -> tu
     for warning in caught:
         gr.Info(escape(str(warning.message)))  # e.g. "input image 3000x2000 resized to 2048x1365"
     return image, {"input": name, "input_sha256": sha256_file(path)}
+
+
+def notify_fitted(ctx: DemoContext, image: Image.Image, about: dict, sampling: Sampling | None = None) -> None:
+    """Say on the page how an input is cropped by the image encoder or, with ``sampling`` (a photo to invert),
+    resized to the output size."""
+    name = about.get("input", "the image")
+    if sampling is None:
+        notice = crop_notice(name, image.size, getattr(ctx.pipe, "feature_extractor", None))
+    else:
+        native = int(ctx.pipe.unet.config.sample_size * ctx.pipe.vae_scale_factor)
+        notice = resize_notice(name, image.size, (sampling.width or native, sampling.height or native),
+                               keep="set Width and Height in its proportions to keep its shape")
+    if notice:
+        gr.Info(escape(notice))
 
 
 # ----------------------------------------------------------------- numbers

@@ -1,5 +1,6 @@
 import sys
 
-from imageprompt.cli.main import main
+from imageprompt.cli.main import check_package, main
 
+check_package()
 sys.exit(main())

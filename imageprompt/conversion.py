@@ -77,6 +77,11 @@ class SDIPCConverter(ModelMixin, ConfigMixin):
         h = self.config.scale * h / h.norm(dim=-1, keepdim=True)
         return h.to(image_embeds.dtype)
 
+    def to(self, *args, **kwargs):
+        """``nn.Module.to``: the weight stays float32 whatever dtype is asked (see ``_apply``), so diffusers'
+        ``ModelMixin.to`` notice about modules to keep in float32 does not apply here."""
+        return nn.Module.to(self, *args, **kwargs)
+
     def _apply(self, fn, *args, **kwargs):
         self._inverse = None  # a device change invalidates the cache
         out = super()._apply(fn, *args, **kwargs)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -52,6 +54,54 @@ def fit_size(image: Image.Image, max_side: int = MAX_SIDE) -> Image.Image:
     image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     warnings.warn(f"input image {old[0]}x{old[1]} resized to {image.size[0]}x{image.size[1]}", stacklevel=2)
     return image
+
+
+def _shape(width: int, height: int) -> str:
+    divisor = math.gcd(width, height)
+    return f"{width // divisor}:{height // divisor}"
+
+
+def resize_notice(name: str, size: tuple[int, int], target: tuple[int, int],
+                  keep: str = "give --width and --height in its proportions to keep its shape") -> str | None:
+    """How an input of ``size`` becomes an image of ``target`` (both ``(width, height)``) when it is resized
+    to the output size (a photo to invert and edit), or None when it is used as it is."""
+    (width, height), (to_width, to_height) = size, target
+    if (width, height) == (to_width, to_height):
+        return None
+    how = f"{name} ({width}x{height}) is resized to {to_width}x{to_height}"
+    if width * to_height == height * to_width:
+        return how
+    return f"{how}, stretched from {_shape(width, height)} to {_shape(to_width, to_height)} (not cropped); {keep}"
+
+
+def _setting(settings, key: str):
+    """``settings[key]`` of an image processor's size dict (a dict or transformers' ``SizeDict``), or None."""
+    value = getattr(settings, key, None)
+    if value is None and isinstance(settings, dict):
+        value = settings.get(key)
+    return value
+
+
+def crop_notice(name: str, size: tuple[int, int], processor) -> str | None:
+    """What CLIP's image ``processor`` (the short side scaled, the centre cropped) keeps of an input of ``size``
+    ``(width, height)``, or None when nothing is cropped."""
+    if processor is None or not getattr(processor, "do_center_crop", False):
+        return None
+    short = _setting(getattr(processor, "size", None), "shortest_edge")
+    crop = getattr(processor, "crop_size", None)
+    crop_width, crop_height = _setting(crop, "width"), _setting(crop, "height")
+    if not (short and crop_width and crop_height):
+        return None
+    width, height = size
+    scale = short / min(width, height)
+    kept = (min(width, round(crop_width / scale)), min(height, round(crop_height / scale)))
+    if kept == (width, height):
+        return None
+    edges = "left and right edges" if kept[0] < width else "top and bottom edges"
+    if kept[0] < width and kept[1] < height:
+        edges = "edges"
+    return (f"{name} ({width}x{height}): the image encoder sees its centre {kept[0]}x{kept[1]}, scaled to "
+            f"{crop_width}x{crop_height}; the {edges} are cropped")
 
 
 @contextlib.contextmanager
@@ -102,10 +152,11 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def atomic_write(path: str | os.PathLike, write, mode: str = "wb") -> Path:
+def atomic_write(path: str | os.PathLike, write, mode: str = "wb", replace: bool = True) -> Path:
     """Call ``write(handle)`` on a temporary file beside ``path``, then rename it into place.
 
-    Readers never see a partial file, and a failure leaves nothing behind. The file gets the mode
+    Readers never see a partial file, and a failure leaves nothing behind. With ``replace=False`` an
+    existing ``path`` is never replaced: ``FileExistsError``, and the temporary file is removed. The file gets the mode
     a plain ``open(path, "w")`` would give it (``0o666`` less the umask), not ``mkstemp``'s ``0o600``:
     the temporary file is given that mode before anything is written, and the rename keeps it.
     """
@@ -118,18 +169,37 @@ def atomic_write(path: str | os.PathLike, write, mode: str = "wb") -> Path:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _rename_no_replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict) -> Path:
-    """Write ``image`` to ``path`` atomically, with ``parameters`` as JSON in the ``parameters`` text chunk."""
+def _rename_no_replace(tmp: str, path: Path) -> None:
+    """Move ``tmp`` to ``path`` unless ``path`` exists (``FileExistsError``): a hard link, which never replaces,
+    where the file system has them; else a check, then the rename."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "file exists", str(path)) from None
+    except OSError:  # no hard links here (some network and FAT file systems)
+        if path.exists():
+            raise FileExistsError(errno.EEXIST, "file exists", str(path)) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict, replace: bool = True) -> Path:
+    """Write ``image`` to ``path`` atomically, with ``parameters`` as JSON in the ``parameters`` text chunk
+    (``replace=False``: never over an existing file, see :func:`atomic_write`)."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", json.dumps(parameters, sort_keys=True))
-    return atomic_write(path, lambda handle: image.save(handle, format="PNG", pnginfo=info))
+    return atomic_write(path, lambda handle: image.save(handle, format="PNG", pnginfo=info), replace=replace)
 
 
 def loaded_extras(pipe) -> dict:

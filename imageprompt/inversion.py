@@ -36,6 +36,8 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from imageprompt.progress import INVERTING, labelled
+
 METHODS = ("null-text", "negative-prompt", "ddim", "direct")
 
 
@@ -158,7 +160,7 @@ def ddim_inversion(pipe, latents: torch.Tensor, cond: torch.Tensor, timesteps) -
     """DDIM inversion with the conditional embedding and no guidance; returns ``[x_0, ..., x_T]``."""
     trajectory = [latents]
     inverse = inverse_scheduler(pipe.scheduler)
-    with pipe.progress_bar(total=len(timesteps)) as bar:
+    with labelled(pipe, f"{INVERTING} (DDIM)"), pipe.progress_bar(total=len(timesteps)) as bar:
         for t in reversed(timesteps):
             noise = _noise(pipe, latents, t, cond)
             latents = ddim_inverse_step(inverse, noise.float(), t, latents.float()).to(latents.dtype)
@@ -185,7 +187,7 @@ def null_text_inversion(pipe, trajectory: list[torch.Tensor], cond, uncond: torc
     latents = trajectory[-1]
     embeds = []
     total = len(timesteps) * num_inner_steps
-    with pipe.progress_bar(total=total) as bar:
+    with labelled(pipe, f"{INVERTING} (null-text)"), pipe.progress_bar(total=total) as bar:
         for i, t in enumerate(timesteps):
             target = trajectory[len(trajectory) - i - 2].float()
             step_cond = cond(i, t, latents) if callable(cond) else cond

@@ -219,22 +219,22 @@ def test_cli_combine_subtract_window_save_and_reuse(tiny_model, own_clip_adapter
                  "--adapter-combine", "norm-average", "--adapter-subtract-text", "a red circle",
                  "--adapter-subtract-scale", "0.5", "--save-embeds", str(saved), "--out", str(tmp_path / "a"),
                  *common]) == 0
-    params = read_parameters(tmp_path / "a" / "ref-vary-5.png")
+    params = read_parameters(tmp_path / "a" / "ref-adapter-vary-5.png")
     assert params["adapter_windows"] == [[0.3, 1.0]] and params["adapter_combine"] == "norm-average"
     assert params["adapter_subtract_text"] == "a red circle" and params["adapter_subtract_scale"] == 0.5
     embeds, metadata = load_image_embeds(saved)
     assert embeds[0].shape[:2] == (2, 1) and metadata["extra"]["combine"] == "norm-average"
     assert main(["vary", str(tmp_path / "ref.png"), "--embeds", str(saved), "--out", str(tmp_path / "b"),
                  *common]) == 0  # the saved embeddings give the same picture
-    first = np.asarray(Image.open(tmp_path / "a" / "ref-vary-5.png"))
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "b" / "ref-vary-5.png")), first)
-    assert read_parameters(tmp_path / "b" / "ref-vary-5.png")["adapter_embeds"] == "embeds.safetensors"
+    first = np.asarray(Image.open(tmp_path / "a" / "ref-adapter-vary-5.png"))
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "b" / "ref-adapter-vary-5.png")), first)
+    assert read_parameters(tmp_path / "b" / "ref-adapter-vary-5.png")["adapter_embeds"] == "embeds.safetensors"
     # the text tower named explicitly (a CLIPModel folder): the same content subtraction, the same picture
     assert main(["vary", str(tmp_path / "ref.png"), "--adapter-image", str(tmp_path / "extra.png"),
                  "--adapter-combine", "norm-average", "--adapter-subtract-text", "a red circle",
                  "--adapter-subtract-scale", "0.5", "--adapter-text-encoder", str(tiny_model[1]),
                  "--out", str(tmp_path / "t"), *common]) == 0
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "t" / "ref-vary-5.png")), first)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "t" / "ref-adapter-vary-5.png")), first)
     # prompt-to-prompt reads the same file for its adapter
     assert main(["p2p", "--source", "a red circle", "--target", "a blue circle", "--embeds", str(saved),
                  "--out", str(tmp_path / "c"), *common]) == 0

@@ -230,7 +230,7 @@ def test_cli_tune_online_then_vary_tuned(tiny_model, red_image, tmp_path):
     assert tuning.read_tuning_metadata(out)["settings"]["data"] == ["red.png"]
     assert run_cli("vary", tmp_path / "red.png", "--tuned", out, "--out", tmp_path / "o", "--steps", 2,
                    "--seed", 3, *model_args(tiny_model)) == 0
-    params = read_parameters(tmp_path / "o" / "red-vary-3.png")
+    params = read_parameters(tmp_path / "o" / "red-vary-tuned-3.png")  # the name says it was tuned
     assert params["tuned"]["file"] == "red.safetensors" and params["tuned"]["num_tokens"] == 4
 
 
@@ -240,7 +240,7 @@ def test_cli_vary_online_steps(tiny_model, red_image, tmp_path):
     red_image.save(tmp_path / "red.png")
     assert run_cli("vary", tmp_path / "red.png", "--online-steps", 2, "--out", tmp_path / "o", "--steps", 2,
                    "--seed", 5, *model_args(tiny_model)) == 0
-    params = read_parameters(tmp_path / "o" / "red-vary-5.png")
+    params = read_parameters(tmp_path / "o" / "red-vary-tuned-5.png")
     assert params["online_tuning"]["steps"] == 2 and params["online_tuning"]["seed"] == 5
 
 

@@ -73,19 +73,57 @@ class Context:
         return Image.fromarray(rng.integers(0, 255, (self.size, self.size, 3), dtype=np.uint8))
 
 
+PEAK_RSS_MISSING = ("peak RSS: not measured here: resetting the process's peak needs Linux's /proc/self/clear_refs "
+                    "(writable), and reading it /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set size (Linux: ``VmHWM``); False where it cannot be reset."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_gib() -> float | None:
+    """This process's peak resident set size since the last :func:`reset_peak_rss`, in GiB (Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def peak_kind(ctx: Context) -> str:
+    """What the peak GiB column measures on ``ctx``'s device."""
+    if ctx.device.type == "cuda":
+        return "peak: GPU memory allocated"
+    return "peak: the process's resident set (RSS)" if ctx.device.type == "cpu" else "peak: not measured"
+
+
 def timed(ctx: Context, call: Callable[[], object]) -> tuple[float, float | None]:
-    """Seconds and peak GiB (CUDA only) of one ``call()``."""
+    """Seconds and peak GiB of one ``call()``: CUDA memory allocated on a GPU, the process's peak RSS on the CPU
+    (None where it cannot be measured: :data:`PEAK_RSS_MISSING`)."""
     import torch
 
     cuda = ctx.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    rss = not cuda and ctx.device.type == "cpu" and reset_peak_rss()
     start = time.perf_counter()
     call()
     if cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    seconds = time.perf_counter() - start
+    if cuda:
+        return seconds, torch.cuda.max_memory_allocated() / 2**30
+    return seconds, peak_rss_gib() if rss else None
 
 
 def measure(ctx: Context, call: Callable[[], object], images: int) -> Result:

@@ -13,7 +13,7 @@ import gc
 import sys
 import tempfile
 
-from imageprompt.bench.common import Context, Result
+from imageprompt.bench.common import PEAK_RSS_MISSING, Context, Result, peak_kind
 
 # The quick rows (under a minute in all with --tiny --steps 5 on a CPU): one image per call, base size only;
 # no batch of 8, no 1.5x size, no online tuning, no null-text inversion, no 64-row jobs, no --compile.
@@ -74,7 +74,7 @@ def format_table(ctx: Context, results: list[tuple[str, Result]]) -> str:
     dtype = str(ctx.dtype).replace("torch.", "")
     lines = [
         f"{shapes}, {dtype}, {ctx.size}x{ctx.size} unless the note says otherwise, DDIM {ctx.steps} steps, "
-        f"CFG 7.5, {where}",
+        f"CFG 7.5, {where}; {peak_kind(ctx)}",
         "",
         "| row | s/image | x plain | peak GiB | x plain | note |",
         "|---|---|---|---|---|---|",
@@ -86,6 +86,8 @@ def format_table(ctx: Context, results: list[tuple[str, Result]]) -> str:
         peak = f"{r.peak_gib:.2f}" if r.peak_gib is not None else "-"
         m_ratio = f"{r.peak_gib / base.peak_gib:.3f}" if base and r.peak_gib and base.peak_gib else "-"
         lines.append(f"| {name} | {r.seconds_per_image:.3f} | {t_ratio} | {peak} | {m_ratio} | {r.note} |")
+    if ctx.device.type != "cuda" and any(r.peak_gib is None for _, r in results):
+        lines += ["", PEAK_RSS_MISSING if ctx.device.type == "cpu" else f"peak: not measured on {ctx.device.type}"]
     return "\n".join(lines)
 
 

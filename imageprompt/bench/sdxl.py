@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from imageprompt.bench.common import Context, Result, measure
+from imageprompt.bench.common import PEAK_RSS_MISSING, Context, Result, measure, peak_kind
 from imageprompt.images import generators
 from imageprompt.testing import ip_adapter_state_dict
 
@@ -264,8 +264,8 @@ def format_table(ctx: Context, results: list[tuple[str, Result]]) -> str:
              else f"CPU, {threads} thread{'s' if threads > 1 else ''}")
     shapes = "tiny random SDXL components" if ctx.tiny else "SDXL base shapes, random weights"
     lines = [f"{shapes}, {str(ctx.dtype).replace('torch.', '')}, {ctx.size}x{ctx.size}, DDIM {ctx.steps} steps, "
-             f"CFG {GUIDANCE}, {where}", "", "| row | s/image | x plain | peak GiB | x plain | note |",
-             "|---|---|---|---|---|---|"]
+             f"CFG {GUIDANCE}, {where}; {peak_kind(ctx)}", "",
+             "| row | s/image | x plain | peak GiB | x plain | note |", "|---|---|---|---|---|---|"]
     by_name = dict(results)
     plain = {r.images: r for n, r in results if n.startswith("sdxl plain")}
     for name, r in results:
@@ -274,6 +274,8 @@ def format_table(ctx: Context, results: list[tuple[str, Result]]) -> str:
         peak = f"{r.peak_gib:.2f}" if r.peak_gib is not None else "-"
         m_ratio = f"{r.peak_gib / base.peak_gib:.3f}" if base and r.peak_gib and base.peak_gib else "-"
         lines.append(f"| {name} | {r.seconds_per_image:.3f} | {t_ratio} | {peak} | {m_ratio} | {r.note} |")
+    if ctx.device.type != "cuda" and any(r.peak_gib is None for _, r in results):
+        lines += ["", PEAK_RSS_MISSING if ctx.device.type == "cpu" else f"peak: not measured on {ctx.device.type}"]
     return "\n".join(lines)
 
 

@@ -269,6 +269,8 @@ def register(subparsers) -> None:
     parser.add_argument("data", help="folder of images with same-name .txt captions, or a .jsonl of "
                                      '{"image": path, "caption": text}')
     parser.add_argument("--out", required=True, help="output weights, .safetensors or .bin")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it exists (default: refuse, unless --resume continues its run)")
     parser.add_argument("--steps", type=positive_int, default=1000, help="optimiser steps (default 1000)")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="per process")
     parser.add_argument("--resolution", type=positive_int,
@@ -297,6 +299,8 @@ def run_train(args) -> int:
         raise CommandError(f"--out {args.out}: must end in .safetensors or .bin")
     if out.is_dir():
         raise CommandError(f"--out {args.out}: is a folder")
+    if out.exists() and not args.overwrite and not args.resume:
+        raise CommandError(f"--out {args.out}: exists; pass --overwrite to replace it, or choose another --out")
     pairs = read_pairs(args.data)
     if args.resume and args.resume != "latest" and not Path(args.resume, "state.json").exists():
         raise CommandError(f"--resume {args.resume}: not a checkpoint folder")

@@ -6,11 +6,14 @@ on a Ray cluster: ``imageprompt batch JOBS.jsonl --out DIR --ray [ADDRESS]``.
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from pathlib import Path
 
 from imageprompt.cli.common import (
     EXIT_FAILURE,
+    STARTED,
     CommandError,
     add_model_options,
     finite_float,
@@ -110,12 +113,31 @@ def run_batch(args) -> int:
 
     if not PartialState().is_main_process:
         return 0  # the main process reports for everyone
+    summary.seconds = max(summary.seconds, time.perf_counter() - STARTED)  # the whole command, imports included
     print(f"imageprompt: batch: {summary}", file=sys.stderr)
     if summary.failed:
+        for line in failure_lines(summary.results):
+            print(f"imageprompt: error: {line}", file=sys.stderr)
         print(f"imageprompt: error: {summary.failed} row(s) failed; see the 'error' fields in {summary.results}",
               file=sys.stderr)
         return EXIT_FAILURE
     return 0
+
+
+def failure_lines(results: Path, most: int = 3) -> list[str]:
+    """The reasons of the first ``most`` failed rows of ``results.jsonl``, one line each, then how many more."""
+    failed = []
+    for text in Path(results).read_text(encoding="utf-8").splitlines():
+        record = json.loads(text)
+        if record.get("status") == "failed":
+            failed.append(record)
+    lines = []
+    for record in failed[:most]:
+        name = f" ({record['id']})" if record.get("id") is not None else ""
+        lines.append(f"row {record['line']}{name}: {record.get('error') or 'failed'}")
+    if len(failed) > most:
+        lines.append(f"... and {len(failed) - most} more")
+    return lines
 
 
 def _dtype_name(dtype: str | None, device: str | None) -> str:

@@ -9,12 +9,14 @@ import argparse
 import math
 import os
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+STARTED = time.perf_counter()  # when the command line was imported: the start of a command's "s in all"
 
 
 class CommandError(Exception):
@@ -99,6 +101,8 @@ def add_sampling_options(parser: argparse.ArgumentParser, num: bool = True) -> N
     group.add_argument("--height", type=positive_int)
     group.add_argument("--width", type=positive_int)
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace outputs whose names are taken (default: the new ones get a suffix _2, _3, ...)")
 
 
 def load_pipeline_from_args(args):
@@ -106,10 +110,12 @@ def load_pipeline_from_args(args):
     import transformers.utils.logging
 
     from imageprompt.pipelines.loading import load_pipeline
+    from imageprompt.progress import LOADING, say
 
-    # the sampling bar is the one the user wants to see; the loading bars are noise
+    # the sampling bar is the one the user wants to see; the loading bars are noise: one line says what loads
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    say(LOADING, args.model or "the default model")
     return load_pipeline(model=args.model, clip=args.clip, dtype=args.dtype, device=args.device,
                          attention=args.attention, scheduler=args.scheduler, config=args.config,
                          vae=getattr(args, "vae", None), clip_2=getattr(args, "clip_2", None))
@@ -123,6 +129,35 @@ def warn_unknown_words(pipe, prompts) -> None:
     from imageprompt.vocabulary import warn_unknown_words as warn
 
     warn(getattr(pipe, "model_name", None), prompts)
+
+
+def warn_fitted(pipe, encoded=(), resized=(), size: tuple[int | None, int | None] = (None, None)) -> None:
+    """A warning for each input that is cropped or resized on its way into the model.
+
+    ``encoded``: ``(option, path, image)`` read by the image encoder (CLIP: the short side scaled, the centre
+    cropped); ``resized``: photos resized to the output ``size`` (``(width, height)``, None: the model's) to
+    be inverted.
+    """
+    from imageprompt.images import crop_notice, resize_notice
+
+    native = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    target = (size[0] or native, size[1] or native)
+    processor = getattr(pipe, "feature_extractor", None)
+    notices = [crop_notice(_input_name(option, path), image.size, processor) for option, path, image in encoded]
+    notices += [resize_notice(_input_name(option, path), image.size, target) for option, path, image in resized]
+    for notice in dict.fromkeys(n for n in notices if n):
+        warnings.warn(notice, UserWarning, stacklevel=2)
+
+
+def _input_name(option: str, path) -> str:
+    """``--image photo.png``, or ``photo.png`` for a positional input (``option`` empty)."""
+    return " ".join(filter(None, (option, Path(path).name)))
+
+
+def adapter_inputs(args) -> list[tuple]:
+    """``(option, path, image)`` of each --adapter-image, for :func:`warn_fitted`."""
+    return [("--adapter-image", path, image) for path, image in zip(args.adapter_image or [],
+                                                                     getattr(args, "_adapter_images", []))]
 
 
 def base_parameters(pipe, args, method: str) -> dict:
@@ -179,7 +214,28 @@ def cap_prompt_options(args, *names: str) -> None:
             setattr(args, name, cap_prompt(getattr(args, name), "--" + name.replace("_", "-")))
 
 
-def write_outputs(images, out_dir: Path, names: list[str], parameters: list[dict]) -> list[Path]:
+def free_names(out_dir: Path, names: list[str], overwrite: bool = False) -> list[str]:
+    """``names``, or, when one of them is taken in ``out_dir`` (and not ``overwrite``), every one with the first
+    suffix ``_2``, ``_3``, ... that frees them all: one run's outputs share their suffix."""
+    if overwrite or not any((out_dir / name).exists() for name in names):
+        return list(names)
+    number = 2
+    while True:
+        numbered = [f"{Path(name).stem}_{number}{Path(name).suffix}" for name in names]
+        if not any((out_dir / name).exists() for name in numbered):
+            return numbered
+        number += 1
+
+
+def write_outputs(images, out_dir: Path, names: list[str], parameters: list[dict],
+                  overwrite: bool = False) -> list[Path]:
+    """Save each image as ``out_dir / name``; a file that appeared under that name meanwhile is never replaced
+    unless ``overwrite`` (:func:`free_names` picks names that are free when the command starts)."""
     from imageprompt.images import save_png
 
-    return [save_png(im, out_dir / name, params) for im, name, params in zip(images, names, parameters)]
+    try:
+        return [save_png(im, out_dir / name, params, replace=overwrite)
+                for im, name, params in zip(images, names, parameters)]
+    except FileExistsError as err:
+        raise CommandError(f"{err.filename}: written by something else while this command ran; rerun, or pass "
+                           "--overwrite to replace it") from None

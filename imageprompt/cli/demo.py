@@ -21,7 +21,8 @@ def register(subparsers) -> None:
     demo.add_argument("--adapter", action="append", metavar="PATH_OR_ID[:WEIGHT_NAME]",
                       help="IP-Adapter weights for the IP-Adapter tab: a .safetensors/.bin file, HUB_ID:path/in/repo, "
                            "a short name (sd15, sd15_light, plus, plus-face, full-face), or 'sdipc' for the "
-                           "training-free SD-IPC branch; repeatable. Without it the tab is not shown.")
+                           "training-free SD-IPC branch; repeatable. Without it: the bundled adapter with the bundled "
+                           "model, else no IP-Adapter tab.")
     demo.add_argument("--image-encoder", metavar="PATH",
                       help="CLIP vision folder of the adapter (default: image_encoder next to the weights; for the "
                            "bundled checkpoints/shapes-ip-adapter.safetensors, the bundled CLIP)")

@@ -21,18 +21,22 @@ from imageprompt.cli.common import (
     EXIT_USAGE,
     SEED_MAX,
     CommandError,
+    adapter_inputs,
     add_model_options,
     add_sampling_options,
     base_parameters,
     cap_prompt_options,
     check_out_dir,
     finite_float,
+    free_names,
     load_pipeline_from_args,
     user_errors,
+    warn_fitted,
     warn_unknown_words,
     write_outputs,
 )
 from imageprompt.images import generators
+from imageprompt.progress import SAMPLING, labelled
 
 # Modules that add subcommands (each defines register(subparsers)); kept import-light.
 COMMAND_MODULES = [
@@ -94,6 +98,7 @@ def run_sdipc(args) -> int:
     check_tuning_options(args)
     check_adapter_options(args)
     pipe = load_pipeline_from_args(args)
+    warn_fitted(pipe, encoded=[("", args.image, image), *adapter_inputs(args)])
     prompt = getattr(args, "prompt", None)
     alpha = getattr(args, "alpha", None)
     warn_unknown_words(pipe, [("--prompt", prompt), ("--negative-prompt", args.negative_prompt)])
@@ -103,8 +108,7 @@ def run_sdipc(args) -> int:
     adapter = apply_adapter_options(pipe, args, image)
     params.update(adapter["parameters"])
 
-    stem = Path(args.image).stem
-    kind = "vary" if args.method == "sdipc-variation" else "edit"
+    names = free_names(out_dir, output_names(args, seed), args.overwrite)
     done = []
     for start in range(0, args.num, args.batch_size):
         count = min(args.batch_size, args.num - start)
@@ -112,20 +116,44 @@ def run_sdipc(args) -> int:
                     negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                     guidance_scale=args.guidance, num_images_per_prompt=count, height=args.height,
                     width=args.width, generator=generators(seed + start, count))
-        result = pipe(**{**call, **adapter["pipeline"]})
+        with labelled(pipe, SAMPLING):
+            result = pipe(**{**call, **adapter["pipeline"]})
         seeds = [seed + start + i for i in range(count)]
         metas = [dict(params, seed=s, width=im.size[0], height=im.size[1]) for s, im in zip(seeds, result.images)]
-        names = [f"{stem}-{kind}-{s}.png" for s in seeds]
-        done += write_outputs(result.images, out_dir, names, metas)
+        done += write_outputs(result.images, out_dir, names[start:start + count], metas, args.overwrite)
     for path in done:
         print(path)
     return 0
 
 
+def output_names(args, seed: int) -> list[str]:
+    """``INPUT-KIND-SEED.png`` per image, KIND naming what made it: ``vary``/``edit`` (SD-IPC), ``adapter-vary``/
+    ``adapter-edit`` (with --adapter), with ``-tuned`` after it for tuned SD-IPC (--tuned, --online-steps)."""
+    kind = "vary" if args.method == "sdipc-variation" else "edit"
+    if getattr(args, "adapter", None):
+        kind = f"adapter-{kind}"
+    if getattr(args, "tuned", None) or getattr(args, "online_steps", None):
+        kind = f"{kind}-tuned"
+    return [f"{Path(args.image).stem}-{kind}-{seed + i}.png" for i in range(args.num)]
+
+
 # ----------------------------------------------------------------- entry
+def check_package() -> None:
+    """Exit with a sentence, not an ``AttributeError``, when ``imageprompt`` was imported as a namespace package:
+    ``python -m imageprompt`` run from the folder that holds a clone named ``imageprompt`` (with an editable
+    install) finds the clone before the package inside it."""
+    import imageprompt
+
+    if not hasattr(imageprompt, "__version__"):
+        where = ", ".join(getattr(imageprompt, "__path__", [])) or "a folder"
+        sys.exit(f"imageprompt: error: the folder {where} (a clone?) hides the installed imageprompt package: "
+                 "run the command from another folder, such as the clone itself")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import imageprompt
 
+    check_package()
     parser = argparse.ArgumentParser(prog="imageprompt", description="Prompt Stable Diffusion with images.")
     parser.add_argument("--version", action="version", version=f"imageprompt {imageprompt.__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -133,6 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args``, except that an unknown option is reported with its subcommand's usage
+    (``imageprompt vary IMG --nmu 2`` shows ``vary``'s), not the top-level one."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        command = parser  # the deepest subcommand named, such as `tune online`
+        while True:
+            found = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+            chosen = found and found[0].choices.get(getattr(args, found[0].dest, None))
+            if not chosen:
+                break
+            command = chosen
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def _one_line_warnings(message, category, filename, lineno, file=None, line=None):
@@ -157,7 +201,7 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE

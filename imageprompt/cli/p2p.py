@@ -7,9 +7,11 @@ import math
 import random
 from pathlib import Path
 
+from imageprompt import DEFAULT_INVERSION
 from imageprompt.cli.adapter import add_adapter_options, apply_adapter_options, check_adapter_options
 from imageprompt.cli.common import (
     CommandError,
+    adapter_inputs,
     add_model_options,
     add_sampling_options,
     base_parameters,
@@ -17,14 +19,18 @@ from imageprompt.cli.common import (
     check_out_dir,
     finite_float,
     fraction,
+    free_names,
     load_pipeline_from_args,
     positive_int,
+    warn_fitted,
     warn_unknown_words,
     write_outputs,
 )
 from imageprompt.images import generators
+from imageprompt.progress import INVERTING, SAMPLING, labelled
 
-INVERSIONS = ("null-text", "negative-prompt", "ddim", "direct", "dpl")
+INVERSIONS = ("direct", "null-text", "negative-prompt", "ddim", "dpl")
+REPLACE_NEGATIVE = ("null-text", "negative-prompt", "dpl")  # inversions that replace the unconditional branch
 
 
 def register(subparsers) -> None:
@@ -65,8 +71,10 @@ def register(subparsers) -> None:
     p2p.add_argument("--mask", nargs="+", action="extend", metavar="WORD",
                      help="--mode masactrl: foreground masks from these words' cross-attention maps")
     p2p.add_argument("--image", metavar="PHOTO", help="a real photo to edit; --source should describe it")
-    p2p.add_argument("--invert", choices=INVERSIONS, help="how to invert --image (default null-text)")
-    p2p.add_argument("--inner-steps", type=positive_int, default=10, help="null-text inner steps (default 10)")
+    p2p.add_argument("--invert", choices=INVERSIONS,
+                     help=f"how to invert --image (default {DEFAULT_INVERSION}: measured best)")
+    p2p.add_argument("--inner-steps", type=positive_int, default=10,
+                     help="null-text (and dpl) inner steps (default 10)")
     p2p.add_argument("--dpl-words", nargs="+", action="extend", metavar="NOUN",
                      help="with --invert dpl: the nouns of --source whose tokens Dynamic Prompt Learning learns")
     p2p.add_argument("--image-prompt", metavar="IMAGE", help="SD-IPC reference: every prompt is image + text")
@@ -109,7 +117,7 @@ def parse_cross_steps(items: list[str] | None) -> tuple[float, dict[str, float]]
 
 
 def run_p2p(args) -> int:
-    from imageprompt.images import load_image, save_png, sha256_file
+    from imageprompt.images import load_image, sha256_file
     from imageprompt.p2p import PromptToPromptSettings, normalize_word
 
     # 1. Everything about the input is checked before any model loads.
@@ -146,8 +154,9 @@ def run_p2p(args) -> int:
         raise CommandError("give --image (a photo to edit) or --image-prompt (an SD-IPC reference), not both")
     if args.image and args.scheduler != "ddim":
         raise CommandError(f"inverting --image needs --scheduler ddim, not {args.scheduler}")
-    if args.image and (args.invert or "null-text") != "ddim" and args.negative_prompt:
-        raise CommandError(f"--negative-prompt is replaced by the {args.invert or 'null-text'} inversion; leave it out")
+    method = (args.invert or DEFAULT_INVERSION) if args.image else None
+    if method in REPLACE_NEGATIVE and args.negative_prompt:
+        raise CommandError(f"--negative-prompt is replaced by the {method} inversion; leave it out")
     if args.save_attention and Path(args.save_attention).suffix.lower() != ".png":
         raise CommandError(f"--save-attention must name a .png file, got {args.save_attention!r}")
     if not math.isfinite(args.alpha):
@@ -158,7 +167,6 @@ def run_p2p(args) -> int:
     if args.adapter and not args.adapter_image and not args.embeds:
         raise CommandError("--adapter needs --adapter-image IMAGE (or --embeds FILE): the image prompt of the edit")
     out_dir = check_out_dir(args.out)
-    method = (args.invert or "null-text") if args.image else None
     photo = load_image(args.image) if args.image else None
     reference = load_image(args.image_prompt) if args.image_prompt else None
     seed = args.seed if args.seed is not None else random.randrange(2**31)
@@ -167,6 +175,9 @@ def run_p2p(args) -> int:
     from imageprompt.pipelines.loading import edit_pipeline_from
 
     base = load_pipeline_from_args(args)
+    warn_fitted(base, encoded=[*([("--image-prompt", args.image_prompt, reference)] if reference else []),
+                               *adapter_inputs(args)],
+                resized=[("--image", args.image, photo)] if photo else [], size=(args.width, args.height))
     warn_unknown_words(base, [("--source", args.source), ("--target", target),
                               ("--negative-prompt", args.negative_prompt)])
     pipe = edit_pipeline_from(base, "masactrl" if args.mode == "masactrl" else "p2p")  # SD 1.x or SDXL
@@ -192,29 +203,33 @@ def run_p2p(args) -> int:
     # 3. Inversion of a real photo, then the edit
     inversion = None
     if photo is not None:
-        inversion = pipe.invert(photo, args.source, method, args.steps, args.guidance, args.height, args.width,
-                                num_inner_steps=args.inner_steps, words=args.dpl_words)
-    result = pipe(args.source, None if args.mode == "reweight" else target, settings=settings,
-                  image=reference, alpha=args.alpha, inversion=inversion,
-                  image_mode="variation" if args.variation_source else "edit",
-                  negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                  num_inference_steps=args.steps, guidance_scale=args.guidance,
-                  generator=None if inversion is not None else generators(seed, 1), **adapter["pipeline"])
+        with labelled(pipe, INVERTING):
+            inversion = pipe.invert(photo, args.source, method, args.steps, args.guidance, args.height, args.width,
+                                    num_inner_steps=args.inner_steps, words=args.dpl_words)
+    with labelled(pipe, SAMPLING):
+        result = pipe(args.source, None if args.mode == "reweight" else target, settings=settings,
+                      image=reference, alpha=args.alpha, inversion=inversion,
+                      image_mode="variation" if args.variation_source else "edit",
+                      negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                      num_inference_steps=args.steps, guidance_scale=args.guidance,
+                      generator=None if inversion is not None else generators(seed, 1), **adapter["pipeline"])
 
     # 4. Outputs
     stem = Path(args.image).stem if args.image else "p2p"
     suffix = "" if inversion is not None else f"-{seed}"
-    names = [f"{stem}-source{suffix}.png", f"{stem}-edit{suffix}.png"]
+    names = free_names(out_dir, [f"{stem}-source{suffix}.png", f"{stem}-edit{suffix}.png"], args.overwrite)
     metas = [dict(params, role=role, width=im.size[0], height=im.size[1])
              for role, im in zip(("source", "edit"), result.images)]
-    done = write_outputs(result.images, out_dir, names, metas)
+    done = write_outputs(result.images, out_dir, names, metas, args.overwrite)
     if args.save_attention:
         if result.attention_maps is None:
             raise CommandError("no attention maps were recorded: --map-res names no cross-attention layer")
         from imageprompt.attention_maps import render_attention_maps
 
         picture = render_attention_maps(result.attention_maps, result.tokens, result.images)
-        done.append(save_png(picture, args.save_attention, dict(params, role="attention")))
+        maps = Path(args.save_attention)
+        maps = maps.with_name(free_names(maps.parent, [maps.name], args.overwrite)[0])
+        done += write_outputs([picture], maps.parent, [maps.name], [dict(params, role="attention")], args.overwrite)
     for path in done:
         print(path)
     return 0

@@ -8,18 +8,22 @@ from pathlib import Path
 from imageprompt.cli.adapter import add_adapter_options, apply_adapter_options, check_adapter_options
 from imageprompt.cli.common import (
     CommandError,
+    adapter_inputs,
     add_model_options,
     add_sampling_options,
     base_parameters,
     cap_prompt_options,
     check_out_dir,
     finite_float,
+    free_names,
     load_pipeline_from_args,
     positive_float,
+    warn_fitted,
     warn_unknown_words,
     write_outputs,
 )
 from imageprompt.images import generators
+from imageprompt.progress import INVERTING, SAMPLING, labelled
 
 
 def register(subparsers) -> None:
@@ -86,6 +90,9 @@ def run_style_aligned(args) -> int:
     from imageprompt.pipelines import StableDiffusionStyleAlignedPipeline
 
     base = load_pipeline_from_args(args)
+    warn_fitted(base, encoded=[*([("--reference-sdipc", args.reference_sdipc, sdipc)] if sdipc else []),
+                               *adapter_inputs(args)],
+                resized=[("--reference", args.reference, photo)] if photo else [], size=(args.width, args.height))
     if hasattr(base, "text_encoder_2"):
         raise CommandError("style-aligned runs on SD 1.x models; it is not available on SDXL yet")
     warn_unknown_words(base, [("--prompts", " ".join(args.prompts)), ("--reference-prompt", args.reference_prompt)])
@@ -105,18 +112,21 @@ def run_style_aligned(args) -> int:
     # 3. Inversion of the reference photo, then the set
     inversion = None
     if photo is not None:
-        inversion = pipe.invert_reference(photo, args.reference_prompt, args.steps, args.height, args.width)
-    result = pipe(prompts, image=sdipc, alpha=args.alpha, inversion=inversion, adain_queries=not args.no_adain,
-                  adain_keys=not args.no_adain, keys_scale=args.keys_scale, score_shift=args.score_shift,
-                  share_group_norm=args.share_group_norm, reference_offset=args.reference_offset,
-                  negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                  num_inference_steps=args.steps, guidance_scale=args.guidance,
-                  generator=generators(seed, len(prompts)), **adapter["pipeline"])
+        with labelled(pipe, INVERTING):
+            inversion = pipe.invert_reference(photo, args.reference_prompt, args.steps, args.height, args.width)
+    with labelled(pipe, SAMPLING):
+        result = pipe(prompts, image=sdipc, alpha=args.alpha, inversion=inversion, adain_queries=not args.no_adain,
+                      adain_keys=not args.no_adain, keys_scale=args.keys_scale, score_shift=args.score_shift,
+                      share_group_norm=args.share_group_norm, reference_offset=args.reference_offset,
+                      negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                      num_inference_steps=args.steps, guidance_scale=args.guidance,
+                      generator=generators(seed, len(prompts)), **adapter["pipeline"])
 
     # 4. Outputs: the reference (reconstruction, for a photo) first, then one image per prompt
     names = [f"style-reference-{seed}.png"] + [f"style-{i}-{seed}.png" for i in range(1, len(prompts))]
+    names = free_names(out_dir, names, args.overwrite)
     metas = [dict(params, role="reference" if i == 0 else "image", prompt=p, index=i, width=im.size[0],
                   height=im.size[1]) for i, (p, im) in enumerate(zip(prompts, result.images))]
-    for path in write_outputs(result.images, out_dir, names, metas):
+    for path in write_outputs(result.images, out_dir, names, metas, args.overwrite):
         print(path)
     return 0

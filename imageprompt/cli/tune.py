@@ -51,6 +51,7 @@ def register(subparsers) -> None:
 
 def _add_tune_options(parser, steps: int, lr: float) -> None:
     parser.add_argument("--out", required=True, metavar="FILE", help="output .safetensors file")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
     group = parser.add_argument_group("tuning")
     group.add_argument("--steps", type=positive_int, default=steps, help=f"optimisation steps (default {steps})")
     group.add_argument("--lr", type=positive_float, default=lr, help=f"AdamW rate of the prompts (default {lr:g})")
@@ -139,6 +140,8 @@ def run_tune(args) -> int:
     paths = domain_image_paths(args.data) if args.mode == "domain" else [Path(p) for p in args.images]
     images, data_id = load_images(paths, TRAIN_MAX_SIDE)
     checkpoint = out.with_name(out.name[: -len(".safetensors")] + ".checkpoint.safetensors")
+    if out.exists() and not args.overwrite and not (args.mode == "domain" and args.resume):
+        raise CommandError(f"--out {args.out}: exists; pass --overwrite to replace it, or choose another --out")
     if args.mode == "domain" and args.resume and not checkpoint.exists():
         print(f"imageprompt: no checkpoint at {checkpoint}; starting from step 0", file=sys.stderr)
 

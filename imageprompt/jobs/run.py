@@ -26,6 +26,7 @@ from imageprompt.jobs.storage import (
     remove_temporaries,
     row_record,
 )
+from imageprompt.progress import LOADING, SAMPLING
 
 
 @dataclass
@@ -52,9 +53,10 @@ class JobSummary:
         return self.images / self.sampling_seconds if self.sampling_seconds > 0 else 0.0
 
     def __str__(self) -> str:
+        rate = f"{self.images_per_second:.2f} images/s while sampling" if self.images else "nothing sampled"
         return (f"{self.rows} rows: {self.done} done, {self.skipped} skipped (already complete), "
-                f"{self.failed} failed; {self.images} images, {self.images_per_second:.2f} images/s while sampling, "
-                f"{self.seconds:.1f} s in all; results in {self.results}")
+                f"{self.failed} failed; {self.images} images, {rate}, {self.seconds:.1f} s in all; "
+                f"results in {self.results}")
 
 
 class _Progress:
@@ -67,7 +69,12 @@ class _Progress:
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, unit="row", desc="batch", dynamic_ncols=True)
+            self.bar = tqdm(total=total, unit="row", desc="checking rows", dynamic_ncols=True)
+
+    def phase(self, label: str) -> None:
+        """Label the bar with what the job does now (loading, sampling)."""
+        if self.bar is not None:
+            self.bar.set_description(label)
 
     def refresh(self) -> int:
         rows, images = self.parts.counts()
@@ -148,14 +155,17 @@ def _run(jobs, out, entries, state, pipe, load_pipe, defaults, options, device, 
             progress.refresh()
             if pending and sampler is not None:
                 progress.start = time.perf_counter()
+                progress.phase(SAMPLING)
                 sampler(pending, out, writer, options, progress, defaults.image_encoder)
             elif pending:
                 if pipe is None:
                     if load_pipe is None:
                         raise JobError("run_job needs `pipe` or `load_pipe`")
+                    progress.phase(LOADING)
                     pipe = load_pipe(_process_device(device, state))
                 apply_speed_options(pipe, options.compile, options.channels_last)
                 progress.start = time.perf_counter()  # images/s of sampling, not of loading
+                progress.phase(SAMPLING)
                 sample_items(pipe, pending, out, writer, summary, options, progress, defaults.image_encoder)
     except BaseException:
         writer.close()

@@ -136,7 +136,26 @@ class Runner:
 
         if row.line not in self.images:
             self.images[row.line] = load_image(row.image)
+            self.notice(row, self.images[row.line])
         return self.images[row.line]
+
+    def notice(self, row: Row, image) -> None:
+        """Say how the row's image is fitted: resized to the output size (a photo to invert), or cropped by the
+        image encoder (an image prompt)."""
+        import warnings
+        from pathlib import Path
+
+        from imageprompt.images import crop_notice, resize_notice
+
+        p, name = row.params, f"row {row.line}: {Path(row.image).name}"
+        if p.get("invert"):
+            native = int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
+            notice = resize_notice(name, image.size, (p.get("width") or native, p.get("height") or native),
+                                   keep="give the row a width and height in its proportions to keep its shape")
+        else:
+            notice = crop_notice(name, image.size, getattr(self.pipe, "feature_extractor", None))
+        if notice:
+            warnings.warn(notice, UserWarning, stacklevel=2)
 
     def load(self, path: str):
         """Another image a row names (a p2p row's adapter image), loaded once per path."""

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -220,4 +221,6 @@ def merge_results(out: Path, history: dict[str, dict]) -> list[dict]:
     _atomic_write_lines(out / RESULTS, merged)
     for path in (out / PARTS).glob("part-*.jsonl"):
         path.unlink()
+    with contextlib.suppress(OSError):  # gone once empty; a part another process still writes keeps it
+        (out / PARTS).rmdir()
     return merged

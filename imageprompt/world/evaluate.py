@@ -248,23 +248,33 @@ def load_bundled(device: str | None = "cpu"):
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    full, quick = EvalSettings(), EvalSettings.quick()
+
+    def default(key: str) -> str:
+        value, small = getattr(full, key), getattr(quick, key)
+        return f"default {value:g}" + (f"; --quick: {small:g}" if small != value else "")
+
     parser.add_argument("--suite", default="world", choices=["world", "pie-bench"],
-                        help="world: the shapes world (the bundled model by default); pie-bench: real-photo editing "
-                             "on a folder in PIE-Bench's layout (--data), any model")
+                        help="world (the default): the shapes world (the bundled model by default); pie-bench: "
+                             "real-photo editing on a folder in PIE-Bench's layout (--data), any model")
     parser.add_argument("--data", help="with --suite pie-bench: the folder holding mapping_file.json")
-    parser.add_argument("--limit", type=int, help="with --suite pie-bench: the first N cases only")
-    parser.add_argument("--only", action="append", help="run only this measurement (repeatable)")
+    parser.add_argument("--limit", type=int, help="with --suite pie-bench: the first N cases only (default: all)")
+    parser.add_argument("--only", action="append", metavar="NAME",
+                        help="run only this measurement (repeatable; default: all): "
+                             + ", ".join(f"'{name}'" for name in MEASUREMENTS))
     parser.add_argument("--quick", action="store_true", help="the small subset the tests run")
-    parser.add_argument("--samples", type=int, help="captions / references per measurement")
-    parser.add_argument("--images-per-sample", type=int)
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--guidance-scale", type=float)
-    parser.add_argument("--alpha", type=float, help="SD-IPC edit: weight of the text at positions EOS..76 (0.5)")
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--samples", type=int, help=f"captions / references per measurement ({default('samples')})")
+    parser.add_argument("--images-per-sample", type=int, help=f"images per caption ({default('images_per_sample')})")
+    parser.add_argument("--steps", type=int, help=f"sampling steps ({default('steps')})")
+    parser.add_argument("--guidance-scale", type=float, help=f"classifier-free guidance ({default('guidance_scale')})")
+    parser.add_argument("--alpha", type=float,
+                        help=f"SD-IPC edit: weight of the text at positions EOS..76 ({default('alpha')})")
+    parser.add_argument("--seed", type=int, help=f"random seed ({default('seed')})")
     parser.add_argument("--model", help="default: the bundled shapes-world model")
     parser.add_argument("--clip", help="default: the bundled shapes-world CLIP")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a small shared CPU)")
+    parser.add_argument("--device", default="cpu", help="default cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a small shared CPU; "
+                                                    "default: torch's)")
 
 
 def _run(args) -> int:
@@ -274,6 +284,10 @@ def _run(args) -> int:
         torch.set_num_threads(args.threads)
     if args.suite == "pie-bench" and not args.data:
         raise ValueError("--suite pie-bench needs --data DIR (a folder holding mapping_file.json)")
+    unknown = [name for name in args.only or [] if name not in MEASUREMENTS]
+    if unknown:  # before any model loads
+        raise ValueError(f"--only {unknown[0]!r}: no such measurement; known: "
+                         + ", ".join(f"'{name}'" for name in MEASUREMENTS))
     settings = EvalSettings.quick() if args.quick else EvalSettings()
     for key in ("samples", "images_per_sample", "steps", "guidance_scale", "seed", "alpha"):
         if getattr(args, key, None) is not None:
