@@ -70,13 +70,26 @@ def load_sd_components(model: str, dtype: torch.dtype, config: str | None = None
     return dict(pipe.components)
 
 
+def _model_index(model: str, local_only: bool) -> dict:
+    """A diffusers folder's or hub repository's ``model_index.json`` (huggingface_hub's own download: diffusers'
+    ``load_config`` passes the deprecated ``local_dir_use_symlinks``, which huggingface_hub warns about)."""
+    import json
+
+    from huggingface_hub import hf_hub_download
+
+    folder = Path(model).expanduser()
+    path = folder / "model_index.json" if folder.is_dir() else Path(
+        hf_hub_download(model, "model_index.json", local_files_only=local_only))
+    return json.loads(path.read_text())
+
+
 def _pipeline_class(model: str, local_only: bool, common: dict):
     """imageprompt's own pipeline class for folders it saved, else diffusers' generic loader; and the loading
     arguments (SDXL pipelines have no safety checker: those arguments are left out, else diffusers warns)."""
     import imageprompt.pipelines as ours
     from diffusers import DiffusionPipeline
 
-    name = DiffusionPipeline.load_config(model, local_files_only=local_only).get("_class_name", "")
+    name = _model_index(model, local_only).get("_class_name", "")
     if "XL" in name:
         common = {k: v for k, v in common.items() if k not in ("safety_checker", "requires_safety_checker")}
     return getattr(ours, name, DiffusionPipeline), common

@@ -22,6 +22,7 @@ SD-IPC branch) add to any of these: ``pipe.load_ip_adapter(...)``, then
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,11 +61,25 @@ class ImagePromptMixin(ImagePromptAdapterMixin):
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
-        """diffusers' ``from_pipe`` (the new pipeline shares the modules), keeping their dtype: diffusers
-        casts the shared modules to ``dtype``, float32 unless given, which would change the original too."""
-        if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
-            kwargs["dtype"] = pipeline.unet.dtype
-        pipe = super().from_pipe(pipeline, **kwargs)
+        """A pipeline of this class over ``pipeline``'s modules (no copies), as diffusers' ``from_pipe``; ``kwargs``
+        replace components or config values.
+
+        Without ``dtype`` the modules are not cast: diffusers' ``from_pipe`` casts them to float32 unless told
+        otherwise, which would change the original pipeline's modules too (and diffusers 0.42 logs a float32
+        notice for each cast module). With ``dtype``, diffusers' ``from_pipe`` runs as it is.
+        """
+        if kwargs.get("dtype") is not None or kwargs.get("torch_dtype") is not None:
+            pipe = super().from_pipe(pipeline, **kwargs)
+        else:
+            names = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "args", "kwargs")]
+            given = {n: kwargs.pop(n) for n in names if n in kwargs}
+            parts = {n: pipeline.components[n] for n in names if n in pipeline.components and n not in given}
+            settings = {n: pipeline.config[n] for n in names
+                        if n not in parts and n not in given and n in pipeline.config}
+            if kwargs:
+                raise TypeError(f"{cls.__name__}.from_pipe got unexpected arguments: {', '.join(sorted(kwargs))}")
+            pipe = cls(**parts, **settings, **given)
+            pipe.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
         for name in LOADED_NAMES:  # what the outputs record of where the modules came from
             if hasattr(pipeline, name):
                 setattr(pipe, name, getattr(pipeline, name))

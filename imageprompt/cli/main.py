@@ -191,7 +191,6 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     warnings.simplefilter("ignore", FutureWarning)
     warnings.simplefilter("ignore", DeprecationWarning)
-    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
     warnings.showwarning = _one_line_warnings
     import logging
 
