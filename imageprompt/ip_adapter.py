@@ -201,8 +201,11 @@ def build_adapters(pipe, states: list[dict], encoders: list, names: list[str]) -
     kept, scales = loaded_adapters(unet), layer_scales(unet)
     backend = next(iter(imageprompt_processors(unet).values())).backend
     feature_extractor = getattr(pipe, "feature_extractor", None)  # diffusers' loader registers one when missing
+    image_encoder = getattr(pipe, "image_encoder", None)  # without one, diffusers' loader warns that it has none
     install_adapters(unet, [])
     try:
+        if hasattr(pipe, "image_encoder"):
+            pipe.register_modules(image_encoder=encoders[0][0])
         official = [{"image_proj": state["image_proj"], "ip_adapter": state["ip_adapter"]} for state in states]
         none = [None] * len(official)
         IPAdapterMixin.load_ip_adapter(pipe, official, subfolder=none, weight_name=none, image_encoder_folder=None,
@@ -216,6 +219,8 @@ def build_adapters(pipe, states: list[dict], encoders: list, names: list[str]) -
         set_imageprompt_attention(unet, backend)
         if hasattr(pipe, "feature_extractor") and pipe.feature_extractor is not feature_extractor:
             pipe.register_modules(feature_extractor=feature_extractor)
+        if hasattr(pipe, "image_encoder"):
+            pipe.register_modules(image_encoder=image_encoder)
         _reinstall(unet, kept, scales)
     ids = cross_attention_layers(unet)
     adapters = []

@@ -184,7 +184,8 @@ def load_vae(vae: str, dtype: torch.dtype):
 
 
 def load_clip_parts(clip: str, dtype: torch.dtype) -> dict:
-    """image_encoder, feature_extractor and the text projection (inside a converter) from a ``CLIPModel``."""
+    """sdipc_image_encoder, feature_extractor and the text projection (inside a converter) from a ``CLIPModel``:
+    the CLIP parts SD-IPC reads (its own component names, apart from diffusers' IP-Adapter ``image_encoder``)."""
     from transformers import CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from imageprompt.conversion import SDIPCConverter
@@ -216,7 +217,8 @@ def load_clip_parts(clip: str, dtype: torch.dtype) -> dict:
     image_encoder.vision_model.load_state_dict(clip_model.vision_model.state_dict())
     image_encoder.visual_projection.load_state_dict(clip_model.visual_projection.state_dict())
     converter = SDIPCConverter.from_clip(clip_model)
-    return dict(image_encoder=image_encoder.to(dtype).eval(), feature_extractor=feature_extractor, converter=converter)
+    return dict(sdipc_image_encoder=image_encoder.to(dtype).eval(), feature_extractor=feature_extractor,
+                converter=converter)
 
 
 def resolve_model(model: str | None, clip: str | None) -> tuple[str, str, str | None]:

@@ -142,7 +142,7 @@ def build_training_parts(pipe, image_encoder=None, feature_extractor=None, init:
 
     from imageprompt.ip_adapter import build_adapters, install_adapters
 
-    image_encoder = image_encoder if image_encoder is not None else pipe.image_encoder
+    image_encoder = image_encoder if image_encoder is not None else pipe.sdipc_image_encoder
     feature_extractor = feature_extractor if feature_extractor is not None else pipe.feature_extractor
     for module in (pipe.unet, pipe.vae, pipe.text_encoder, image_encoder):
         module.requires_grad_(False).eval()

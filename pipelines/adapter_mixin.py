@@ -6,6 +6,8 @@ UNet: a pipeline holds no adapter state of its own.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from imageprompt.ip_adapter import (
@@ -18,12 +20,17 @@ from imageprompt.ip_adapter import (
     set_branch_scales,
 )
 
+# The image encoders that load_ip_adapter put in a pipeline's `image_encoder` component (unload_ip_adapter takes
+# them out again; an encoder the user gave the pipeline stays, and serves adapters loaded without one)
+FILLED_ENCODERS = weakref.WeakSet()
+
 
 class ImagePromptAdapterMixin:
     """``load_ip_adapter`` / ``set_ip_adapter_scale`` / ``unload_ip_adapter`` on imageprompt pipelines.
 
-    Same calls as diffusers' ``IPAdapterMixin``; the adapters' image encoders are
-    kept apart from the pipeline's ``image_encoder`` (SD-IPC's CLIP).
+    Same calls as diffusers' ``IPAdapterMixin``: files are parsed by diffusers' own loader, and the pipeline's
+    ``image_encoder`` component holds the (first) adapter's image encoder, as in diffusers. SD-IPC's CLIP has its
+    own components (``sdipc_image_encoder``), so each technique keeps its encoder.
     """
 
     @property
@@ -41,12 +48,20 @@ class ImagePromptAdapterMixin:
             subfolder / weight_name: where the file lies in the repository or folder (lists allowed).
             image_encoder_folder: the encoder folder next to the weights (``"image_encoder"``), or a path with ``/``
                 from the repository root.
-            image_encoder: a folder or hub id of a ``CLIPVisionModelWithProjection``, or a model, instead.
+            image_encoder: a folder or hub id of a ``CLIPVisionModelWithProjection``, or a model, instead. Left out:
+                the pipeline's ``image_encoder`` when one was given to it (diffusers' rule), else the folder.
         """
+        current = getattr(self, "image_encoder", None)
+        given = current is not None and current not in FILLED_ENCODERS  # the user's, not one an adapter brought
+        if image_encoder is None and given:
+            image_encoder = current
         adapters = load_adapters(self, pretrained_model_name_or_path_or_dict, subfolder, weight_name,
                                  image_encoder_folder, image_encoder, local_files_only)
         keep = [a for a in self.image_adapters if not isinstance(a, IPAdapter)]
         install_adapters(self.unet, adapters + keep)
+        if not given:
+            FILLED_ENCODERS.add(adapters[0].image_encoder)
+            self.register_modules(image_encoder=adapters[0].image_encoder)
 
     def set_ip_adapter_scale(self, scale) -> None:
         """A float, an InstantStyle per-block dict, or a list of those (one per adapter, in load order)."""
@@ -127,8 +142,8 @@ class ImagePromptAdapterMixin:
             if tokenizer is None:
                 raise ValueError("with `text_encoder`, pass its `tokenizer` too")
             return projected_text_embeds(text_encoder, tokenizer, [text])
-        for vision, tower, tok in (("image_encoder", "text_encoder", "tokenizer"),
-                                   ("image_encoder_2", "text_encoder_2", "tokenizer_2")):  # SD 1.x; SDXL's bigG
+        for vision, tower, tok in (("sdipc_image_encoder", "text_encoder", "tokenizer"),
+                                   ("sdipc_image_encoder_2", "text_encoder_2", "tokenizer_2")):  # SD 1.x; SDXL's bigG
             encoder = getattr(self, vision, None)
             if encoder is not None and same_encoder(encoder, adapter.image_encoder):
                 model = getattr(self, tower)
@@ -144,7 +159,7 @@ class ImagePromptAdapterMixin:
         from imageprompt.model_identity import encoder_identity
 
         return [{"name": str(a.name), "kind": a.kind,
-                 "encoder": encoder_identity(getattr(a, "image_encoder", None) or self.image_encoder)}
+                 "encoder": encoder_identity(getattr(a, "image_encoder", None) or self.sdipc_image_encoder)}
                 for a in self.image_adapters]
 
     def save_ip_adapter_image_embeds(self, path, embeds: list[torch.Tensor], do_classifier_free_guidance: bool = True,
@@ -169,7 +184,10 @@ class ImagePromptAdapterMixin:
         return embeds
 
     def unload_ip_adapter(self) -> None:
-        """Remove every image adapter (and the SD-IPC branch); the UNet is plain again."""
+        """Remove every image adapter (and the SD-IPC branch); the UNet is plain again. The adapters' image
+        encoder leaves the ``image_encoder`` component, as in diffusers; one given to the pipeline stays."""
+        if getattr(self, "image_encoder", None) in FILLED_ENCODERS:
+            self.register_modules(image_encoder=None)
         install_adapters(self.unet, [])
 
     def check_ip_adapter_inputs(self, ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image):

@@ -122,7 +122,7 @@ def load_pipeline(
             (default: laion/CLIP-ViT-bigG-14-laion2B-39B-b160k).
     """
     quiet_torchvision_notices()  # before transformers' image processors are first imported
-    from imageprompt.pipelines.pipeline_sdipc import StableDiffusionImagePromptPipeline
+    from imageprompt.pipelines.pipeline_sdipc import StableDiffusionImagePromptPipeline, legacy_names
     from imageprompt.pipelines.pipeline_sdipc_xl import is_sdxl_unet
 
     from imageprompt.conversion import SD1_EOS_NORM, is_sd1_text_encoder, measure_eos_norm
@@ -135,15 +135,16 @@ def load_pipeline(
     parts = load_sd_components(model, torch_dtype, config)
     if vae is not None:
         parts["vae"] = load_vae(vae, torch_dtype)
+    legacy_names(parts)
     if is_sdxl_unet(parts["unet"]):
         pipe = _sdxl_pipeline(parts, clip, clip_2 or DEFAULT_CLIP_BIGG, torch_dtype)
     else:
-        if parts.get("converter") is None or parts.get("image_encoder") is None:
+        if parts.get("converter") is None or parts.get("sdipc_image_encoder") is None:
             parts.update(load_clip_parts(clip, torch_dtype))
             text_encoder, tokenizer = parts["text_encoder"], parts["tokenizer"]
             scale = SD1_EOS_NORM if is_sd1_text_encoder(text_encoder) else measure_eos_norm(text_encoder, tokenizer)
             parts["converter"].register_to_config(scale=float(scale))
-        names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "image_encoder", "converter",
+        names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "sdipc_image_encoder", "converter",
                  "feature_extractor")
         pipe = StableDiffusionImagePromptPipeline(**{k: parts.get(k) for k in names})
     if scheduler is not None:
@@ -167,15 +168,16 @@ def _sdxl_pipeline(parts: dict, clip: str, clip_2: str, dtype: torch.dtype):
 
     from imageprompt.conversion_xl import SDXLConverter
 
-    if any(parts.get(k) is None for k in ("converter", "image_encoder", "image_encoder_2")):
+    if any(parts.get(k) is None for k in ("converter", "sdipc_image_encoder", "sdipc_image_encoder_2")):
         clip_l, clip_g = load_clip_parts(clip, dtype), load_clip_parts(clip_2, dtype)
-        parts.update(image_encoder=clip_l["image_encoder"], image_encoder_2=clip_g["image_encoder"],
+        parts.update(sdipc_image_encoder=clip_l["sdipc_image_encoder"],
+                     sdipc_image_encoder_2=clip_g["sdipc_image_encoder"],
                      feature_extractor=clip_l["feature_extractor"])
         parts["converter"] = SDXLConverter.from_encoders(
             clip_l["converter"].text_projection, parts["text_encoder"], parts["text_encoder_2"], parts["tokenizer"],
             parts["tokenizer_2"])
     names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler",
-             "image_encoder", "image_encoder_2", "converter", "feature_extractor")
+             "sdipc_image_encoder", "sdipc_image_encoder_2", "converter", "feature_extractor")
     return StableDiffusionXLImagePromptPipeline(**{k: parts.get(k) for k in names})
 
 

@@ -54,6 +54,18 @@ class ImagePromptPipelineOutput(BaseOutput):
 LOADED_NAMES = ("model_name", "clip_name", "clip_2_name", "vae_name")  # set by load_pipeline
 
 
+def legacy_names(parts: dict) -> dict:
+    """Folders saved before SD-IPC's CLIP had components of its own held it in ``image_encoder`` (and SDXL's bigG
+    in ``image_encoder_2``), beside a ``converter``: give them their names (in place; returns ``parts``)."""
+    if parts.get("converter") is not None and parts.get("sdipc_image_encoder") is None \
+            and parts.get("image_encoder") is not None:
+        parts["sdipc_image_encoder"], parts["image_encoder"] = parts["image_encoder"], None
+        if parts.get("image_encoder_2") is not None:
+            parts["sdipc_image_encoder_2"] = parts.pop("image_encoder_2")
+    return parts
+
+
+
 class ImagePromptMixin(ImagePromptAdapterMixin):
     """What imageprompt adds to a diffusers Stable Diffusion pipeline (SD 1.x or SDXL): SD-IPC's conditioning,
     its processors on the UNet, and :meth:`sample`, which runs the diffusers parent's ``__call__`` with the
@@ -160,13 +172,17 @@ class ImagePromptMixin(ImagePromptAdapterMixin):
     @torch.no_grad()
     def encode_images(self, images: list[PIL.Image.Image], device) -> torch.Tensor:
         """CLIP image embeddings ``e = pooler_output @ W_v.T``, shape ``(B, projection_dim)``."""
+        encoder = self.sdipc_image_encoder
+        if encoder is None:
+            raise ValueError("SD-IPC needs its CLIP (`sdipc_image_encoder`): load the model with "
+                             "imageprompt.load_pipeline or from_pretrained(..., clip=...)")
         processor = self.feature_extractor
-        if processor is None:  # CLIP's own preprocessing, at the encoder's input size
-            size = self.image_encoder.config.image_size
+        if processor is None or processor.crop_size.get("height", encoder.config.image_size) != \
+                encoder.config.image_size:  # CLIP's own preprocessing, at the encoder's input size
+            size = encoder.config.image_size
             processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         pixels = processor(images=[to_rgb(im) for im in images], return_tensors="pt").pixel_values
-        pixels = pixels.to(device=device, dtype=self.image_encoder.dtype)
-        return self.image_encoder(pixels).image_embeds
+        return encoder(pixels.to(device=device, dtype=encoder.dtype)).image_embeds
 
     @torch.no_grad()
     def convert_images(self, images: list[PIL.Image.Image], device) -> torch.Tensor:
@@ -306,8 +322,8 @@ class ImagePromptMixin(ImagePromptAdapterMixin):
 
 
 class StableDiffusionImagePromptPipeline(ImagePromptMixin, StableDiffusionPipeline):
-    model_cpu_offload_seq = "image_encoder->text_encoder->unet->vae"
-    _optional_components = ["safety_checker", "feature_extractor", "image_encoder", "converter"]
+    model_cpu_offload_seq = "sdipc_image_encoder->image_encoder->text_encoder->unet->vae"
+    _optional_components = ["safety_checker", "feature_extractor", "image_encoder", "sdipc_image_encoder", "converter"]
 
     def __init__(
         self,
@@ -316,15 +332,18 @@ class StableDiffusionImagePromptPipeline(ImagePromptMixin, StableDiffusionPipeli
         tokenizer: CLIPTokenizer,
         unet: UNet2DConditionModel,
         scheduler: KarrasDiffusionSchedulers,
-        image_encoder: CLIPVisionModelWithProjection | None = None,
+        sdipc_image_encoder: CLIPVisionModelWithProjection | None = None,
         converter: SDIPCConverter | None = None,
         feature_extractor: CLIPImageProcessor | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
         safety_checker=None,
         requires_safety_checker: bool = False,
     ):
         super().__init__(vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor,
                          image_encoder, requires_safety_checker)
-        self.register_modules(converter=converter)  # SD-IPC's text projection: the one component diffusers lacks
+        # SD-IPC's CLIP (vision tower and text projection): components diffusers lacks, apart from its
+        # `image_encoder`, which holds the IP-Adapter's encoder as in diffusers
+        self.register_modules(sdipc_image_encoder=sdipc_image_encoder, converter=converter)
         # imageprompt's processors on every layer; a UNet that has them keeps them, hooks and backend
         # included, so building a pipeline (or `from_pipe`) never changes a shared UNet.
         imageprompt_processors(self.unet)
@@ -338,7 +357,11 @@ class StableDiffusionImagePromptPipeline(ImagePromptMixin, StableDiffusionPipeli
         text projection from the CLIP model. A folder saved by this pipeline needs no ``clip``.
         """
         if clip is None:
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            parts = legacy_names(dict(pipe.components))
+            if parts["sdipc_image_encoder"] is not pipe.sdipc_image_encoder:  # a folder saved by an earlier version
+                pipe.register_modules(sdipc_image_encoder=parts["sdipc_image_encoder"], image_encoder=None)
+            return pipe
         from imageprompt.conversion import SD1_EOS_NORM, is_sd1_text_encoder, measure_eos_norm
         from imageprompt.loading import load_clip_parts
 

@@ -44,9 +44,10 @@ def is_sdxl_unet(unet) -> bool:
 
 
 class StableDiffusionXLImagePromptPipeline(ImagePromptMixin, StableDiffusionXLPipeline):
-    model_cpu_offload_seq = "image_encoder->image_encoder_2->text_encoder->text_encoder_2->unet->vae"
+    model_cpu_offload_seq = ("sdipc_image_encoder->sdipc_image_encoder_2->image_encoder->text_encoder->"
+                             "text_encoder_2->unet->vae")
     _optional_components = ["tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "feature_extractor",
-                            "image_encoder", "image_encoder_2", "converter"]
+                            "image_encoder", "sdipc_image_encoder", "sdipc_image_encoder_2", "converter"]
 
     def __init__(
         self,
@@ -57,16 +58,19 @@ class StableDiffusionXLImagePromptPipeline(ImagePromptMixin, StableDiffusionXLPi
         tokenizer_2: CLIPTokenizer,
         unet: UNet2DConditionModel,
         scheduler: KarrasDiffusionSchedulers,
-        image_encoder: CLIPVisionModelWithProjection | None = None,
-        image_encoder_2: CLIPVisionModelWithProjection | None = None,
+        sdipc_image_encoder: CLIPVisionModelWithProjection | None = None,
+        sdipc_image_encoder_2: CLIPVisionModelWithProjection | None = None,
         converter: SDXLConverter | None = None,
         feature_extractor: CLIPImageProcessor | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
         force_zeros_for_empty_prompt: bool = True,
     ):
         super().__init__(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, image_encoder,
                          feature_extractor, force_zeros_for_empty_prompt, add_watermarker=False)
-        # SD-IPC's bigG vision tower and conversion: the components diffusers' SDXL lacks
-        self.register_modules(image_encoder_2=image_encoder_2, converter=converter)
+        # SD-IPC's ViT-L and bigG vision towers and conversion: components diffusers' SDXL lacks, apart from its
+        # `image_encoder`, which holds the IP-Adapter's encoder as in diffusers
+        self.register_modules(sdipc_image_encoder=sdipc_image_encoder, sdipc_image_encoder_2=sdipc_image_encoder_2,
+                              converter=converter)
         imageprompt_processors(self.unet)
 
     # --------------------------------------------------------------- encoding
@@ -85,7 +89,8 @@ class StableDiffusionXLImagePromptPipeline(ImagePromptMixin, StableDiffusionXLPi
         return states, ids
 
     def _check_sdipc_parts(self) -> None:
-        missing = [n for n in ("image_encoder", "image_encoder_2", "converter") if getattr(self, n, None) is None]
+        missing = [n for n in ("sdipc_image_encoder", "sdipc_image_encoder_2", "converter")
+                   if getattr(self, n, None) is None]
         if missing:
             raise ValueError(f"SD-IPC on SDXL needs {', '.join(missing)}: load the model with "
                              "imageprompt.load_pipeline (it adds CLIP ViT-L and bigG), or pass them")
@@ -95,7 +100,7 @@ class StableDiffusionXLImagePromptPipeline(ImagePromptMixin, StableDiffusionXLPi
         """``(e_L, e_G)``: projected image embeddings of the ViT-L and the bigG vision towers."""
         self._check_sdipc_parts()
         out = []
-        for encoder in (self.image_encoder, self.image_encoder_2):
+        for encoder in (self.sdipc_image_encoder, self.sdipc_image_encoder_2):
             processor = self.feature_extractor
             size = encoder.config.image_size
             if processor is None or processor.crop_size.get("height", size) != size:

@@ -246,3 +246,46 @@ def test_sdxl_vae_latents_statistics_as_in_diffusers(tiny_sdxl):
     np.testing.assert_allclose(ours, run(ref, prompt="a red cat"), atol=1e-4)
     np.testing.assert_allclose(run(pipe, prompt="a red cat", clip_skip=1), run(ref, prompt="a red cat", clip_skip=1),
                                atol=1e-4)
+
+
+def test_ip_adapter_fills_diffusers_image_encoder_and_sdipc_keeps_its_own(fresh, red_image):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from imageprompt.testing import ip_adapter_state_dict
+
+    sdipc = fresh.sdipc_image_encoder
+    assert fresh.image_encoder is None and sdipc is not None
+    torch.manual_seed(3)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=37, num_hidden_layers=1,
+                                                             num_attention_heads=2, image_size=32, patch_size=8,
+                                                             projection_dim=24)).eval()
+    fresh.load_ip_adapter(ip_adapter_state_dict(fresh.unet, "sd15", encoder.config), image_encoder=encoder)
+    assert fresh.image_encoder is encoder and fresh.sdipc_image_encoder is sdipc  # each technique its encoder
+    assert run(fresh, prompt=None, image=red_image, ip_adapter_image=red_image).shape[0] == 1
+    fresh.unload_ip_adapter()
+    assert fresh.image_encoder is None and fresh.sdipc_image_encoder is sdipc
+    # an encoder given to the pipeline serves the adapter loaded without one, as in diffusers
+    import copy
+
+    own = copy.deepcopy(encoder)
+    fresh.register_modules(image_encoder=own)
+    fresh.load_ip_adapter(ip_adapter_state_dict(fresh.unet, "sd15", own.config))
+    assert fresh.image_adapters[0].image_encoder is own
+    fresh.unload_ip_adapter()
+    assert fresh.image_encoder is own  # not the adapters' to remove
+
+
+def test_folders_saved_before_sdipc_had_its_own_components_load(fresh, tmp_path, red_image):
+    import json
+
+    folder = tmp_path / "saved"
+    fresh.save_pretrained(folder)
+    before = run(fresh, prompt=None, image=red_image)
+    index = json.loads((folder / "model_index.json").read_text())  # the earlier layout: SD-IPC's CLIP in image_encoder
+    index["image_encoder"] = index.pop("sdipc_image_encoder")
+    (folder / "model_index.json").write_text(json.dumps(index))
+    (folder / "sdipc_image_encoder").rename(folder / "image_encoder")
+    for loaded in (type(fresh).from_pretrained(folder), load_pipeline(str(folder), device="cpu", dtype="fp32")):
+        loaded.set_progress_bar_config(disable=True)
+        assert loaded.image_encoder is None and loaded.sdipc_image_encoder is not None
+        np.testing.assert_allclose(run(loaded, prompt=None, image=red_image), before, atol=1e-5)

@@ -70,7 +70,7 @@ def test_rows_on_the_tiny_model(tiny_pipe, tmp_path):
     check_rows(evaluate_edits.p2p_replace(tiny_pipe, settings), "p2p replace", P2P_METRICS, 2)
 
     assert evaluate_edits.ip_adapter_world(tiny_pipe, EvalSettings(extra={"ip_adapter": str(tmp_path / "no")})) == []
-    path = save_adapter(initial_state_dict(tiny_pipe.unet, tiny_pipe.image_encoder.config.projection_dim),
+    path = save_adapter(initial_state_dict(tiny_pipe.unet, tiny_pipe.sdipc_image_encoder.config.projection_dim),
                         tmp_path / "adapter.safetensors")
     settings.extra["ip_adapter"] = str(path)
     check_rows(evaluate_edits.ip_adapter_world(tiny_pipe, settings), "IP-Adapter (world)", IPA_METRICS, 2)
@@ -100,7 +100,7 @@ def test_bundled_adapter_loads_and_measures(bundled_pipe):
     assert any(k.startswith("ip_adapter.") and k.endswith("to_k_ip.weight") for k in keys)
     assert evaluate_edits.ADAPTER_FILE.stat().st_size < 5_000_000
 
-    bundled_pipe.load_ip_adapter(str(evaluate_edits.ADAPTER_FILE), image_encoder=bundled_pipe.image_encoder)
+    bundled_pipe.load_ip_adapter(str(evaluate_edits.ADAPTER_FILE), image_encoder=bundled_pipe.sdipc_image_encoder)
     assert len(bundled_pipe.image_adapters) == 1
     bundled_pipe.unload_ip_adapter()
     rows = evaluate_edits.ip_adapter_world(bundled_pipe, EvalSettings(samples=2, images_per_sample=1, steps=6))

@@ -21,8 +21,8 @@ def pipe(tiny_pipe):
 
 def load_own_clip_adapter(pipe, kind="sd15"):
     """An adapter whose image encoder is the pipeline's own CLIP (as for the bundled adapter)."""
-    state = ip_adapter_state_dict(pipe.unet, kind, pipe.image_encoder.config)
-    pipe.load_ip_adapter(state, image_encoder=pipe.image_encoder)
+    state = ip_adapter_state_dict(pipe.unet, kind, pipe.sdipc_image_encoder.config)
+    pipe.load_ip_adapter(state, image_encoder=pipe.sdipc_image_encoder)
 
 
 def sample(pipe, **kwargs):
@@ -71,7 +71,7 @@ def test_average_of_one_image_samples_as_that_image(pipe):
     image, _ = two_images()
     direct = sample(pipe, ip_adapter_image=image)
     averaged = pipe.encode_ip_adapter_image(image, combine="average")
-    assert averaged[0].shape == (2, 1, pipe.image_encoder.config.projection_dim)
+    assert averaged[0].shape == (2, 1, pipe.sdipc_image_encoder.config.projection_dim)
     np.testing.assert_array_equal(sample(pipe, ip_adapter_image_embeds=averaged), direct)
     # concat of several images keeps every image: (2, n, D)
     assert pipe.encode_ip_adapter_image([image, image])[0].shape[1] == 2
@@ -86,7 +86,7 @@ def test_subtracting_an_image_from_itself_is_the_zero_embedding(pipe):
     assert torch.equal(embeds[1], torch.zeros_like(embeds[1])) and torch.equal(embeds[0], embeds[1])
     from_a = sample(pipe, ip_adapter_image_embeds=[embeds])
     from_b = sample(pipe, ip_adapter_image_embeds=pipe.encode_ip_adapter_image([b, b], combine="subtract"))
-    zeros = sample(pipe, ip_adapter_image_embeds=[torch.zeros(2, 1, pipe.image_encoder.config.projection_dim)])
+    zeros = sample(pipe, ip_adapter_image_embeds=[torch.zeros(2, 1, pipe.sdipc_image_encoder.config.projection_dim)])
     np.testing.assert_array_equal(from_a, from_b)
     np.testing.assert_array_equal(from_a, zeros)
     assert np.abs(sample(pipe, ip_adapter_image=a) - from_a).max() > 1e-3  # the image itself does act
@@ -191,9 +191,9 @@ def write_own_clip_adapter(pipe, folder):
     """An sd15-format adapter file whose image_encoder/ is the pipeline's own CLIP vision tower."""
     from test_ip_adapter import write_official
 
-    state = ip_adapter_state_dict(pipe.unet, "sd15", pipe.image_encoder.config, seed=4)
+    state = ip_adapter_state_dict(pipe.unet, "sd15", pipe.sdipc_image_encoder.config, seed=4)
     path = write_official(state, folder / "adapter.safetensors")
-    pipe.image_encoder.save_pretrained(folder / "image_encoder")
+    pipe.sdipc_image_encoder.save_pretrained(folder / "image_encoder")
     pipe.feature_extractor.save_pretrained(folder / "image_encoder")
     return path
 

@@ -51,6 +51,6 @@ def test_bf16_pipeline_runs_on_cpu(tiny_model, red_image):
     model_dir, clip_dir = tiny_model
     pipe = load_pipeline(str(model_dir), str(clip_dir), device="cpu", dtype="bf16")
     pipe.set_progress_bar_config(disable=True)
-    assert pipe.unet.dtype == torch.bfloat16 and pipe.image_encoder.dtype == torch.bfloat16
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.sdipc_image_encoder.dtype == torch.bfloat16
     out = pipe(image=red_image, num_inference_steps=2, output_type="np")
     assert out.images.shape == (1, 32, 32, 3)

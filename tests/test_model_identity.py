@@ -72,16 +72,16 @@ def test_tuning_file_takes_the_fp16_copy_and_refuses_another_encoder(encoders, t
     original, half, _, other = encoders
     torch.manual_seed(2)
     text_projection = torch.nn.Linear(32, 40, bias=False)
-    made_for = SimpleNamespace(image_encoder=original, converter=SimpleNamespace(text_projection=text_projection),
+    made_for = SimpleNamespace(sdipc_image_encoder=original, converter=SimpleNamespace(text_projection=text_projection),
                                clip_name="tiny-clip")
     header = {"format": tuning.FORMAT, "format_version": tuning.FORMAT_VERSION, "settings": "{}",
               "clip": json.dumps(tuning.clip_identity(made_for)), "clip_name": "tiny-clip"}
     path = tmp_path / "t.safetensors"
     save_file({"visual_prompts.prompts": torch.zeros(1)}, str(path), metadata=header)
 
-    half_pipe = SimpleNamespace(image_encoder=half, clip_name="tiny-clip",
+    half_pipe = SimpleNamespace(sdipc_image_encoder=half, clip_name="tiny-clip",
                                 converter=SimpleNamespace(text_projection=copy.deepcopy(text_projection).half()))
     assert tuning.check_tuning_file(half_pipe, path)["clip_name"] == "tiny-clip"
-    other_pipe = SimpleNamespace(image_encoder=other, converter=made_for.converter, clip_name="other-clip")
+    other_pipe = SimpleNamespace(sdipc_image_encoder=other, converter=made_for.converter, clip_name="other-clip")
     with pytest.raises(TuningFileError, match="another CLIP.*visual_projection differs"):
         tuning.check_tuning_file(other_pipe, path)

@@ -73,8 +73,8 @@ def test_sdxl_family_is_detected_and_loads_through_the_real_path(sdxl_pipe, tiny
 
     assert isinstance(sdxl_pipe, StableDiffusionXLImagePromptPipeline)
     assert sdxl_pipe.unet.config.cross_attention_dim == 80
-    assert sdxl_pipe.image_encoder.config.projection_dim == 24  # ViT-L-shaped
-    assert sdxl_pipe.image_encoder_2.config.projection_dim == 40  # bigG-shaped: text_encoder_2's space
+    assert sdxl_pipe.sdipc_image_encoder.config.projection_dim == 24  # ViT-L-shaped
+    assert sdxl_pipe.sdipc_image_encoder_2.config.projection_dim == 40  # bigG-shaped: text_encoder_2's space
     assert type(sdxl_pipe.scheduler).__name__ == "DDIMScheduler"
 
 

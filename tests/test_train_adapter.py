@@ -84,7 +84,7 @@ def test_few_steps_lower_the_loss_and_file_round_trips(tiny_model, shapes, tmp_p
     ids = sorted(int(i) for i in cross_attention_layers(pipe.unet).values())
     assert ids == list(range(1, 2 * len(ids), 2))
     assert sorted(k for k in state["ip_adapter"]) == sorted(f"{i}.to_{x}_ip.weight" for i in ids for x in "kv")
-    pipe.image_encoder.save_pretrained(out.parent / "image_encoder")
+    pipe.sdipc_image_encoder.save_pretrained(out.parent / "image_encoder")
 
     sample = dict(num_inference_steps=2, guidance_scale=7.5, height=32, width=32, output_type="np")
     reference = Image.open(pairs[0][0])

@@ -39,8 +39,8 @@ def images(red_image, noise_image):
 
 def fresh_prompts(pipe, tokens=4, seed=0):
     torch.manual_seed(seed)
-    prompts = tuning.DeepVisualPrompts.for_encoder(pipe.image_encoder, tokens)
-    return tuning.attach_visual_prompts(pipe.image_encoder, prompts.eval())
+    prompts = tuning.DeepVisualPrompts.for_encoder(pipe.sdipc_image_encoder, tokens)
+    return tuning.attach_visual_prompts(pipe.sdipc_image_encoder, prompts.eval())
 
 
 def variation(pipe, image, seed=0):
@@ -53,17 +53,17 @@ def test_prompts_enter_every_layer_and_keep_the_encoder_interface(clean, red_ima
     pipe = clean
     pixels = tuning.clip_pixel_values(pipe, [red_image])
     plain = pipe.encode_images([red_image], "cpu")
-    assert torch.equal(pipe.image_encoder(pixels).image_embeds, plain)  # same preprocessing as the pipeline
+    assert torch.equal(pipe.sdipc_image_encoder(pixels).image_embeds, plain)  # same preprocessing as the pipeline
 
     prompts = fresh_prompts(pipe)
-    seen, layers = [], pipe.image_encoder.vision_model.encoder.layers
+    seen, layers = [], pipe.sdipc_image_encoder.vision_model.encoder.layers
     handles = [layer.register_forward_pre_hook(  # runs after the prompt hook: sees what layer i gets
         lambda m, a, k, i=i: seen.append((i, a[0] if a else k["hidden_states"])), with_kwargs=True)
         for i, layer in enumerate(layers)]
-    out = pipe.image_encoder(pixels)
+    out = pipe.sdipc_image_encoder(pixels)
     for handle in handles:
         handle.remove()
-    patches = (pipe.image_encoder.config.image_size // pipe.image_encoder.config.patch_size) ** 2
+    patches = (pipe.sdipc_image_encoder.config.image_size // pipe.sdipc_image_encoder.config.patch_size) ** 2
     assert out.image_embeds.shape == plain.shape
     assert out.last_hidden_state.shape[1] == 1 + 4 + patches
     assert not torch.allclose(out.image_embeds, plain)
@@ -72,8 +72,8 @@ def test_prompts_enter_every_layer_and_keep_the_encoder_interface(clean, red_ima
         assert torch.allclose(hidden[:, 1:5], prompts.tokens(i, 1, hidden))
 
     tuning.remove_tuning(pipe)
-    assert torch.equal(pipe.image_encoder(pixels).image_embeds, plain)
-    assert not hasattr(pipe.image_encoder, tuning.PROMPTS_ATTR)
+    assert torch.equal(pipe.sdipc_image_encoder(pixels).image_embeds, plain)
+    assert not hasattr(pipe.sdipc_image_encoder, tuning.PROMPTS_ATTR)
 
 
 # ----------------------------------------------------------- the loss
@@ -132,7 +132,7 @@ def test_saved_file_loads_and_gives_identical_images(clean, red_image, tmp_path)
 
     meta = tuning.read_tuning_metadata(path)
     assert meta["format"] == tuning.FORMAT
-    assert meta["clip"]["vision_config"]["hidden_size"] == pipe.image_encoder.config.hidden_size
+    assert meta["clip"]["vision_config"]["hidden_size"] == pipe.sdipc_image_encoder.config.hidden_size
     assert "visual_prompts.prompts" in meta["keys"] and any(k.startswith("unet_lora.") for k in meta["keys"])
 
 
@@ -143,19 +143,19 @@ def test_file_for_another_clip_is_refused(clean, red_image, tmp_path):
     tuning.tune_online(pipe, [red_image], TuningConfig.online(steps=1, **SMALL), progress=False)
     path = tuning.save_tuning(pipe, tmp_path / "ref.safetensors")
     tuning.remove_tuning(pipe)
-    own = pipe.image_encoder
+    own = pipe.sdipc_image_encoder
     try:
         torch.manual_seed(123)  # same architecture, other weights
-        pipe.image_encoder = CLIPVisionModelWithProjection(own.config).eval()
+        pipe.sdipc_image_encoder = CLIPVisionModelWithProjection(own.config).eval()
         with pytest.raises(TuningFileError, match="another CLIP.*visual_projection differs"):
             tuning.load_tuning(pipe, path)
         assert tuning.visual_prompts_of(pipe) is None  # refused before changing anything
         wider = CLIPVisionConfig(**{**own.config.to_dict(), "hidden_size": 64})
-        pipe.image_encoder = CLIPVisionModelWithProjection(wider).eval()
+        pipe.sdipc_image_encoder = CLIPVisionModelWithProjection(wider).eval()
         with pytest.raises(TuningFileError, match="hidden_size: 48 in file, 64 here"):
             tuning.load_tuning(pipe, path)
     finally:
-        pipe.image_encoder = own
+        pipe.sdipc_image_encoder = own
     tuning.load_tuning(pipe, path)  # its own CLIP takes it
 
 

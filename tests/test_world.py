@@ -181,7 +181,7 @@ class _FakeOutput:
 class _OraclePipe:
     """Draws exactly what it is asked for: every measurement must read 100% on it."""
 
-    image_encoder = converter = object()
+    sdipc_image_encoder = converter = object()
 
     def __init__(self, broken: bool = False):
         self.broken = broken

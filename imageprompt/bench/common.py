@@ -60,7 +60,8 @@ class Context:
         p = self.parts
         pipe = StableDiffusionImagePromptPipeline(
             vae=p["vae"], text_encoder=p["text_encoder"], tokenizer=p["tokenizer"], unet=p["unet"],
-            scheduler=p["scheduler"], image_encoder=self.cache["image_encoder"], converter=self.cache["converter"],
+            scheduler=p["scheduler"], sdipc_image_encoder=self.cache["image_encoder"],
+            converter=self.cache["converter"],
         ).to(self.device)
         pipe.set_attention(attention)
         return pipe

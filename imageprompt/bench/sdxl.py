@@ -120,8 +120,9 @@ def imageprompt_pipeline(ctx):
                                                              p["text_encoder_2"], p["tokenizer"], p["tokenizer_2"])
     pipe = StableDiffusionXLImagePromptPipeline(
         vae=p["vae"], text_encoder=p["text_encoder"], text_encoder_2=p["text_encoder_2"], tokenizer=p["tokenizer"],
-        tokenizer_2=p["tokenizer_2"], unet=p["unet"], scheduler=p["scheduler"], image_encoder=_vision(ctx, "l")[0],
-        image_encoder_2=_vision(ctx, "g")[0], converter=ctx.cache["converter"]).to(ctx.device)
+        tokenizer_2=p["tokenizer_2"], unet=p["unet"], scheduler=p["scheduler"],
+        sdipc_image_encoder=_vision(ctx, "l")[0], sdipc_image_encoder_2=_vision(ctx, "g")[0],
+        converter=ctx.cache["converter"]).to(ctx.device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

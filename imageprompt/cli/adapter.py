@@ -328,7 +328,7 @@ def run_train(args) -> int:
         if encoder is None:  # so the file loads as is, here and in diffusers
             encoder_dir = encoder_folder(out)
             if not encoder_dir.exists():
-                pipe.image_encoder.save_pretrained(encoder_dir, safe_serialization=True)
+                pipe.sdipc_image_encoder.save_pretrained(encoder_dir, safe_serialization=True)
                 pipe.feature_extractor.save_pretrained(encoder_dir)
             print(f"image encoder: {encoder_dir}", file=sys.stderr)
         losses = result["losses"]

@@ -39,7 +39,7 @@ def clip_identity(pipe) -> dict:
     """What identifies the CLIP a tuning belongs to: the image encoder's identity
     (:func:`imageprompt.model_identity.encoder_identity`: vision config, ``visual_projection``) and the
     fingerprint of the text projection; compared by :func:`~imageprompt.model_identity.identity_mismatch`."""
-    return {**encoder_identity(pipe.image_encoder),
+    return {**encoder_identity(pipe.sdipc_image_encoder),
             "text_projection": weight_fingerprint(pipe.converter.text_projection.weight)}
 
 
@@ -144,7 +144,7 @@ def _apply_state(pipe, tensors: dict, settings: dict, source) -> None:
     if "prompts" not in prompt_state:
         raise TuningFileError(f"{source}: no visual prompts in the file")
     layers, tokens, hidden = prompt_state["prompts"].shape
-    cfg = pipe.image_encoder.config
+    cfg = pipe.sdipc_image_encoder.config
     prompts = DeepVisualPrompts(layers, tokens, hidden, cfg.patch_size, settings.get("dropout", 0.1))
     try:
         prompts.load_state_dict(prompt_state)
@@ -152,7 +152,7 @@ def _apply_state(pipe, tensors: dict, settings: dict, source) -> None:
         raise TuningFileError(f"{source}: visual prompts do not match ({str(err)[:200]})") from None
     lora_state = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("unet_lora.")}
     remove_tuning(pipe)
-    attach_visual_prompts(pipe.image_encoder, prompts.eval())
+    attach_visual_prompts(pipe.sdipc_image_encoder, prompts.eval())
     if lora_state:
         lora = settings.get("lora") or {}
         add_unet_lora(pipe.unet, int(lora.get("rank", 4)), lora.get("alpha"))
@@ -170,7 +170,7 @@ def _apply_state(pipe, tensors: dict, settings: dict, source) -> None:
 
 def remove_tuning(pipe) -> None:
     """Undo :func:`load_tuning` / :func:`tune`: detach the prompts and delete the LoRA adapter."""
-    detach_visual_prompts(pipe.image_encoder)
+    detach_visual_prompts(pipe.sdipc_image_encoder)
     if LORA_ADAPTER in (getattr(pipe.unet, "peft_config", None) or {}):
         pipe.unet.delete_adapters(LORA_ADAPTER)
     pipe._imageprompt_tuning_settings = None

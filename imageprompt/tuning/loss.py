@@ -34,7 +34,7 @@ def clip_pixel_values(pipe, images) -> torch.Tensor:
 
     processor = pipe.feature_extractor
     if processor is None:
-        size = pipe.image_encoder.config.image_size
+        size = pipe.sdipc_image_encoder.config.image_size
         processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return processor(images=[to_rgb(im) for im in images], return_tensors="pt").pixel_values
 
@@ -119,7 +119,7 @@ def denoising_loss(pipe, data: TuningData, inputs: StepInputs, scheduler, bos_st
         target = latents
     else:
         target = noise
-    encoder = pipe.image_encoder
+    encoder = pipe.sdipc_image_encoder
     with _autocast(device, autocast_dtype):
         embeds = encoder(data.clip_pixels[idx].to(device=device, dtype=encoder.dtype)).image_embeds
         with _autocast(device, None):  # the fixed conversion runs in float32, as at inference

@@ -106,5 +106,5 @@ def detach_visual_prompts(image_encoder) -> DeepVisualPrompts | None:
 
 
 def visual_prompts_of(pipe) -> DeepVisualPrompts | None:
-    return getattr(pipe.image_encoder, PROMPTS_ATTR, None)
+    return getattr(pipe.sdipc_image_encoder, PROMPTS_ATTR, None)
 

@@ -99,15 +99,15 @@ class TuningOutput:
 @contextlib.contextmanager
 def _frozen_base(pipe, checkpointing: bool):
     """Freeze every base weight (restored after) and optionally turn on gradient checkpointing."""
-    modules = [pipe.unet, pipe.image_encoder, pipe.vae, pipe.text_encoder, pipe.converter]
+    modules = [pipe.unet, pipe.sdipc_image_encoder, pipe.vae, pipe.text_encoder, pipe.converter]
     flags = [[(p, p.requires_grad) for p in m.parameters()] for m in modules]
     for m in modules:
         m.requires_grad_(False)
-    encoder_training = pipe.image_encoder.training
+    encoder_training = pipe.sdipc_image_encoder.training
     if checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-        _encoder_checkpointing(pipe.image_encoder, True)
-        pipe.image_encoder.train()  # transformers checkpoints only in training mode; CLIP has no dropout
+        _encoder_checkpointing(pipe.sdipc_image_encoder, True)
+        pipe.sdipc_image_encoder.train()  # transformers checkpoints only in training mode; CLIP has no dropout
     try:
         yield
     finally:
@@ -116,8 +116,8 @@ def _frozen_base(pipe, checkpointing: bool):
                 p.requires_grad_(flag)
         if checkpointing:
             pipe.unet.disable_gradient_checkpointing()
-            _encoder_checkpointing(pipe.image_encoder, False)
-            pipe.image_encoder.train(encoder_training)
+            _encoder_checkpointing(pipe.sdipc_image_encoder, False)
+            pipe.sdipc_image_encoder.train(encoder_training)
 
 
 def _encoder_checkpointing(encoder, enable: bool) -> None:
@@ -162,10 +162,10 @@ def tune(pipe, images_or_data, config: TuningConfig, progress: bool = True, chec
     continued = prompts is not None and prompts.num_tokens == config.num_tokens
     if not continued:
         with _seeded(device, config.seed):
-            prompts = DeepVisualPrompts.for_encoder(pipe.image_encoder, config.num_tokens, config.dropout)
+            prompts = DeepVisualPrompts.for_encoder(pipe.sdipc_image_encoder, config.num_tokens, config.dropout)
     prompts.dropout.p = config.dropout
     prompts.float()
-    attach_visual_prompts(pipe.image_encoder, prompts)
+    attach_visual_prompts(pipe.sdipc_image_encoder, prompts)
     groups = [{"params": list(prompts.parameters()), "lr": config.lr, "weight_decay": config.weight_decay}]
     lora = list(lora_parameters(pipe.unet).values())
     if config.lora_rank and not lora:

@@ -85,7 +85,7 @@ def text_to_image(pipe, settings: EvalSettings) -> list[Row]:
 
 
 def _has_image_prompting(pipe) -> bool:
-    return getattr(pipe, "image_encoder", None) is not None and getattr(pipe, "converter", None) is not None
+    return getattr(pipe, "sdipc_image_encoder", None) is not None and getattr(pipe, "converter", None) is not None
 
 
 def sdipc_variation(pipe, settings: EvalSettings) -> list[Row]:

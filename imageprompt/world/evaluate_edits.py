@@ -202,7 +202,7 @@ def load_world_adapter(pipe, path: str | Path | None = None) -> None:
     path = Path(path or ADAPTER_FILE)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no world-trained IP-Adapter (see docs/ip-adapter.md to train one)")
-    pipe.load_ip_adapter(str(path), image_encoder=pipe.image_encoder)
+    pipe.load_ip_adapter(str(path), image_encoder=pipe.sdipc_image_encoder)
 
 
 def ip_adapter_world(pipe, settings: EvalSettings) -> list[Row]:
@@ -210,7 +210,7 @@ def ip_adapter_world(pipe, settings: EvalSettings) -> list[Row]:
     does it keep the reference's colour, shape and position? ``settings.extra["ip_adapter"]``
     names another adapter file; with no file (or no image encoder) the row is absent."""
     path = Path(settings.extra.get("ip_adapter") or ADAPTER_FILE)
-    if getattr(pipe, "image_encoder", None) is None or not path.is_file():
+    if getattr(pipe, "sdipc_image_encoder", None) is None or not path.is_file():
         return []
     load_world_adapter(pipe, path)
     try:
