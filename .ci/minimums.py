@@ -18,10 +18,10 @@ for extra in sys.argv[1:]:
     requirements += project["optional-dependencies"][extra]
 pins, newer = [], False
 for requirement in requirements:
-    match = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9][^,;\s]*)", requirement.strip())
+    match = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9][^,;\s]*)(,\s*<[^,;\s]+)?", requirement.strip())
     if not match:
         continue
-    name, minimum = match.groups()
+    name, minimum, _ = match.groups()
     pins.append(f"{name}=={minimum}")
     try:
         newer |= Version(Version(version(name)).public) != Version(minimum)
