@@ -12,7 +12,9 @@ them as diffusers' own progress bar does:
 :class:`DenoisingSteps` is a :class:`~diffusers.callbacks.PipelineCallback`: before the
 first call of each step it runs the ``before_step`` hooks (``hook(step)``), after the
 last call of each step the ``after_step`` hooks (``hook(pipe, step, tensors) -> tensors``),
-then the user's own callback with diffusers' arguments, unchanged.
+then the user's own callback with diffusers' arguments, unchanged (one repair: a callback that turns
+classifier-free guidance off, as diffusers' ``SDCFGCutoffCallback`` does, keeps the conditional half of every
+prompt's embeddings, :func:`conditional_half`).
 """
 
 from __future__ import annotations
@@ -71,5 +73,19 @@ class DenoisingSteps(PipelineCallback):
                 for hook in self.before_step:
                     hook(step + 1)
         if self.then is not None:
+            guided = pipeline.do_classifier_free_guidance
+            before = dict(callback_kwargs)
             callback_kwargs.update(self.then(pipeline, step_index, timestep, callback_kwargs) or {})
+            if guided and not pipeline.do_classifier_free_guidance:
+                conditional_half(before, callback_kwargs)
         return callback_kwargs
+
+
+def conditional_half(before: dict, after: dict) -> None:
+    """After a callback turned classifier-free guidance off: the conditional half of each ``[negative, positive]``
+    tensor. diffusers' CFG cutoff callbacks keep ``[-1:]``, the conditional row of a batch of one; our pipelines
+    sample several prompts (an edit's source and targets, a style set) in one batch."""
+    for name in ("prompt_embeds", "add_text_embeds", "add_time_ids"):
+        old, new = before.get(name), after.get(name)
+        if old is not None and new is not None and new.shape[0] < old.shape[0] // 2:
+            after[name] = old[old.shape[0] // 2:]

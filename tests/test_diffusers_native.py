@@ -123,6 +123,30 @@ def test_cfg_cutoff_callback_runs_and_matches_diffusers(tiny_pipe, tiny_model, r
     assert np.isfinite(variation).all()
 
 
+def test_cfg_cutoff_callback_on_the_edit_pipelines(tiny_pipe, tiny_model):
+    """The source row of an edit is never changed, so it equals diffusers' generation of the source prompt from
+    the same noise with the same callback."""
+    from imageprompt.pipelines import StableDiffusionMasaCtrlPipeline
+
+    ref = reference(tiny_pipe, tiny_model[0])
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    want = ref(prompt="a red circle", latents=noise, num_inference_steps=STEPS, output_type="np",
+               callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5)).images[0]
+    edits = ((StableDiffusionPromptToPromptPipeline, {}), (StableDiffusionMasaCtrlPipeline, {"start_step": 0}))
+    for cls, extra in edits:
+        pipe = cls.from_pipe(tiny_pipe)
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe("a red circle", "a blue circle", latents=noise, num_inference_steps=STEPS, output_type="np",
+                   callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5), **extra).images
+        assert pipe.guidance_scale == 0.0 and np.isfinite(out).all()
+        np.testing.assert_allclose(out[0], want, atol=1e-4)
+    style = StableDiffusionStyleAlignedPipeline.from_pipe(tiny_pipe)
+    style.set_progress_bar_config(disable=True)
+    out = style(["a red circle", "a blue square"], num_inference_steps=STEPS, output_type="np",
+                callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5)).images
+    assert out.shape[0] == 2 and np.isfinite(out).all()
+
+
 def test_cfg_cutoff_callback_on_sdxl(sdxl_pipe, red_image):
     cutoff = SDXLCFGCutoffCallback(cutoff_step_ratio=0.5)
     out = run(sdxl_pipe, prompt=None, image=red_image, callback_on_step_end=cutoff)
