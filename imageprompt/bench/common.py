@@ -36,10 +36,12 @@ class Context:
 
         p = self.parts
         p["unet"].set_attn_processor(AttnProcessor2_0())
-        return StableDiffusionPipeline(
+        pipe = StableDiffusionPipeline(
             vae=p["vae"], text_encoder=p["text_encoder"], tokenizer=p["tokenizer"], unet=p["unet"],
             scheduler=p["scheduler"], safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         ).to(self.device)
+        pipe.set_progress_bar_config(disable=True)  # the table is the output
+        return pipe
 
     def imageprompt_pipeline(self, attention: str = "sdpa"):
         """imageprompt's SD-IPC pipeline on the same weights."""
@@ -64,6 +66,7 @@ class Context:
             converter=self.cache["converter"],
         ).to(self.device)
         pipe.set_attention(attention)
+        pipe.set_progress_bar_config(disable=True)
         return pipe
 
     def reference_image(self):
