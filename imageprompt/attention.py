@@ -188,7 +188,7 @@ def explicit_attention(query, key, value, attention_mask, rows: int, edit: Calla
 def run_editors(layer: Layer, editors, query, key, value, attention_mask=None, backend: str = "sdpa"):
     """One layer's attention through ``editors`` (see :class:`AttentionEditor`), ending in the fused kernel."""
     fused = functools.partial(attend, backend=backend)
-    rows = max((e.probs_rows(layer, query.shape[0]) for e in editors), default=0)
+    rows = max([e.probs_rows(layer, query.shape[0]) for e in editors] or [0])
     call = fused
     if rows:
         def edit(probs):
