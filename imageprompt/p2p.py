@@ -368,7 +368,9 @@ class PromptToPromptController(AttentionEditor):
 
     def set_step(self, step: int) -> None:
         self.step = step
-        self.cross_active = step < self.num_steps and bool(self.alphas[min(step, self.num_steps - 1)].any())
+        # the step's row as a tensor: a compiled UNet reads it as an input, and does not recompile every step
+        self.alpha = self.alphas[min(step, self.num_steps - 1)]
+        self.cross_active = step < self.num_steps and bool(self.alpha.any())
         self.self_active = self.self_window[0] <= step < self.self_window[1]
 
     def end_step(self, latents: torch.Tensor) -> torch.Tensor:
@@ -402,7 +404,7 @@ class PromptToPromptController(AttentionEditor):
             edited = base[None].expand(own.shape)
         if self.weights is not None:
             edited = edited * self.weights[:, None, None, :].to(base)
-        alpha = self.alphas[min(self.step, self.num_steps - 1)][:, None, None, :].to(base)
+        alpha = self.alpha[:, None, None, :].to(base)
         return edited * alpha + own * (1 - alpha)
 
     def check_rows(self, rows: int) -> None:
