@@ -158,3 +158,48 @@ def new_run(argv: list[str] | None, args: dict, *, kind: str, steps_from: int, s
 
 def write_runs(path: Path, runs: list[dict]) -> None:
     Path(path).write_text(json.dumps({"runs": runs}, indent=2))
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_pipeline(checkpoint: Path, base: Path, out: Path, ema: bool = True) -> Path:
+    """A pipeline folder from a UNet training checkpoint: ``base`` (a shapes-sd folder: VAE, text
+    encoder, tokenizer, scheduler) with its UNet replaced by the checkpoint's EMA weights (or the
+    raw weights with ``ema=False``). Lets a run still training be evaluated at its last checkpoint."""
+    from diffusers import UNet2DConditionModel
+
+    checkpoint, base, out = Path(checkpoint), Path(base), Path(out)
+    meta = read_state_json(checkpoint)
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    unet.load_state_dict(load_file(checkpoint / "model.safetensors"))
+    if ema:
+        shadow = load_file(checkpoint / "ema.safetensors")
+        with torch.no_grad():
+            for i, p in enumerate(unet.parameters()):
+                p.copy_(shadow[f"param.{i}"])
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(base, out, ignore=shutil.ignore_patterns("unet"))
+    unet.save_pretrained(out / "unet", safe_serialization=True)
+    runs = meta["runs"]
+    write_runs(out / "training.json", runs)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Export a pipeline from a UNet training checkpoint (EMA weights).")
+    ap.add_argument("checkpoint")
+    ap.add_argument("--base", default="checkpoints/shapes-sd", help="the pipeline giving VAE, text encoder, ...")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--raw", action="store_true", help="the trained weights rather than their EMA")
+    args = ap.parse_args(argv)
+    out = export_pipeline(args.checkpoint, args.base, args.out, ema=not args.raw)
+    print(f"{out}: UNet at step {read_state_json(args.checkpoint)['step']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
