@@ -28,6 +28,13 @@ tokenizer). Example::
     python -m imageprompt.world.train --out checkpoints --seed 0
     python -m imageprompt.world.train --out /tmp/ck --device cuda   # faster
 
+The UNet stage checkpoints its whole training state (weights, EMA, optimizer, RNG,
+step: :mod:`imageprompt.world.checkpointing`) every ``--checkpoint-every`` steps, and
+continues from one exactly with ``--resume DIR``; ``--init-from checkpoints/shapes-sd``
+fine-tunes the shipped weights. ``shapes-sd/training.json`` lists every run::
+
+    python -m imageprompt.world.train --resume /tmp/imageprompt-train-world-0/unet-checkpoint
+
 Wall time of the shipped run on the shared 2-core CPU: see ``docs/bundled-model.md``.
 """
 
