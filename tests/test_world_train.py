@@ -7,9 +7,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from imageprompt.checkpoints import BUNDLED_CLIP, BUNDLED_MODEL
+from safetensors.torch import load_file
 
 
 @pytest.fixture
@@ -72,4 +71,6 @@ def test_shipped_training_json_reads_as_runs():
 
     runs = read_runs(BUNDLED_MODEL / "training.json")
     assert runs and all({"argv", "unet_steps_from", "unet_steps_to", "wall_seconds"} <= r.keys() for r in runs)
-    assert runs[0]["unet_steps_from"] == 0 and runs[-1]["unet_steps_to"] >= 4000
+    # the first run trained the UNet from scratch; each later one resumed or continued it
+    assert runs[0]["unet_steps_from"] == 0 and runs[0]["unet_steps_to"] >= 4000
+    assert all(r["kind"] in ("resume", "init-from") for r in runs[1:])
