@@ -140,3 +140,16 @@ def test_pie_bench_layout_runs_with_any_model(tiny_pipe, tmp_path, capsys):
 
     assert main(["eval", "--suite", "pie-bench", "--model", str(tiny_pipe.model_name)]) == 1
     assert "--data" in capsys.readouterr().err
+
+
+@needs_bundled
+def test_cross_attention_row_reads_the_16x16_maps():
+    """The cross-attention row (issue 24): one-object captions, the shape and colour words' 16x16 maps."""
+    from imageprompt.world.evaluate import load_bundled
+
+    rows = evaluate.run_suite(load_bundled("cpu"), EvalSettings(samples=2, images_per_sample=1, steps=3),
+                              names=["cross-attention"])
+    check_rows(rows, "cross-attention", ["shape word's 16x16 map peaks inside the object",
+                                         "shape word's 16x16 map peaks on the object (any overlap)",
+                                         "colour word's 16x16 map peaks inside the object"], 2)
+    assert rows[0].aim == 0.9 and rows[1].value >= rows[0].value

@@ -397,8 +397,9 @@ def test_training_stages_are_reproducible_from_seed(tmp_path):
     def run(seed):
         clip = T.train_clip(tok, images, captions, seed=seed, steps=2, batch=4, lr=1e-3, device="cpu")
         vae = T.train_vae(images, seed=seed, steps=2, batch=2, lr=1e-3, device="cpu")
-        unet = T.train_unet(T.text_tower(clip), tok, vae, images[:4], captions[:4], seed=seed, steps=2,
-                            batch=2, lr=1e-3, device="cpu")
+        unet, finished = T.train_unet(T.text_tower(clip), tok, vae, images[:4], captions[:4], seed=seed, steps=2,
+                                      batch=2, lr=1e-3, device="cpu")
+        assert finished
         return [m.state_dict() for m in (clip, vae, unet)], vae.config.scaling_factor
 
     (a, sa), (b, sb), (c, _) = run(0), run(0), run(1)

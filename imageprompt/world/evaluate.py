@@ -25,7 +25,13 @@ from imageprompt import world
 from imageprompt.world import COLORS, SHAPES
 from imageprompt.world.evaluate_consistency import masactrl_identity, style_aligned_consistency
 from imageprompt.world.evaluate_dpl import dpl_vs_null_text
-from imageprompt.world.evaluate_edits import ip_adapter_world, p2p_blend_background, p2p_replace, real_image_edits
+from imageprompt.world.evaluate_edits import (
+    cross_attention_peak,
+    ip_adapter_world,
+    p2p_blend_background,
+    p2p_replace,
+    real_image_edits,
+)
 from imageprompt.world.measures import (
     EvalSettings,
     Measurement,
@@ -199,6 +205,7 @@ MEASUREMENTS: dict[str, Measurement] = {
     "SD-IPC variation": sdipc_variation,
     "SD-IPC edit": sdipc_edit,
     "p2p replace": p2p_replace,
+    "cross-attention": cross_attention_peak,
     "IP-Adapter (world)": ip_adapter_world,
     "p2p local blend": p2p_blend_background,
     "real-image edit": real_image_edits,

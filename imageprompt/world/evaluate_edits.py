@@ -249,3 +249,43 @@ if __name__ == "__main__":
 __all__ = ["p2p_replace_cases", "p2p_replace", "p2p_blend_background", "background_psnr", "real_image_edits",
            "write_adapter_data",
            "load_world_adapter", "ip_adapter_world"]
+
+
+def cross_attention_peak(pipe, settings: EvalSettings) -> list[Row]:
+    """Does the named object's word attend to the object? One-object captions (every shape and
+    colour, positions cycled) are sampled with prompt-to-prompt's recorder on (an edit that
+    changes nothing); the shape word's 16x16 cross-attention map (averaged over steps, the
+    16x16 layers and heads) must peak at a latent cell that the generated object covers at least
+    half of (the largest object read from the image). Also reported: the peak anywhere on the
+    object's 4x4-pixel cells, and with the colour word's map."""
+    from imageprompt.p2p import word_positions
+
+    p2p = p2p_pipeline(pipe)
+    per = settings.images_per_sample
+    specs = [world.ObjectSpec(s.shape, s.color, s.position) for s in single_object_specs()]
+    inside, touching, colour_inside = [], [], []
+    for i, spec in enumerate(itertools.islice(itertools.cycle(specs), settings.samples)):
+        caption = world.caption_for([spec])
+        for generator in generators(settings.seed + 60_000 + i * per, per):
+            out = p2p(caption, caption, mode="replace", map_res=16, num_inference_steps=settings.steps,
+                      guidance_scale=settings.guidance_scale, generator=generator)
+            maps = out.attention_maps[0]  # (h, w, tokens): the source row
+            obj = largest(out.images[0])
+            for word, lists in ((spec.shape, (inside, touching)), (spec.color, (colour_inside,))):
+                pos = word_positions(p2p.tokenizer, caption, word, maps.shape[-1])
+                m = maps[:, :, pos].float().mean(-1)
+                r, c = divmod(int(m.flatten().argmax()), m.shape[1])
+                if obj is None:
+                    covered = 0.0
+                else:
+                    fy, fx = obj.mask.shape[0] // m.shape[0], obj.mask.shape[1] // m.shape[1]
+                    covered = float(obj.mask[r * fy:(r + 1) * fy, c * fx:(c + 1) * fx].mean())
+                lists[0].append(covered >= 0.5)
+                if len(lists) > 1:
+                    lists[1].append(covered > 0)
+    name, n = "cross-attention", len(inside)
+    return [
+        Row(name, "shape word's 16x16 map peaks inside the object", frac(inside), n, aim=0.9),
+        Row(name, "shape word's 16x16 map peaks on the object (any overlap)", frac(touching), n),
+        Row(name, "colour word's 16x16 map peaks inside the object", frac(colour_inside), n),
+    ]

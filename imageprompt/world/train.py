@@ -28,6 +28,13 @@ tokenizer). Example::
     python -m imageprompt.world.train --out checkpoints --seed 0
     python -m imageprompt.world.train --out /tmp/ck --device cuda   # faster
 
+The UNet stage checkpoints its whole training state (weights, EMA, optimizer, RNG,
+step: :mod:`imageprompt.world.checkpointing`) every ``--checkpoint-every`` steps, and
+continues from one exactly with ``--resume DIR``; ``--init-from checkpoints/shapes-sd``
+fine-tunes the shipped weights. ``shapes-sd/training.json`` lists every run::
+
+    python -m imageprompt.world.train --resume /tmp/imageprompt-train-world-0/unet-checkpoint
+
 Wall time of the shipped run on the shared 2-core CPU: see ``docs/bundled-model.md``.
 """
 
@@ -35,8 +42,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -46,31 +51,38 @@ import torch
 import torch.nn.functional as F
 
 from imageprompt import world
+from imageprompt.world.checkpointing import (
+    load_training_state,
+    new_run,
+    read_runs,
+    read_state_json,
+    save_training_state,
+    write_runs,
+)
 from imageprompt.world.models import (
-    MAX_LENGTH,
-    VAE_CHANNELS,
     build_tokenizer,
-    clip_config,
     encode_prompts,
     folder_mb,
     save_clip,
     save_pipeline,
     text_tower,
-    to_clip_input,
     to_vae_input,
     tokenize,
     training_schedule_config,
     unet_config,
-    vae_config,
 )
 from imageprompt.world.probe import ReadingProbe, eos_broadcast
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-# ----------------------------------------------------------------------------- data
+from imageprompt.world.train_stages import (  # noqa: F401 (the stages' public names, as before)
+    batches,
+    check_vae,
+    dataset_backgrounds,
+    log,
+    lr_at,
+    moved_scene,
+    set_lr,
+    train_clip,
+    train_vae,
+)
 
 
 def make_dataset(seed: int, count: int) -> tuple[torch.Tensor, list[str]]:
@@ -80,211 +92,21 @@ def make_dataset(seed: int, count: int) -> tuple[torch.Tensor, list[str]]:
     return images, [s.caption for s in scenes]
 
 
-def moved_scene(caption: str, background: str, rng: np.random.Generator) -> tuple[np.ndarray, str]:
-    """A hard negative for ``caption``: the same objects, moved (another position; for two
-    objects, swapped or in the other layout), drawn on ``background``, with its caption."""
-    specs, named_bg = world.parse_caption(caption)
-    with_size = any(s.size for s in specs)
-    positions = [s.position for s in specs]
-    if len(specs) == 1:
-        choices = [(p,) for p in world.POSITIONS if p != positions[0]]
-    else:
-        choices = [lay for layout in world.PAIR_LAYOUTS for lay in (layout, layout[::-1]) if list(lay) != positions]
-    new_pos = choices[int(rng.integers(len(choices)))]
-    moved = [world.ObjectSpec(s.shape, s.color, p, s.size) for s, p in zip(specs, new_pos)]
-    order = {p: i for i, p in enumerate(world.POSITIONS)}
-    if len(moved) == 2:  # captions list a pair in layout order (left before right, top before bottom)
-        layout = next(lay for lay in world.PAIR_LAYOUTS if set(lay) == {s.position for s in moved})
-        order = {p: i for i, p in enumerate(layout)}
-    moved.sort(key=lambda s: order[s.position])
-    scene = world.render(moved, background, rng, caption="")
-    return scene.array, world.caption_for(moved, named_bg, with_size=with_size)
-
-
-def dataset_backgrounds(images: torch.Tensor) -> list[str]:
-    """The background name of each uint8 image (its corner pixel is always background)."""
-    names = list(world.BACKGROUNDS)
-    refs = torch.tensor([world.BACKGROUNDS[n] for n in names], dtype=torch.float32)
-    corners = images[:, :, 0, 0].float()
-    return [names[i] for i in torch.cdist(corners, refs).argmin(1).tolist()]
-
-
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    """Linear warm-up, then cosine to 10% of the peak. Kept rather than diffusers'
-    ``get_cosine_schedule_with_warmup`` (which ends at 0): the shipped weights were trained with it."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def set_lr(opt, lr: float) -> None:
-    for g in opt.param_groups:
-        g["lr"] = lr
-
-
-def batches(opt, count: int, batch: int, steps: int, lr: float, warmup: int, gen: torch.Generator):
-    """``(step, indices)`` for each step: the step's learning rate is set first, then ``batch``
-    random indices below ``count`` are drawn from ``gen``."""
-    for step in range(steps):
-        set_lr(opt, lr_at(step, steps, lr, warmup))
-        yield step, torch.randint(0, count, (batch,), generator=gen)
-
-
-# ----------------------------------------------------------------------------- stages
-
-
-def _contrastive(img, txt, caps, scale):
-    """Symmetric InfoNCE; several images in a batch can share a caption: all are positives."""
-    same = torch.tensor([[a == b for b in caps] for a in caps], dtype=torch.float32, device=img.device)
-    target = same / same.sum(1, keepdim=True)
-    logits = scale * img @ txt.T
-    loss = 0.5 * (-(target * F.log_softmax(logits, 1)).sum(1).mean()
-                  - (target * F.log_softmax(logits.T, 1)).sum(1).mean())
-    return loss, same[torch.arange(len(caps)), logits.argmax(1)].mean()
-
-
-def train_clip(tokenizer, images, captions, *, seed, steps, batch, lr, device, hard_negatives=0.25,
-               align_weight=0.5, pad_weight=1.0):
-    """CLIP's contrastive loss, plus three things that make the tiny CLIP behave like ViT-L/14
-    in the properties SD-IPC relies on (see docs/bundled-model.md):
-
-    - every state from EOS on carries the sentence: the contrastive loss is also taken at a
-      random padding position (captions padded with EOS to 77, as SD 1.x), and padding states
-      are pulled towards the EOS state (``pad_weight``);
-    - a small modality gap: matched image and text embeddings are pulled together
-      (``align_weight``: ``1 - cos``), so the pseudo-inverse of the text projection maps an
-      image embedding near its caption's EOS state;
-    - position survives pooling: a ``hard_negatives`` fraction of each batch is added again
-      with the objects moved (:func:`moved_scene`).
-    """
-    from transformers import CLIPModel
-
-    torch.manual_seed(seed + 1)
-    model = CLIPModel(clip_config(tokenizer)).to(device)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
-    gen = torch.Generator().manual_seed(seed + 11)
-    rng = np.random.default_rng([seed, 21])
-    backgrounds = dataset_backgrounds(images) if hard_negatives else None
-    eos_id = tokenizer.eos_token_id
-    t0, running = time.time(), None
-    for step, idx in batches(opt, len(captions), batch, steps, lr, min(50, steps // 10 + 1), gen):
-        caps = [captions[i] for i in idx.tolist()]
-        pix = images[idx]
-        k = int(batch * hard_negatives)
-        if k:
-            moved = [moved_scene(captions[i], backgrounds[i], rng) for i in idx[:k].tolist()]
-            pix = torch.cat([pix, torch.from_numpy(np.stack([m[0] for m in moved])).permute(0, 3, 1, 2)])
-            caps = caps + [m[1] for m in moved]
-        ids = tokenize(tokenizer, caps, device)  # padded with EOS to 77, as SD 1.x
-        out = model(input_ids=ids, pixel_values=to_clip_input(pix.to(device)), output_hidden_states=False)
-        img = F.normalize(out.image_embeds, dim=-1)
-        txt = F.normalize(out.text_embeds, dim=-1)
-        scale = model.logit_scale.exp()
-        loss_eos, acc = _contrastive(img, txt, caps, scale)
-        # A random position from EOS to 76 per caption: its state, projected, must match too.
-        states = out.text_model_output.last_hidden_state
-        eos = (ids == eos_id).int().argmax(1)
-        rows = torch.arange(len(caps), device=device)
-        pos = eos + (torch.rand(len(caps), generator=gen) * (MAX_LENGTH - eos.cpu())).long().to(device)
-        pad_states = states[rows, pos]
-        pad = F.normalize(model.text_projection(pad_states), dim=-1)
-        loss_pad, _ = _contrastive(img, pad, caps, scale)
-        loss = 0.5 * (loss_eos + loss_pad)
-        loss = loss + pad_weight * (1 - F.cosine_similarity(pad_states, states[rows, eos], dim=-1)).mean()
-        ramp = min(1.0, step / (0.3 * steps))  # let the contrastive loss spread the captions first
-        loss = loss + ramp * align_weight * (1 - (img * txt).sum(-1)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-        if step % 50 == 0 or step == steps - 1:
-            with torch.no_grad():
-                cos = (img * txt).sum(-1).mean().item()
-            log(f"clip step {step + 1}/{steps} loss {running:.4f} i2t-acc {acc.item():.3f} "
-                f"img-txt cos {cos:.3f} scale {scale.item():.1f} {time.time() - t0:.0f}s")
-    model.eval()
-    return model
-
-
-def train_vae(images, *, seed, steps, batch, lr, device, kl_weight=1e-6, crop=32, full_fraction=0.2):
-    """Reconstruction (L1 + MSE) with SD's tiny KL weight.
-
-    Most steps see random ``crop`` x ``crop`` windows (aligned to the latent grid):
-    the network is convolutional, and crops cost a fraction of whole images. The
-    last ``full_fraction`` of the steps see whole images.
-    """
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed + 2)
-    vae = AutoencoderKL(**vae_config()).to(device).to(memory_format=torch.channels_last)
-    vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed + 12)
-    t0, running = time.time(), None
-    for step, idx in batches(opt, len(images), batch, steps, lr, min(100, steps // 10 + 1), gen):
-        x = images[idx]
-        size = x.shape[-1]
-        if crop and crop < size and step < steps * (1 - full_fraction):
-            factor = 2 ** (len(VAE_CHANNELS) - 1)
-            oy, ox = (torch.randint(0, (size - crop) // factor + 1, (2,), generator=gen) * factor).tolist()
-            x = x[:, :, oy : oy + crop, ox : ox + crop]
-        x = to_vae_input(x.to(device)).contiguous(memory_format=torch.channels_last)
-        if step >= steps * (1 - full_fraction):
-            x = x[: max(1, batch // 2)]  # whole images cost 4x a crop: half the batch
-        post = vae.encode(x).latent_dist
-        z = post.sample()
-        rec = vae.decode(z).sample
-        rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
-        loss = rec_loss + kl_weight * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        running = rec_loss.item() if running is None else 0.95 * running + 0.05 * rec_loss.item()
-        if step % 50 == 0 or step == steps - 1:
-            log(f"vae step {step + 1}/{steps} rec {running:.4f} {time.time() - t0:.0f}s")
-    vae.eval()
-    # Scale latents to unit variance as SD does (its 0.18215).
-    with torch.no_grad():
-        z = torch.cat([
-            vae.encode(to_vae_input(images[i : i + 256].to(device))).latent_dist.mean
-            for i in range(0, min(len(images), 2048), 256)
-        ])
-    vae.register_to_config(scaling_factor=float(1.0 / z.flatten().std()))
-    log(f"vae scaling_factor {vae.config.scaling_factor:.5f}")
-    vae = vae.to(memory_format=torch.contiguous_format)
-    log(f"vae check: {check_vae(vae, seed, device)}")
-    return vae
-
-
-@torch.no_grad()
-def check_vae(vae, seed: int, device, count: int = 64, save: Path | None = None) -> str:
-    """Reconstruct held-out scenes; how often do the read-back objects keep shape and colour?"""
-    scenes = world.sample_scenes(seed + 999_983, 0, count)
-    x = torch.from_numpy(np.stack([s.array for s in scenes])).permute(0, 3, 1, 2)
-    rec = vae.decode(vae.encode(to_vae_input(x.to(device))).latent_dist.mean).sample
-    rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    same = sum(
-        [(o.shape, o.color) for o in world.detect_objects(s.array)]
-        == [(o.shape, o.color) for o in world.detect_objects(r)]
-        for s, r in zip(scenes, rec)
-    )
-    err = float(np.abs(rec.astype(np.float32) - x.permute(0, 2, 3, 1).numpy()).mean())
-    if save is not None:
-        from PIL import Image
-
-        world.grid([s.image for s in scenes[:16]] + [Image.fromarray(r) for r in rec[:16]], 16).save(save)
-    return f"objects kept {same}/{count}, mean abs error {err:.1f}/255"
+def object_weights(images: torch.Tensor, factor: int = 4, threshold: float = 30.0) -> torch.Tensor:
+    """Per latent pixel, the fraction of its ``factor`` x ``factor`` image pixels that are not
+    background (the corner colour): (N, 1, H/factor, W/factor), in [0, 1]."""
+    out = []
+    for i in range(0, len(images), 1024):
+        x = images[i : i + 1024].float()
+        fg = ((x - x[:, :, :1, :1]).abs().sum(1, keepdim=True) > threshold).float()
+        out.append(F.avg_pool2d(fg, factor))
+    return torch.cat(out)
 
 
 def train_unet(text_encoder, tokenizer, vae, images, captions, *, seed, steps, batch, lr, device,
                dropout=0.1, word_dropout=0.3, ema_decay=0.999, snr_gamma=5.0, offset_noise=0.1,
-               probe_every=250):
+               probe_every=250, object_weight=0.0, init_from=None, resume=None, checkpoint_dir=None,
+               checkpoint_every=0, stop_after=None, record=None, runs=None, gen_seed=None, run_start=None):
     """DDPM noise prediction on the frozen text states, with:
 
     - ``dropout``: the empty prompt instead of the caption (classifier-free guidance);
@@ -295,7 +117,19 @@ def train_unet(text_encoder, tokenizer, vae, images, captions, *, seed, steps, b
     - ``offset_noise`` (Guttenberg 2023): with SD's schedule some signal survives at t=999,
       so a model trained without it takes the image's mean colour from the starting noise
       (grey backgrounds); with it, the model learns to set the mean itself;
-    - Min-SNR loss weighting (Hang et al. 2023) and an EMA of the weights, which is returned.
+    - Min-SNR loss weighting (Hang et al. 2023) and an EMA of the weights, which is returned;
+    - ``object_weight``: the loss at latent pixels covering an object weighted ``1 + object_weight``
+      (normalised to mean 1 per image; 0: plain).
+
+    Resuming (:mod:`imageprompt.world.checkpointing`): with ``checkpoint_dir`` and
+    ``checkpoint_every``, the whole training state (weights, EMA, optimizer, RNG, step) is saved
+    every ``checkpoint_every`` steps and at the end; ``resume`` (such a folder) continues from
+    it exactly, bit for bit; ``stop_after`` stops (with a checkpoint) after that step.
+    ``init_from`` (a UNet folder, e.g. ``checkpoints/shapes-sd/unet``) starts from trained
+    weights (their EMA too) with a fresh optimizer and schedule: a fine-tuning continuation.
+    ``record`` (a dict, the current run of ``training.json``, one of ``runs``) gets the step
+    reached and the wall time; ``gen_seed`` seeds the batch/noise generator (``seed + 13``).
+    Returns ``(ema_unet, finished)``; ``finished`` is False after ``stop_after``.
     """
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from diffusers.training_utils import EMAModel, compute_snr
@@ -319,17 +153,39 @@ def train_unet(text_encoder, tokenizer, vae, images, captions, *, seed, steps, b
     sf = vae.config.scaling_factor
     probe = ReadingProbe(text_encoder, tokenizer, vae, seed=seed, device=device) if probe_every else None
 
+    weights = object_weights(images) if object_weight else None
+
     torch.manual_seed(seed + 3)
     unet = UNet2DConditionModel(**unet_config()).to(device)
+    if init_from is not None:
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(init_from).state_dict())
+        log(f"unet: starting from the weights in {init_from}")
     unet.train()
     # EMAModel's default decay warm-up: min(decay, (1 + step) / (10 + step))
     ema = EMAModel(unet.parameters(), decay=ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config)
     ema_unet = copy.deepcopy(unet).eval().requires_grad_(False)  # what the probe reads, refreshed from `ema`
     noise_sched = DDPMScheduler(**training_schedule_config())
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(seed + 13)
-    t0, running = time.time(), None
-    for step, idx in batches(opt, len(images), batch, steps, lr, min(100, steps // 10 + 1), gen):
+    gen = torch.Generator().manual_seed(seed + 13 if gen_seed is None else gen_seed)
+    start, running = 0, None
+    if resume is not None:
+        meta = load_training_state(resume, model=unet, ema=ema, optimizer=opt, generator=gen)
+        start, running = meta["step"], meta["extra"].get("running_loss")
+        log(f"unet: resumed from {resume} at step {start}/{steps}")
+    t0 = time.time()
+
+    def checkpoint(done: int) -> None:
+        if record is not None:
+            record["unet_steps_to"] = done
+            record["unet_wall_seconds"] = round(time.time() - t0, 1)
+            record["wall_seconds"] = round(time.time() - (run_start or t0), 1)
+        if checkpoint_dir is not None:
+            save_training_state(checkpoint_dir, model=unet, ema=ema, optimizer=opt, generator=gen, step=done,
+                                args=(record or {}).get("args", {}), runs=runs or [],
+                                extra={"running_loss": running})
+            log(f"unet: checkpoint at step {done} -> {checkpoint_dir}")
+
+    for step, idx in batches(opt, len(images), batch, steps, lr, min(100, steps // 10 + 1), gen, start=start):
         eps_z = torch.randn(means[idx].shape, generator=gen).to(device)
         latents = (means[idx] + stds[idx] * eps_z) * sf
         ci = cap_idx[idx].clone()
@@ -349,7 +205,11 @@ def train_unet(text_encoder, tokenizer, vae, images, captions, *, seed, steps, b
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=gen).to(device)
         noisy = noise_sched.add_noise(latents, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = F.mse_loss(pred, noise, reduction="none")
+        if weights is not None:
+            w = 1 + object_weight * weights[idx].to(device)
+            loss = loss * (w / w.mean(dim=(2, 3), keepdim=True))
+        loss = loss.mean(dim=(1, 2, 3))
         if snr_gamma:  # Min-SNR weighting (Hang et al. 2023): same optimum, faster convergence
             snr = compute_snr(noise_sched, t)
             loss = loss * torch.clamp(snr, max=snr_gamma) / snr
@@ -367,14 +227,23 @@ def train_unet(text_encoder, tokenizer, vae, images, captions, *, seed, steps, b
         if probe is not None and ((step + 1) % probe_every == 0 or step == steps - 1):
             ema.copy_to(ema_unet.parameters())
             log(f"unet step {step + 1} {ReadingProbe.format(probe(ema_unet))} (EMA weights)")
+        done = step + 1
+        if stop_after is not None and done >= stop_after and done < steps:
+            checkpoint(done)
+            log(f"unet: stopped after step {done} (--stop-after); continue with --resume {checkpoint_dir}")
+            ema.copy_to(ema_unet.parameters())
+            return ema_unet, False
+        if checkpoint_every and done % checkpoint_every == 0 and done < steps:
+            checkpoint(done)
+    checkpoint(steps)
     ema.copy_to(ema_unet.parameters())
-    return ema_unet
+    return ema_unet, True
 
 
 # ----------------------------------------------------------------------------- main
 
 
-def main(argv=None) -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="checkpoints", help="folder receiving shapes-sd/ and shapes-clip/")
     ap.add_argument("--work", default=None,
@@ -398,6 +267,9 @@ def main(argv=None) -> None:
     ap.add_argument("--offset-noise", type=float, default=0.1, help="offset noise strength (0: none)")
     ap.add_argument("--word-dropout", type=float, default=0.3,
                     help="fraction of UNet samples whose word states are replaced by the EOS state")
+    ap.add_argument("--object-weight", type=float, default=0.0,
+                    help="UNet loss at latent pixels covering an object weighted 1 + this (0: plain)")
+    ap.add_argument("--probe-every", type=int, default=250, help="UNet steps between reading probes (0: none)")
     ap.add_argument("--hard-negatives", type=float, default=0.25,
                     help="fraction of each CLIP batch added again with the objects moved")
     ap.add_argument("--fp16", action="store_true", help="save the pipeline weights in float16")
@@ -405,7 +277,40 @@ def main(argv=None) -> None:
                     help="train the VAE in a second process while the CLIP trains (default: on)")
     ap.add_argument("--stages-only", action="store_true",
                     help="train the --stages among clip,vae and stop (no UNet, no pipeline saved)")
+    # continuing
+    ap.add_argument("--clip-from", default=None, help="the CLIP folder (default: OUT/shapes-clip)")
+    ap.add_argument("--vae-from", default=None,
+                    help="the VAE folder (default: WORK/vae, else INIT_FROM/vae with --init-from)")
+    ap.add_argument("--init-from", default=None,
+                    help="start the UNet from trained weights: a pipeline folder (e.g. checkpoints/shapes-sd) "
+                         "or a UNet folder; fresh optimizer and learning-rate schedule over --unet-steps "
+                         "(fine-tuning continuation); its training.json runs are carried over")
+    ap.add_argument("--checkpoint-every", type=int, default=250,
+                    help="save the UNet training state every N steps (0: only at the end)")
+    ap.add_argument("--checkpoint-dir", default=None, help="where (default: WORK/unet-checkpoint)")
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="stop the UNet stage after this step, with a checkpoint (continue with --resume)")
+    ap.add_argument("--resume", default=None,
+                    help="continue the UNet stage from a checkpoint folder, exactly; the run's arguments are "
+                         "taken from the checkpoint, and options given here override them")
+    return ap
+
+
+# Options of the run that a --resume does not take from the checkpoint.
+_NOT_RESUMED = ("resume", "stop_after", "stages_only", "parallel")
+
+
+def main(argv=None) -> None:
+    import sys
+
+    ap = _parser()
     args = ap.parse_args(argv)
+    resume_meta = None
+    if args.resume:
+        resume_meta = read_state_json(Path(args.resume))
+        ap.set_defaults(**{k: v for k, v in resume_meta["args"].items() if k not in _NOT_RESUMED})
+        args = ap.parse_args(argv)
+        args.stages = "unet"
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -417,6 +322,22 @@ def main(argv=None) -> None:
     t_start = time.time()
     log(f"seed {args.seed} device {device} threads {torch.get_num_threads()} stages {sorted(stages)}")
 
+    # training.json: every run that led to the weights (this one is appended).
+    init_dir = None
+    if args.init_from:
+        init_dir = Path(args.init_from)
+        init_dir = init_dir / "unet" if (init_dir / "unet" / "config.json").is_file() else init_dir
+    if resume_meta is not None:
+        runs, kind, source = list(resume_meta["runs"]), "resume", args.resume
+        steps_from = resume_meta["step"]
+    elif init_dir is not None:
+        runs, kind, source, steps_from = read_runs(init_dir.parent / "training.json"), "init-from", args.init_from, 0
+    else:
+        runs, kind, source, steps_from = [], "fresh", None, 0
+    recorded = {k: v for k, v in vars(args).items() if k not in ("resume", "stop_after")}
+    run = new_run(argv, recorded, kind=kind, steps_from=steps_from, source=source)
+    runs.append(run)
+
     images, captions = make_dataset(args.seed, args.scenes)
     log(f"dataset: {len(images)} scenes, {len(set(captions))} distinct captions ({time.time() - t_start:.0f}s)")
     tokenizer = None if stages == {"vae"} else build_tokenizer(work / "tokenizer")
@@ -424,13 +345,13 @@ def main(argv=None) -> None:
     from diffusers import AutoencoderKL
     from transformers import CLIPModel
 
-    clip_dir, vae_dir = out / "shapes-clip", work / "vae"
+    clip_dir = Path(args.clip_from) if args.clip_from else out / "shapes-clip"
+    vae_dir = work / "vae"
     helper = None
     if args.parallel and "clip" in stages and "vae" in stages:
         # The stages are seeded separately, so training the VAE in a second process
         # gives the same weights as training it after the CLIP, in less wall time.
         import subprocess
-        import sys
 
         cmd = [sys.executable, "-m", "imageprompt.world.train", *(argv if argv is not None else sys.argv[1:]),
                "--stages", "vae", "--no-parallel", "--stages-only"]
@@ -454,15 +375,31 @@ def main(argv=None) -> None:
         return
     if helper is not None and helper.wait() != 0:
         raise SystemExit("the vae stage failed")
+    if args.vae_from:
+        vae_dir = Path(args.vae_from)
+    elif not (vae_dir / "config.json").is_file() and init_dir is not None:
+        vae_dir = init_dir.parent / "vae"
     clip = CLIPModel.from_pretrained(clip_dir).to(device).eval()
     vae = AutoencoderKL.from_pretrained(vae_dir).to(device).eval()
     text_encoder = text_tower(clip).to(device)
     if "unet" in stages:
         t = time.time()
-        unet = train_unet(text_encoder, tokenizer, vae, images, captions, seed=args.seed,
-                          steps=args.unet_steps, batch=args.unet_batch, lr=args.unet_lr, device=device,
-                          snr_gamma=args.snr_gamma, offset_noise=args.offset_noise,
-                          word_dropout=args.word_dropout)
+        ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else work / "unet-checkpoint"
+        unet, finished = train_unet(
+            text_encoder, tokenizer, vae, images, captions, seed=args.seed,
+            steps=args.unet_steps, batch=args.unet_batch, lr=args.unet_lr, device=device,
+            snr_gamma=args.snr_gamma, offset_noise=args.offset_noise, word_dropout=args.word_dropout,
+            object_weight=args.object_weight, probe_every=args.probe_every,
+            init_from=init_dir if resume_meta is None else None, resume=args.resume,
+            checkpoint_dir=ckpt_dir, checkpoint_every=args.checkpoint_every, stop_after=args.stop_after,
+            record=run, runs=runs, run_start=t_start,
+            # a continuation from trained weights draws other batches and noise than its first run did
+            gen_seed=args.seed + 13 + 7919 * (len(runs) - 1) if kind == "init-from" else None,
+        )
+        if not finished:
+            log(f"unet stopped at step {run['unet_steps_to']}/{args.unet_steps}: "
+                f"python -m imageprompt.world.train --resume {ckpt_dir}")
+            return
         unet.to("cpu").save_pretrained(work / "unet", safe_serialization=True)
         log(f"unet done in {time.time() - t:.0f}s")
     from diffusers import UNet2DConditionModel
@@ -471,12 +408,10 @@ def main(argv=None) -> None:
     sd_dir = out / "shapes-sd"
     save_pipeline(unet, vae.to("cpu"), text_encoder.to("cpu"), tokenizer, sd_dir,
                   dtype=torch.float16 if args.fp16 else torch.float32)
-    info = {
-        "seed": args.seed, "device": str(device), "threads": torch.get_num_threads(),
-        "argv": vars(args), "wall_seconds": round(time.time() - t_start, 1),
-    }
-    (work / "train_info.json").write_text(json.dumps(info, indent=2))
-    (sd_dir / "training.json").write_text(json.dumps(info, indent=2))
+    run["wall_seconds"] = round(time.time() - t_start, 1)
+    run["threads"], run["device"] = torch.get_num_threads(), str(device)
+    write_runs(work / "train_info.json", runs)
+    write_runs(sd_dir / "training.json", runs)
     log(f"saved {sd_dir} ({folder_mb(sd_dir):.1f} MB) and {clip_dir} ({folder_mb(clip_dir):.1f} MB); "
         f"total {time.time() - t_start:.0f}s")
 
