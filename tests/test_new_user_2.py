@@ -7,24 +7,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from imageprompt.checkpoints import BUNDLED_IP_ADAPTER, BUNDLED_MODEL
 from PIL import Image
+from test_new_user import REPO, run_cli  # the round-1 helpers
 
 from imageprompt.cli.main import main
 from imageprompt.images import read_parameters
-
-REPO = Path(__file__).resolve().parents[1]
-RED_CIRCLE = REPO / "demo" / "examples" / "red-circle.png"
-BUNDLED = ["--model", str(BUNDLED_MODEL), "--steps", "1", "--device", "cpu"]
-
-
-def run_cli(args, capsys):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 # ------------------------------------------------- 4. a subcommand's own usage
