@@ -18,7 +18,6 @@ branch to every row's cross-attention, as in the other pipelines.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import PIL.Image
@@ -34,7 +33,6 @@ from imageprompt.style_aligned import (
     StyleAlignedSettings,
     pin_reference,
     reference_start,
-    shared_group_norm,
 )
 
 
@@ -186,16 +184,14 @@ class StableDiffusionStyleAlignedPipeline(StableDiffusionImagePromptPipeline):
                 tensors["latents"] = pin_reference(tensors["latents"], inversion.trajectory, step, reference_offset)
             return tensors
 
-        # 5. diffusers' loop with shared attention (and, if asked, shared group norms)
-        norms = shared_group_norm(self.unet, rows) if settings.share_group_norm else contextlib.nullcontext()
-        with controller.attached(self.unet), norms:
-            out = self.sample(
-                prompt_embeds=cond, negative_prompt_embeds=uncond, latents=latents, height=height, width=width,
-                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
-                output_type=output_type, after_step=[after_step], callback_on_step_end=callback_on_step_end,
-                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
-                negative_ip_adapter_image=negative_ip_adapter_image, **kwargs)
+        # 5. diffusers' loop with shared attention (and, if asked, shared group norms: attach's)
+        out = self.sample(
+            controller=controller, prompt_embeds=cond, negative_prompt_embeds=uncond, latents=latents, height=height,
+            width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
+            output_type=output_type, after_step=[after_step], callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
+            negative_ip_adapter_image=negative_ip_adapter_image, **kwargs)
         if not return_dict:
             return (out.images,)
         return ImagePromptPipelineOutput(images=out.images)
