@@ -22,7 +22,6 @@ SD-IPC branch) add to any of these: ``pipe.load_ip_adapter(...)``, then
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from imageprompt.pipelines.adapter_mixin import ImagePromptAdapterMixin
-from imageprompt.pipelines.toolbox import call_arguments, toolbox_arguments, toolbox_pipeline
+from imageprompt.pipelines.toolbox import call_arguments, shared_modules, toolbox_arguments, toolbox_pipeline
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from imageprompt.attach import attach
@@ -85,15 +84,7 @@ class ImagePromptMixin(ImagePromptAdapterMixin):
         if kwargs.get("dtype") is not None or kwargs.get("torch_dtype") is not None:
             pipe = super().from_pipe(pipeline, **kwargs)
         else:
-            names = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "args", "kwargs")]
-            given = {n: kwargs.pop(n) for n in names if n in kwargs}
-            parts = {n: pipeline.components[n] for n in names if n in pipeline.components and n not in given}
-            settings = {n: pipeline.config[n] for n in names
-                        if n not in parts and n not in given and n in pipeline.config}
-            if kwargs:
-                raise TypeError(f"{cls.__name__}.from_pipe got unexpected arguments: {', '.join(sorted(kwargs))}")
-            pipe = cls(**parts, **settings, **given)
-            pipe.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
+            pipe = shared_modules(cls, pipeline, **kwargs)
         for name in LOADED_NAMES:  # what the outputs record of where the modules came from
             if hasattr(pipeline, name):
                 setattr(pipe, name, getattr(pipeline, name))

@@ -134,9 +134,15 @@ class StableDiffusionStyleAlignedPipeline(StableDiffusionImagePromptPipeline):
             :class:`~imageprompt.pipelines.ImagePromptPipelineOutput`: the reference first (for ``inversion``: its
             reconstruction), then the set.
         """
-        # 0. Defaults
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        # 0. Defaults (the size of the control / init images, if any)
+        toolbox = kwargs.get("toolbox")
+        size = toolbox.size if toolbox is not None else None
+        height = height or (size[1] if size else self.unet.config.sample_size * self.vae_scale_factor)
+        width = width or (size[0] if size else self.unet.config.sample_size * self.vae_scale_factor)
+        img2img = toolbox is not None and toolbox.init_image is not None
+        if img2img and (inversion is not None or latents is not None):
+            raise ValueError("an init image (img2img) fixes the starting latents: leave out the inversion and "
+                             "`latents`")
 
         # 1. Check inputs
         if settings is None:
@@ -178,6 +184,9 @@ class StableDiffusionStyleAlignedPipeline(StableDiffusionImagePromptPipeline):
         latents = latents.to(device=device, dtype=cond.dtype)
         if inversion is not None:  # DDIM (checked): the starting noise is not scaled
             latents[:1] = reference_start(inversion.trajectory, reference_offset).to(device=device, dtype=cond.dtype)
+
+        if img2img:  # diffusers' img2img draws each row's noise from the generator(s)
+            latents = None
 
         def after_step(pipe, step, tensors):
             if inversion is not None:

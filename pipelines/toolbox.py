@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import diffusers
@@ -54,11 +55,22 @@ def toolbox_pipeline(pipe, settings: ToolboxSettings, controlnet=None):
     key = (is_xl(pipe), bool(nets), settings.init_image is not None, settings.mask is not None)
     cls = getattr(diffusers, CLASSES[key])
     extra = {"controlnet": nets[0] if len(nets) == 1 else MultiControlNetModel(nets)} if nets else {}
-    if key[0] and "requires_aesthetics_score" in cls.__init__.__code__.co_varnames:
-        extra["requires_aesthetics_score"] = False
-    target = cls.from_pipe(pipe, torch_dtype=pipe.unet.dtype, **extra)
-    target.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
-    return target
+    return shared_modules(cls, pipe, **extra)
+
+
+def shared_modules(cls, pipeline, **kwargs):
+    """A ``cls`` pipeline over ``pipeline``'s modules (no copies, no casts; diffusers' ``from_pipe`` casts them to
+    float32 unless given a dtype, which changes them for ``pipeline`` too); ``kwargs`` replace components or config
+    values."""
+    names = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "args", "kwargs")]
+    given = {n: kwargs.pop(n) for n in names if n in kwargs}
+    parts = {n: pipeline.components[n] for n in names if n in pipeline.components and n not in given}
+    settings = {n: pipeline.config[n] for n in names if n not in parts and n not in given and n in pipeline.config}
+    if kwargs:
+        raise TypeError(f"{cls.__name__}.from_pipe got unexpected arguments: {', '.join(sorted(kwargs))}")
+    pipe = cls(**parts, **settings, **given)
+    pipe.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
+    return pipe
 
 
 def toolbox_arguments(settings: ToolboxSettings, controlnet=None) -> dict:
@@ -156,7 +168,14 @@ def load_embeddings(pipe, paths: list[str]) -> None:
 
 def load_controlnets(paths: list[str], dtype, device) -> list:
     """ControlNets from diffusers folders (or hub ids), safetensors."""
-    return [ControlNetModel.from_pretrained(p, torch_dtype=dtype, use_safetensors=True).to(device) for p in paths]
+    nets = []
+    for path in paths:
+        try:
+            nets.append(ControlNetModel.from_pretrained(path, torch_dtype=dtype, use_safetensors=True).to(device))
+        except OSError as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"ControlNet {path!r} could not be loaded: {first}") from None
+    return nets
 
 
 UNUSED = {"guidance_rescale": 0.0, "height": None, "width": None, "latents": None, "timesteps": None, "sigmas": None}
@@ -165,8 +184,6 @@ UNUSED = {"guidance_rescale": 0.0, "height": None, "width": None, "latents": Non
 def call_arguments(target, kwargs: dict) -> dict:
     """``kwargs`` that ``target``'s ``__call__`` takes: those it lacks are dropped when unused (their default;
     height and width: the images' size, checked), else refused in one line."""
-    import inspect
-
     accepted = inspect.signature(type(target).__call__).parameters
     out = {}
     for name, value in kwargs.items():

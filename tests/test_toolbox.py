@@ -234,3 +234,44 @@ def test_one_line_errors(tiny_pipe, photo, mask, control, controlnet):
         check_controlnet(other, tiny_pipe.unet)
     assert parse_lora("a/b.safetensors:0.3") == ("a/b.safetensors", 0.3)
     assert parse_lora("a/b.safetensors") == ("a/b.safetensors", 1.0)
+
+
+# --------------------------------------------------------------- command line
+def test_cli_vary_and_p2p_with_controlnet_init_image_and_mask(tiny_model, tiny_pipe, controlnet, control, photo,
+                                                              mask, tmp_path, red_image, capsys):
+    from imageprompt.cli.main import main
+    from imageprompt.images import read_parameters
+
+    controlnet.save_pretrained(tmp_path / "cn")
+    other = ControlNetModel.from_config({**controlnet.config, "cross_attention_dim": 48})
+    other.save_pretrained(tmp_path / "other-cn")
+    for name, image in (("ref", red_image), ("control", control), ("photo", photo), ("mask", mask)):
+        image.save(tmp_path / f"{name}.png")
+    mask.resize((16, 16)).save(tmp_path / "small-mask.png")
+    model = ["--model", str(tiny_model[0]), "--clip", str(tiny_model[1]), "--steps", "2", "--seed", "5"]
+    ref, out = str(tmp_path / "ref.png"), str(tmp_path / "out")
+    assert main(["vary", ref, "--controlnet", str(tmp_path / "cn"), "--control-image", str(tmp_path / "control.png"),
+                 "--control-scale", "0.5", "--init-image", str(tmp_path / "photo.png"), "--strength", "0.6",
+                 "--inpaint-mask", str(tmp_path / "mask.png"), "--out", out, *model]) == 0
+    params = read_parameters(tmp_path / "out" / "ref-vary-5.png")
+    assert params["controlnet"] == [str(tmp_path / "cn")] and params["control_scale"] == [0.5]
+    assert params["strength"] == 0.6 and params["inpaint_mask"] == "mask.png"
+    assert main(["p2p", "--source", SOURCE, "--target", TARGET, "--controlnet", str(tmp_path / "cn"),
+                 "--control-image", str(tmp_path / "control.png"), "--out", str(tmp_path / "p"), *model]) == 0
+    assert read_parameters(tmp_path / "p" / "p2p-edit-5.png")["control_image"] == ["control.png"]
+    capsys.readouterr()
+    cases = [
+        (["--controlnet", str(tmp_path / "cn")], "--controlnet needs its --control-image"),
+        (["--init-image", str(tmp_path / "photo.png"), "--strength", "0"], "--strength must be in (0, 1]"),
+        (["--init-image", str(tmp_path / "photo.png"), "--strength", "1.5"], "--strength must be in (0, 1]"),
+        (["--init-image", str(tmp_path / "photo.png"), "--inpaint-mask", str(tmp_path / "small-mask.png")],
+         "of its size"),
+        (["--init-image", str(tmp_path / "photo.png"), "--height", "48"], "is sampled"),
+        (["--controlnet", str(tmp_path / "other-cn"), "--control-image", str(tmp_path / "control.png")],
+         "made for another UNet: its cross_attention_dim is 48"),
+    ]
+    for extra, message in cases:
+        assert main(["vary", ref, "--out", str(tmp_path / "bad"), *model, *extra]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("imageprompt: error:") and message in err[-1], err
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
