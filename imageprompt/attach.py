@@ -120,7 +120,7 @@ def attach(pipe, technique=None, prompts: Sequence[str] | None = None, *, before
     callback = Attachment(pipe, editor, before_step, after_step, tensor_inputs, callback_on_step_end,
                           callback_on_step_end_tensor_inputs)
     imageprompt_processors(unet)
-    handle = unet.register_forward_pre_hook(callback.first_call, with_kwargs=True)
+    handle = unet.register_forward_pre_hook(callback.first_call, with_kwargs=True, prepend=True)  # before others'
     try:
         with contextlib.ExitStack() as stack:
             if editor is not None:
