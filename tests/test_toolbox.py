@@ -275,3 +275,43 @@ def test_cli_vary_and_p2p_with_controlnet_init_image_and_mask(tiny_model, tiny_p
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("imageprompt: error:") and message in err[-1], err
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
+# -------------------------------------------------------------------- batch
+def test_batch_rows_with_controlnet_init_image_and_mask(tiny_pipe, controlnet, control, photo, mask, red_image,
+                                                        tmp_path):
+    import json
+
+    from imageprompt.images import read_parameters
+    from imageprompt.jobs import RESULTS, JobDefaults, JobOptions, run_job
+
+    controlnet.save_pretrained(tmp_path / "cn")
+    ControlNetModel.from_config({**controlnet.config, "cross_attention_dim": 48}).save_pretrained(tmp_path / "other")
+    for name, image in (("ref", red_image), ("control", control), ("photo", photo), ("mask", mask)):
+        image.save(tmp_path / f"{name}.png")
+    mask.resize((16, 16)).save(tmp_path / "small.png")
+    cn = {"controlnet": "cn", "control_image": "control.png", "control_scale": 0.5}
+    rows = [
+        {"kind": "vary", "image": "ref.png", **cn},
+        {"kind": "edit", "image": "ref.png", "prompt": "a circle", "init_image": "photo.png", "strength": 0.6,
+         "inpaint_mask": "mask.png"},
+        {"kind": "p2p", "prompt": SOURCE, "target": TARGET, "init_image": "photo.png", **cn},
+        {"kind": "vary", "image": "ref.png", "controlnet": "cn"},
+        {"kind": "vary", "image": "ref.png", "init_image": "photo.png", "strength": 2.0},
+        {"kind": "vary", "image": "ref.png", "init_image": "photo.png", "inpaint_mask": "small.png"},
+        {"kind": "vary", "image": "ref.png", "init_image": "photo.png", "height": 48},
+        {"kind": "vary", "image": "ref.png", "controlnet": "other", "control_image": "control.png"},
+    ]
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    run_job(jobs, out, pipe=tiny_pipe, defaults=JobDefaults(steps=2, height=32, width=32),
+            options=JobOptions(batch_size=4, progress=False))
+    records = {r["line"]: r for r in map(json.loads, (out / RESULTS).read_text().splitlines())}
+    assert {line for line, r in records.items() if r["status"] == "done"} == {1, 2, 3}, records
+    assert read_parameters(out / records[1]["outputs"][0])["control_scale"] == 0.5
+    errors = {4: "'controlnet' and 'control_image' go together", 5: "'strength' must be in (0, 1]",
+              6: "give a mask of the image's size", 7: "give images of the output size",
+              8: "made for another UNet: its cross_attention_dim is 48"}
+    for line, message in errors.items():
+        assert message in records[line]["error"], records[line]
