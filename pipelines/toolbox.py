@@ -104,7 +104,8 @@ def sdipc_embeds(pipe, image, prompt=None, alpha: float = 0.5, negative_prompt=N
     device = pipe._execution_device
     cond = pipe.image_conditioning(image, prompt, alpha, device, clip_skip)
     rows = cond["prompt_embeds"].shape[0]
-    negative = [negative_prompt or ""] * rows if not isinstance(negative_prompt, list) else negative_prompt
+    # None as diffusers takes it: the empty prompt's states (SDXL: zeros, `force_zeros_for_empty_prompt`)
+    negative = [negative_prompt] * rows if isinstance(negative_prompt, str) else negative_prompt
     if is_xl(pipe):
         out = pipe.encode_prompt(prompt=None, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
                                  negative_prompt=negative, prompt_embeds=cond["prompt_embeds"],
@@ -143,16 +144,15 @@ def load_loras(pipe, specs: list[str]) -> list[str]:
 
 
 def load_embeddings(pipe, paths: list[str]) -> None:
-    """Textual-inversion embeddings (safetensors) with diffusers' ``load_textual_inversion``; the token is the
-    file's own (or its name's stem). On SDXL the file's ``clip_l`` / ``clip_g`` go to each text encoder."""
+    """Textual-inversion embeddings (safetensors) with diffusers' ``load_textual_inversion``: the token is the one
+    the file names. On SDXL the file's ``clip_l`` / ``clip_g`` go to each text encoder, as ``<FILE-STEM>``."""
     from safetensors.torch import load_file
 
     for path in paths:
         folder, name = local_weights(path, "embedding")
         file = Path(folder) / name if name else None
         if not is_xl(pipe):
-            pipe.load_textual_inversion(folder, weight_name=name, use_safetensors=True,
-                                        token=None if file is None else f"<{file.stem}>")
+            pipe.load_textual_inversion(folder, weight_name=name, use_safetensors=True)  # the file's own token
             continue
         if file is None:
             raise ValueError(f"embedding {path!r}: give the .safetensors file (SDXL's has clip_l and clip_g)")

@@ -36,8 +36,8 @@ def add_toolbox_options(parser: argparse.ArgumentParser, init_image: bool = True
     group.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]",
                        help="a LoRA (.safetensors or a diffusers LoRA folder) with its weight (default 1); repeatable")
     group.add_argument("--embedding", action="append", metavar="FILE",
-                       help="a textual-inversion embedding (.safetensors); its token is <FILE-STEM> unless the file "
-                            "names one; repeatable")
+                       help="a textual-inversion embedding (.safetensors) with the token it names (SDXL's: "
+                            "<FILE-STEM>); repeatable")
 
 
 def check_toolbox_options(args):
