@@ -158,13 +158,19 @@ class PromptEditMixin:
 
         # 4. Latents: one starting noise for every prompt (a photo's: its inversion; img2img's: one generator state
         #    per row, as diffusers' img2img and inpainting draw each row's noise)
+        #    A photo's inversion with an inpainting mask of the photo at strength 1: the mask plays the local
+        #    blend's role (outside it every row is put back on the photo after each step)
         toolbox = kwargs.get("toolbox")
-        if toolbox is not None and toolbox.init_image is not None:
-            if inversion is not None or latents is not None:
-                raise ValueError("an init image (img2img) fixes the starting latents: leave out the inversion "
-                                 "and `latents`")
+        img2img = toolbox is not None and toolbox.init_image is not None
+        if img2img and (latents is not None or inversion is not None and (toolbox.mask is None
+                                                                          or toolbox.strength < 1.0)):
+            raise ValueError("an init image (img2img) fixes the starting latents: leave out `latents`; with an "
+                             "inversion only an inpainting mask of the photo at strength 1 goes")
+        if img2img and inversion is None:
             generator = same_noise_generators(generator, rows, device)
         else:
+            if img2img and generator is None:  # the photo's VAE encoding samples: the same one every time
+                generator = torch.Generator().manual_seed(0)
             if inversion is not None:
                 latents = inversion.latents / self.scheduler.init_noise_sigma
             latents = self.shared_noise(rows, height, width, cond.dtype, generator, latents)

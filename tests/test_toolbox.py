@@ -224,3 +224,15 @@ def test_sdxl_sdipc_with_controlnet_equals_diffusers(tiny_sdxl, sdxl_pipe, red_i
     assert np.abs(got - sdxl_pipe(image=red_image, generator=seed(), **SAMPLE).images).max() > 1e-3
     with pytest.raises(ValueError, match="made for another UNet"):
         check_controlnet(net, ControlNetModel.from_config({**net.config, "addition_embed_type": None}))
+
+
+def test_p2p_of_an_inverted_photo_with_an_inpainting_mask(p2p_pipe, photo, mask):
+    """The mask plays the local blend's role: outside it the edit keeps the photo's (reconstructed) pixels."""
+    inversion = p2p_pipe.invert(photo, SOURCE, "ddim", num_inference_steps=STEPS)
+    free = p2p_pipe(SOURCE, TARGET, inversion=inversion, **SAMPLE).images
+    masked = p2p_pipe(SOURCE, TARGET, inversion=inversion, toolbox=ToolboxSettings(init_image=photo, mask=mask,
+                                                                                   strength=1.0), **SAMPLE).images
+    kept = slice(20, None)  # columns well outside the mask (its left half), away from the VAE's reach
+    assert np.abs(masked[1][:, kept] - masked[0][:, kept]).max() < np.abs(free[1][:, kept] - free[0][:, kept]).max()
+    with pytest.raises(ValueError, match="only an inpainting mask of the photo at strength 1"):
+        p2p_pipe(SOURCE, TARGET, inversion=inversion, toolbox=ToolboxSettings(init_image=photo), **SAMPLE)

@@ -116,6 +116,11 @@ def test_cli_vary_and_p2p_with_controlnet_init_image_and_mask(tiny_model, tiny_p
     assert main(["p2p", "--source", SOURCE, "--target", TARGET, "--controlnet", str(tmp_path / "cn"),
                  "--control-image", str(tmp_path / "control.png"), "--out", str(tmp_path / "p"), *model]) == 0
     assert read_parameters(tmp_path / "p" / "p2p-edit-5.png")["control_image"] == ["control.png"]
+    # a photo's edit with an inpainting mask: inverted, then only the masked part changes
+    assert main(["p2p", "--source", SOURCE, "--target", TARGET, "--image", str(tmp_path / "photo.png"),
+                 "--invert", "ddim", "--inpaint-mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "q"),
+                 *model]) == 0
+    assert read_parameters(tmp_path / "q" / "photo-edit.png")["inpaint_mask"] == "mask.png"
     capsys.readouterr()
     cases = [
         (["--controlnet", str(tmp_path / "cn")], "--controlnet needs its --control-image"),
