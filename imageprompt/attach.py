@@ -86,11 +86,35 @@ class Attachment(DenoisingSteps):
             return
         self.fresh = False
         sample = args[0] if args else kwargs["sample"]
-        self.num_steps = denoising_steps(self.pipe.num_timesteps, getattr(self.pipe.scheduler, "order", 1))
+        self.num_steps = denoising_steps(unet_calls(self.pipe), getattr(self.pipe.scheduler, "order", 1))
         size = tuple(sample.shape[-2:])
         if hasattr(self.editor, "setup"):
             self.editor.setup(self.num_steps, size, sample.device, default_resolution(module.config, size[0]))
         self.start()
+
+
+    def legacy_callback(self, step: int, timestep, latents) -> None:
+        """The same hooks for a pipeline that has only the older ``callback(step, timestep, latents)``, called after
+        each denoising step (T2I-Adapter's ``StableDiffusionAdapterPipeline``: ``callback=attachment.legacy_callback``);
+        the latents are replaced in place. The user's ``callback_on_step_end`` is not run there."""
+        tensors = {"latents": latents}
+        for hook in self.after_step:
+            tensors = hook(self.pipe, step, tensors)
+        if tensors["latents"] is not latents:
+            latents.copy_(tensors["latents"])
+        if step + 1 < self.num_steps:
+            for hook in self.before_step:
+                hook(step + 1)
+
+
+def unet_calls(pipe) -> int:
+    """The UNet calls of the loop about to run: diffusers' ``num_timesteps``, or, in pipelines that do not set it,
+    the scheduler's timesteps from its begin index (img2img starts part-way)."""
+    try:
+        return int(pipe.num_timesteps)
+    except AttributeError:
+        begin = getattr(pipe.scheduler, "begin_index", None) or 0
+        return len(pipe.scheduler.timesteps) - begin
 
 
 def foreign_ip_adapter(unet) -> bool:

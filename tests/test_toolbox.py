@@ -236,3 +236,25 @@ def test_p2p_of_an_inverted_photo_with_an_inpainting_mask(p2p_pipe, photo, mask)
     assert np.abs(masked[1][:, kept] - masked[0][:, kept]).max() < np.abs(free[1][:, kept] - free[0][:, kept]).max()
     with pytest.raises(ValueError, match="only an inpainting mask of the photo at strength 1"):
         p2p_pipe(SOURCE, TARGET, inversion=inversion, toolbox=ToolboxSettings(init_image=photo), **SAMPLE)
+
+
+def test_p2p_attached_to_a_t2i_adapter_pipeline(tiny_model, tiny_pipe, p2p_pipe, control):
+    """diffusers' T2I-Adapter pipeline has only the older per-step ``callback``: the attachment serves it too."""
+    torch.manual_seed(2)
+    adapter = T2IAdapter(in_channels=3, channels=[32, 64], num_res_blocks=1, downscale_factor=2,
+                         adapter_type="full_adapter")
+    ref = diffusers_pipeline(StableDiffusionAdapterPipeline, tiny_model, tiny_pipe, adapter=adapter)
+    noise = torch.randn((1, 4, 16, 16), generator=seed(3))
+    settings = PromptToPromptSettings("replace", blend_words=("circle",))
+
+    def attached(scale):
+        with attach(ref, settings, [SOURCE, TARGET]) as hooks:
+            return ref([SOURCE, TARGET], image=[control, control], adapter_conditioning_scale=scale,
+                       latents=noise.expand(2, -1, -1, -1).clone(), callback=hooks.legacy_callback,
+                       **SAMPLE).images
+
+    ours = p2p_pipe(SOURCE, TARGET, settings=settings, latents=noise, **SAMPLE).images
+    np.testing.assert_allclose(attached(0.0), ours, atol=1e-4)
+    adapted = attached(1.0)
+    source = ref(SOURCE, image=control, adapter_conditioning_scale=1.0, latents=noise, **SAMPLE).images
+    np.testing.assert_allclose(adapted[:1], source, atol=1e-4)
