@@ -258,3 +258,20 @@ def test_p2p_attached_to_a_t2i_adapter_pipeline(tiny_model, tiny_pipe, p2p_pipe,
     adapted = attached(1.0)
     source = ref(SOURCE, image=control, adapter_conditioning_scale=1.0, latents=noise, **SAMPLE).images
     np.testing.assert_allclose(adapted[:1], source, atol=1e-4)
+
+
+def test_sdxl_p2p_with_controlnet_at_scale_zero_is_plain_sdxl_p2p(sdxl_pipe):
+    from imageprompt.pipelines import StableDiffusionXLPromptToPromptPipeline
+
+    net = random_controlnet(sdxl_pipe.unet, seed=8, scale_factor=sdxl_pipe.vae_scale_factor)
+    size = sdxl_pipe.default_sample_size * sdxl_pipe.vae_scale_factor
+    layout = toolbox_images(size)["control"]
+    pipe = StableDiffusionXLPromptToPromptPipeline.from_pipe(sdxl_pipe)
+    noise = torch.randn((1, 4, sdxl_pipe.default_sample_size, sdxl_pipe.default_sample_size), generator=seed(3))
+    plain = pipe(SOURCE, TARGET, latents=noise, **SAMPLE).images
+    off = pipe(SOURCE, TARGET, latents=noise, controlnet=net,
+               toolbox=ToolboxSettings(control_images=[layout], control_scales=0.0), **SAMPLE).images
+    np.testing.assert_allclose(off, plain, atol=1e-4)
+    on = pipe(SOURCE, TARGET, latents=noise, controlnet=net, toolbox=ToolboxSettings(control_images=[layout]),
+              **SAMPLE).images
+    assert np.abs(on - plain).max() > 1e-3
