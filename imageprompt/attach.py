@@ -92,7 +92,6 @@ class Attachment(DenoisingSteps):
             self.editor.setup(self.num_steps, size, sample.device, default_resolution(module.config, size[0]))
         self.start()
 
-
     def legacy_callback(self, step: int, timestep, latents) -> None:
         """The same hooks for a pipeline that has only the older ``callback(step, timestep, latents)``, called after
         each denoising step (T2I-Adapter's ``StableDiffusionAdapterPipeline``: ``callback=attachment.legacy_callback``);

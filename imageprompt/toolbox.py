@@ -10,7 +10,7 @@ components, given beside the settings; :func:`check_controlnet` says in one line
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import PIL.Image
 import torch
@@ -42,7 +42,7 @@ class ToolboxSettings:
     init_image: PIL.Image.Image | None = None
     strength: float = 0.8
     mask: PIL.Image.Image | None = None
-    guess_mode: bool = field(default=False)
+    guess_mode: bool = False
 
     def __post_init__(self):
         images = self.control_images
