@@ -95,6 +95,7 @@ def build_demo(
     adapters: list | None = None,
     adapter_names: list[str] | None = None,
     tabs: list[Tab] | None = None,
+    controlnet=None,
 ) -> gr.Blocks:
     """The demo page for a loaded pipeline.
 
@@ -110,6 +111,7 @@ def build_demo(
         adapters, adapter_names: image adapters from :func:`load_adapters` and their names; with them the
             IP-Adapter tab is shown.
         tabs: the tabs to offer (default :data:`TABS`); those whose capability is missing are left out.
+        controlnet: a ``ControlNetModel`` for this UNet: the tabs then take a control image.
     """
     pipe = pipe_or_loader if hasattr(pipe_or_loader, "unet") else pipe_or_loader()
     label(pipe, SAMPLING)  # the page's progress says what runs (inverting, where a tab inverts a photo)
@@ -122,6 +124,7 @@ def build_demo(
         max_side=max_side, max_images=max_images, max_steps=max_steps, default_steps=min(default_steps, max_steps),
         adapters=list(adapters or []),
         adapter_names=list(adapter_names or [getattr(a, "name", type(a).__name__) for a in adapters or []]),
+        controlnet=controlnet,
     )
     with gr.Blocks(title="imageprompt demo", delete_cache=(3600, 3600), analytics_enabled=False) as demo:
         gr.Markdown(header(ctx), elem_id="model-info")
@@ -168,7 +171,7 @@ def default_adapters(model: str) -> list[str]:
 def launch(*, model: str | None = None, clip: str | None = None, dtype: str | None = None, device: str | None = None,
            attention: str = "sdpa", scheduler: str | None = "ddim", config: str | None = None,
            vae: str | None = None, clip_2: str | None = None, adapters: list[str] | None = None,
-           image_encoder: str | None = None, host: str = "127.0.0.1",
+           image_encoder: str | None = None, controlnet: str | None = None, host: str = "127.0.0.1",
            port: int | None = 7860, share: bool = False, max_queue: int = QUEUE_SIZE,
            max_file_size: str | int | None = MAX_FILE_SIZE, debug: bool = False) -> int:
     """``imageprompt demo``: load the model, serve the page and wait until interrupted.
@@ -196,8 +199,16 @@ def launch(*, model: str | None = None, clip: str | None = None, dtype: str | No
                          scheduler=scheduler, config=config, vae=vae, clip_2=clip_2)
     specs = list(adapters or default_adapters(model))
     loaded = load_adapters(pipe, specs, image_encoder) if specs else []
+    net = None
+    if controlnet:
+        from imageprompt.pipelines.toolbox import load_controlnets
+
+        from imageprompt.toolbox import check_controlnet
+
+        net = load_controlnets([controlnet], pipe.unet.dtype, pipe.unet.device)[0]
+        check_controlnet(net, pipe.unet)
     demo = build_demo(pipe, notice=notice, scheduler=scheduler, queue_size=max_queue, adapters=loaded,
-                      adapter_names=specs)
+                      adapter_names=specs, controlnet=net)
     serve(demo, host=host, port=port, share=share, max_file_size=max_file_size, block=False, quiet=True)
     print(startup_message(demo.local_url, demo.share_url, share), flush=True)
     demo.block_thread()

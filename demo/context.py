@@ -51,6 +51,7 @@ class DemoContext:
     default_steps: int = 30
     adapters: list = field(default_factory=list)  # loaded image adapters, installed only while their tab runs
     adapter_names: list = field(default_factory=list)
+    controlnet: Any = None  # `imageprompt demo --controlnet`: the tabs' control image conditions it
     pipelines: dict = field(default_factory=dict)  # other pipelines over the same modules, built on first use
 
     @property

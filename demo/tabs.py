@@ -30,6 +30,7 @@ from imageprompt.demo.context import (
     write_edit_results,
 )
 from imageprompt.demo.running import on_run, sample
+from imageprompt.demo.toolbox import toolbox_controls, toolbox_inputs
 from imageprompt.demo.validation import (
     check_dpl_words,
     check_edit,
@@ -58,22 +59,24 @@ def variation_tab(ctx: DemoContext) -> None:
             run = gr.Button("Generate variations", variant="primary", elem_id="variation-run")
             with gr.Accordion("Advanced options", open=False):
                 opts = sampling_controls(ctx)
+            extras = toolbox_controls(ctx, "variation")
         with gr.Column():
             gallery, files = result_outputs("variation")
     # The bundled model varies triangles and squares reliably; circles come back as rounded squares (README).
     gr.Examples([[example_path("blue-triangle.png")], [example_path("blue-square.png")],
                  [example_path("green-triangle-yellow-circle.png")]], [image], label="Examples (shapes world)")
 
-    def variation(image, num_images, steps, guidance, seed, width, height, negative_prompt,
-                  progress=gr.Progress(track_tqdm=True)):
+    def variation(image, num_images, steps, guidance, seed, width, height, negative_prompt, init_image=None,
+                  strength=0.8, mask=None, control=None, control_scale=1.0, progress=gr.Progress(track_tqdm=True)):
         picture, source = read_image(ctx, image)
         sampling = check_sampling(ctx, num_images=num_images, steps=steps, guidance=guidance, seed=seed, width=width,
                                   height=height, negative_prompt=negative_prompt)
         notify_fitted(ctx, picture, source)
-        params = parameters(ctx, "sdipc-variation", sampling, **source)
-        return sample(ctx, "sdipc-variation", dict(image=picture), sampling, params)
+        toolbox, recorded = toolbox_inputs(ctx, sampling, init_image, strength, mask, control, control_scale)
+        params = parameters(ctx, "sdipc-variation", sampling, **source, **recorded)
+        return sample(ctx, "sdipc-variation", dict(image=picture, **toolbox), sampling, params)
 
-    on_run(run, variation, [image, *opts.inputs], [gallery, files], "variation")
+    on_run(run, variation, [image, *opts.inputs, *extras], [gallery, files], "variation")
 
 
 def edit_tab(ctx: DemoContext) -> None:
@@ -86,14 +89,15 @@ def edit_tab(ctx: DemoContext) -> None:
             with gr.Accordion("Advanced options", open=False):
                 alpha = gr.Slider(0.0, 2.0, value=0.5, step=0.05, label="Alpha (text weight, 0.5-0.6 usual)")
                 opts = sampling_controls(ctx)
+            extras = toolbox_controls(ctx, "edit")
         with gr.Column():
             gallery, files = result_outputs("edit")
     gr.Examples([[example_path("red-circle.png"), "a blue circle"],
                  [example_path("blue-square.png"), "a yellow square on a black background"]],
                 [image, prompt], label="Examples (shapes world)")
 
-    def edit(image, prompt, alpha, num_images, steps, guidance, seed, width, height, negative_prompt,
-             progress=gr.Progress(track_tqdm=True)):
+    def edit(image, prompt, alpha, num_images, steps, guidance, seed, width, height, negative_prompt, init_image=None,
+             strength=0.8, mask=None, control=None, control_scale=1.0, progress=gr.Progress(track_tqdm=True)):
         picture, source = read_image(ctx, image)
         prompt = check_prompt(prompt, "the edit text")
         check_words(ctx, [("the edit text", prompt)])
@@ -101,10 +105,11 @@ def edit_tab(ctx: DemoContext) -> None:
                                   height=height, negative_prompt=negative_prompt)
         alpha = checked_number("Alpha", alpha, float, 0.0, 2.0)
         notify_fitted(ctx, picture, source)
-        params = parameters(ctx, "sdipc-edit", sampling, prompt=prompt, alpha=alpha, **source)
-        return sample(ctx, "sdipc-edit", dict(image=picture, prompt=prompt, alpha=alpha), sampling, params)
+        toolbox, recorded = toolbox_inputs(ctx, sampling, init_image, strength, mask, control, control_scale)
+        params = parameters(ctx, "sdipc-edit", sampling, prompt=prompt, alpha=alpha, **source, **recorded)
+        return sample(ctx, "sdipc-edit", dict(image=picture, prompt=prompt, alpha=alpha, **toolbox), sampling, params)
 
-    on_run(run, edit, [image, prompt, alpha, *opts.inputs], [gallery, files], "edit")
+    on_run(run, edit, [image, prompt, alpha, *opts.inputs, *extras], [gallery, files], "edit")
 
 
 def ip_adapter_tab(ctx: DemoContext) -> None:
@@ -181,6 +186,7 @@ def p2p_tab(ctx: DemoContext) -> None:
             with gr.Accordion("Advanced options", open=False):
                 steps_ = step_controls()
                 opts = sampling_controls(ctx, num=False)
+            extras = toolbox_controls(ctx, "p2p")
         with gr.Column(scale=3):
             gallery, maps, files = p2p_outputs("p2p")
     gr.Examples([["a large red circle in the center", "a large blue circle in the center", "replace", "circle", ""],
@@ -190,7 +196,8 @@ def p2p_tab(ctx: DemoContext) -> None:
                 label="Examples (shapes world)")
 
     def p2p(source, target, mode, blend, weights, cross_steps, self_steps, blend_threshold, steps, guidance, seed,
-            width, height, negative_prompt, exclude="", blend_start=0.0, progress=gr.Progress(track_tqdm=True)):
+            width, height, negative_prompt, exclude="", blend_start=0.0, init_image=None, strength=0.8, mask=None,
+            control=None, control_scale=1.0, progress=gr.Progress(track_tqdm=True)):
 
         settings = check_edit(source, target, mode, weights, blend, cross_steps, self_steps, blend_threshold,
                               exclude, blend_start)
@@ -198,16 +205,17 @@ def p2p_tab(ctx: DemoContext) -> None:
                           ("the target prompt", settings["target_prompt"])])
         sampling = check_sampling(ctx, steps=steps, guidance=guidance, seed=seed, width=width, height=height,
                                   negative_prompt=negative_prompt)
-        params = parameters(ctx, "p2p", sampling, seed=sampling.seed, **settings)
+        toolbox, recorded = toolbox_inputs(ctx, sampling, init_image, strength, mask, control, control_scale)
+        params = parameters(ctx, "p2p", sampling, seed=sampling.seed, **settings, **recorded)
         result = p2p_pipeline(ctx)(
             **settings, negative_prompt=sampling.negative_prompt, height=sampling.height, width=sampling.width,
             num_inference_steps=sampling.steps, guidance_scale=sampling.guidance,
-            generator=generators(sampling.seed, 1),
+            generator=generators(sampling.seed, 1), **toolbox,
         )
         return write_edit_results(ctx, result, params, f"p2p-{sampling.seed}")
 
     inputs = [source, edit["target"], edit["mode"], edit["blend"], edit["weights"], steps_["cross"], steps_["self"],
-              steps_["threshold"], *opts.inputs, steps_["exclude"], steps_["start"]]  # new ones last: API callers
+              steps_["threshold"], *opts.inputs, steps_["exclude"], steps_["start"], *extras]  # new ones last: API
     on_run(run, p2p, inputs, [gallery, maps, files], "p2p")
 
 

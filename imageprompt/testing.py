@@ -172,3 +172,34 @@ def ip_adapter_state_dict(unet, kind: str = "sd15", encoder_config=None, seed: i
             key, value = rand(attn.to_k.out_features, cross), rand(attn.to_v.out_features, cross)
         ip[f"{key_id}.to_k_ip.weight"], ip[f"{key_id}.to_v_ip.weight"] = key, value
     return {"image_proj": proj, "ip_adapter": ip}
+
+
+def random_controlnet(unet, seed: int = 5, scale_factor: int = 2, std: float = 0.3):
+    """diffusers' ``ControlNetModel.from_unet`` of ``unet`` (its conditioning embedding downsampling by
+    ``scale_factor``, the VAE's), with random zero convolutions: a fresh ControlNet adds nothing at any scale."""
+    import math
+
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    channels = tuple(8 * 2**i for i in range(int(math.log2(scale_factor)) + 1))
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels).eval()
+    with torch.no_grad():
+        for block in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+            for p in block.parameters():
+                p.normal_(0, std)
+    return net
+
+
+def toolbox_images(size: int = 32, seed: int = 7) -> dict:
+    """A random control image, a photo (a yellow square on blue) and a mask of its left half, ``size`` square."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    photo = Image.new("RGB", (size, size), (30, 60, 200))
+    photo.paste((240, 200, 20), (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (0, 0, size // 2, size))
+    return {"control": Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)), "photo": photo,
+            "mask": mask}

@@ -36,13 +36,8 @@ from imageprompt.conversion import edit_embeds, eos_positions, variation_embeds
 from imageprompt.dpl import dpl_inversion, step_conditioning
 from imageprompt.inversion import METHODS, Inversion, check_sampler, direct_correction, invert
 from imageprompt.ip_adapter import adapters_suspended
-from imageprompt.p2p import (
-    BLEND_THRESHOLD,
-    PromptToPromptController,
-    PromptToPromptSettings,
-    attention_heights,
-    default_resolution,
-)
+from imageprompt.p2p import BLEND_THRESHOLD, PromptToPromptController, PromptToPromptSettings, attention_heights
+from imageprompt.toolbox import same_noise_generators
 
 
 @dataclass
@@ -125,9 +120,10 @@ class PromptEditMixin:
                  generator=None, latents=None, output_type="pil", **kwargs):
         """Sample ``controller.source`` and its targets from one noise with ``controller`` on the UNet; returns the
         parent's output. ``kwargs``: the rest of the parent's ``__call__`` (image prompts, callbacks, ...)."""
-        # 0. Defaults
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        # 0. Defaults (the size of the control / init images, if any)
+        size = kwargs["toolbox"].size if kwargs.get("toolbox") is not None else None
+        height = height or (size[1] if size else self.unet.config.sample_size * self.vae_scale_factor)
+        width = width or (size[0] if size else self.unet.config.sample_size * self.vae_scale_factor)
 
         # 1. Check inputs
         self.check_edit_inputs(controller.source, controller.targets, image, inversion, num_inference_steps,
@@ -160,15 +156,27 @@ class PromptEditMixin:
         if inversion is not None and inversion.cond_embeds is not None:  # DPL: the learned noun tokens, per step
             cond = step_conditioning(self, inversion, prompts, 0, cond)
 
-        # 4. Latents: one starting noise for every prompt (a photo's: its inversion)
-        if inversion is not None:
-            latents = inversion.latents / self.scheduler.init_noise_sigma
-        latents = self.shared_noise(rows, height, width, cond.dtype, generator, latents)
+        # 4. Latents: one starting noise for every prompt (a photo's: its inversion; img2img's: one generator state
+        #    per row, as diffusers' img2img and inpainting draw each row's noise)
+        #    A photo's inversion with an inpainting mask of the photo at strength 1: the mask plays the local
+        #    blend's role (outside it every row is put back on the photo after each step)
+        toolbox = kwargs.get("toolbox")
+        img2img = toolbox is not None and toolbox.init_image is not None
+        if img2img and (latents is not None or inversion is not None and (toolbox.mask is None
+                                                                          or toolbox.strength < 1.0)):
+            raise ValueError("an init image (img2img) fixes the starting latents: leave out `latents`; with an "
+                             "inversion only an inpainting mask of the photo at strength 1 goes")
+        if img2img and inversion is None:
+            generator = same_noise_generators(generator, rows, device)
+        else:
+            if img2img and generator is None:  # the photo's VAE encoding samples: the same one every time
+                generator = torch.Generator().manual_seed(0)
+            if inversion is not None:
+                latents = inversion.latents / self.scheduler.init_noise_sigma
+            latents = self.shared_noise(rows, height, width, cond.dtype, generator, latents)
+            generator = generator[0] if isinstance(generator, list) else generator  # the noise is drawn: one
 
-        # 5. Controller: its step before each denoising step, blending and inversion's embeddings after it
-        latent_size = tuple(latents.shape[-2:])
-        controller.setup(num_inference_steps, latent_size, device, default_resolution(self.unet.config, latent_size[0]))
-
+        # 5. After each step: inversion's corrections and embeddings, the controller's blending
         def after_step(pipe, step, tensors):
             if inversion is not None and inversion.method == "direct":  # Ju et al. 2024: source row only
                 tensors["latents"] = direct_correction(tensors["latents"], inversion, step)
@@ -184,16 +192,13 @@ class PromptEditMixin:
                 tensors["prompt_embeds"] = torch.cat([negative, positive])
             return tensors
 
-        # 6. The parent's loop with the controller on every attention layer
-        with controller.attached(self.unet):
-            return self.sample(
-                prompt_embeds=cond, negative_prompt_embeds=uncond, latents=latents, height=height, width=width,
-                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                generator=generator[0] if isinstance(generator, list) else generator,  # the noise is drawn: one
-                output_type=output_type, before_step=[controller.set_step], after_step=[after_step],
-                tensor_inputs=["latents", "prompt_embeds"],
-                **self.prompt_extras(prompts, negative_prompt, image, image_mode, alpha, inversion, device),
-                **kwargs)
+        # 6. The loop (the parent's, or diffusers' ControlNet / img2img / inpainting) with the controller attached
+        return self.sample(
+            controller=controller, prompt_embeds=cond, negative_prompt_embeds=uncond, latents=latents, height=height,
+            width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
+            output_type=output_type, after_step=[after_step], tensor_inputs=["latents", "prompt_embeds"],
+            **self.prompt_extras(prompts, negative_prompt, image, image_mode, alpha, inversion, device),
+            **kwargs)
 
 
 class PromptToPromptMixin(PromptEditMixin):

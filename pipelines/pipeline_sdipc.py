@@ -22,7 +22,6 @@ SD-IPC branch) add to any of these: ``pipe.load_ip_adapter(...)``, then
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,13 +34,15 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from imageprompt.pipelines.adapter_mixin import ImagePromptAdapterMixin
+from imageprompt.pipelines.toolbox import call_arguments, shared_modules, toolbox_arguments, toolbox_pipeline
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
+from imageprompt.attach import attach
 from imageprompt.attention import check_processors, imageprompt_processors, set_imageprompt_attention
 from imageprompt.conversion import SDIPCConverter, edit_embeds, eos_positions, variation_embeds
 from imageprompt.images import MAX_PROMPT_CHARS, to_rgb
-from imageprompt.ip_adapter import image_branches, install_adapters, set_adapter_step
-from imageprompt.steps import DenoisingSteps
+from imageprompt.ip_adapter import image_branches, install_adapters
+from imageprompt.toolbox import ToolboxSettings
 
 
 @dataclass
@@ -83,15 +84,7 @@ class ImagePromptMixin(ImagePromptAdapterMixin):
         if kwargs.get("dtype") is not None or kwargs.get("torch_dtype") is not None:
             pipe = super().from_pipe(pipeline, **kwargs)
         else:
-            names = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "args", "kwargs")]
-            given = {n: kwargs.pop(n) for n in names if n in kwargs}
-            parts = {n: pipeline.components[n] for n in names if n in pipeline.components and n not in given}
-            settings = {n: pipeline.config[n] for n in names
-                        if n not in parts and n not in given and n in pipeline.config}
-            if kwargs:
-                raise TypeError(f"{cls.__name__}.from_pipe got unexpected arguments: {', '.join(sorted(kwargs))}")
-            pipe = cls(**parts, **settings, **given)
-            pipe.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
+            pipe = shared_modules(cls, pipeline, **kwargs)
         for name in LOADED_NAMES:  # what the outputs record of where the modules came from
             if hasattr(pipeline, name):
                 setattr(pipe, name, getattr(pipeline, name))
@@ -258,16 +251,19 @@ class ImagePromptMixin(ImagePromptAdapterMixin):
         image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         return self.image_processor.postprocess(image, output_type=output_type)
 
-    def sample(self, *, before_step=(), after_step=(), tensor_inputs=("latents",), callback_on_step_end=None,
-               callback_on_step_end_tensor_inputs=("latents",), ip_adapter_image=None, ip_adapter_image_embeds=None,
-               negative_ip_adapter_image=None, num_inference_steps: int = 50, timesteps=None, sigmas=None,
-               guidance_scale: float = 7.5, num_images_per_prompt: int = 1, **kwargs):
-        """The diffusers parent's ``__call__`` with imageprompt's hooks (:class:`~imageprompt.steps.DenoisingSteps`).
+    def sample(self, *, controller=None, before_step=(), after_step=None, tensor_inputs=("latents",),
+               callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), ip_adapter_image=None,
+               ip_adapter_image_embeds=None, negative_ip_adapter_image=None, num_inference_steps: int = 50,
+               timesteps=None, sigmas=None, guidance_scale: float = 7.5, num_images_per_prompt: int = 1,
+               controlnet=None, toolbox: ToolboxSettings | None = None, **kwargs):
+        """The diffusers parent's ``__call__`` with ``controller`` and imageprompt's hooks attached
+        (:func:`imageprompt.attach.attach`); with ``controlnet`` or a ``toolbox`` that has images, diffusers' own
+        ControlNet / img2img / inpainting pipeline over these modules instead (:mod:`imageprompt.pipelines.toolbox`).
 
         ``before_step(step)`` / ``after_step(pipe, step, tensors)`` count denoising steps, whatever the scheduler's
-        order; the image adapters' step windows are told the step the same way. Image prompts are encoded here
-        (with ``negative_ip_adapter_image``, which diffusers does not take) and passed as
-        ``ip_adapter_image_embeds``. Returns the parent's output.
+        order (``after_step`` replaces the controller's ``end_step``); the image adapters' step windows are told the
+        step the same way. Image prompts are encoded here (with ``negative_ip_adapter_image``, which diffusers does
+        not take) and passed as ``ip_adapter_image_embeds``. Returns the pipeline's output.
         """
         check_processors(self.unet, needed=bool(self.image_adapters))
         if self.image_adapters and not image_branches(self.unet):  # processors replaced, then reinstalled bare
@@ -280,22 +276,27 @@ class ImagePromptMixin(ImagePromptAdapterMixin):
             if tuple(negative.shape[:2]) != expected:
                 raise ValueError(f"`negative_prompt_embeds` has shape {tuple(negative.shape)}; expected "
                                  f"{expected + (negative.shape[-1],)}")
-        if self.image_adapters:
-            rows = self.conditioning_rows(kwargs) * num_images_per_prompt
+        target, call = self, super().__call__
+        if controlnet is not None or (toolbox is not None and toolbox.active):
+            toolbox = toolbox or ToolboxSettings()
+            toolbox.check_size(kwargs.get("height"), kwargs.get("width"))
+            target = toolbox_pipeline(self, toolbox, controlnet)
+            kwargs.update(toolbox_arguments(toolbox, controlnet))
+            call = target.__call__
+        if self.image_adapters:  # diffusers' own pipelines repeat the embeddings per image themselves
+            rows = self.conditioning_rows(kwargs) * (num_images_per_prompt if target is self else 1)
             ip_adapter_image_embeds = self.prepare_ip_adapter_image_embeds(
                 ip_adapter_image, ip_adapter_image_embeds, self._execution_device, rows, guidance_scale > 1.0,
                 negative_ip_adapter_image)
-        total = len(timesteps) if timesteps is not None else len(sigmas) if sigmas is not None else num_inference_steps
-        hooks = DenoisingSteps([lambda step: set_adapter_step(self.unet, step, total), *before_step], after_step,
-                               tensor_inputs, callback_on_step_end, callback_on_step_end_tensor_inputs)
-        hooks.start()
-        try:
-            return super().__call__(
-                num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
-                guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
-                ip_adapter_image_embeds=ip_adapter_image_embeds, callback_on_step_end=hooks, **kwargs)
-        finally:  # outside the loop (also after an error in it) every adapter applies again
-            set_adapter_step(self.unet, None)
+        args = dict(num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
+                    guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
+                    ip_adapter_image_embeds=ip_adapter_image_embeds, **kwargs)
+        if target is not self:
+            args = call_arguments(target, args)
+        with attach(target, controller, before_step=before_step, after_step=after_step, tensor_inputs=tensor_inputs,
+                    callback_on_step_end=callback_on_step_end,
+                    callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs) as hooks:
+            return call(callback_on_step_end=hooks, **args)
 
     @staticmethod
     def conditioning_rows(kwargs) -> int:

@@ -18,7 +18,6 @@ branch to every row's cross-attention, as in the other pipelines.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import PIL.Image
@@ -34,7 +33,6 @@ from imageprompt.style_aligned import (
     StyleAlignedSettings,
     pin_reference,
     reference_start,
-    shared_group_norm,
 )
 
 
@@ -136,9 +134,15 @@ class StableDiffusionStyleAlignedPipeline(StableDiffusionImagePromptPipeline):
             :class:`~imageprompt.pipelines.ImagePromptPipelineOutput`: the reference first (for ``inversion``: its
             reconstruction), then the set.
         """
-        # 0. Defaults
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        # 0. Defaults (the size of the control / init images, if any)
+        toolbox = kwargs.get("toolbox")
+        size = toolbox.size if toolbox is not None else None
+        height = height or (size[1] if size else self.unet.config.sample_size * self.vae_scale_factor)
+        width = width or (size[0] if size else self.unet.config.sample_size * self.vae_scale_factor)
+        img2img = toolbox is not None and toolbox.init_image is not None
+        if img2img and (inversion is not None or latents is not None):
+            raise ValueError("an init image (img2img) fixes the starting latents: leave out the inversion and "
+                             "`latents`")
 
         # 1. Check inputs
         if settings is None:
@@ -181,21 +185,22 @@ class StableDiffusionStyleAlignedPipeline(StableDiffusionImagePromptPipeline):
         if inversion is not None:  # DDIM (checked): the starting noise is not scaled
             latents[:1] = reference_start(inversion.trajectory, reference_offset).to(device=device, dtype=cond.dtype)
 
+        if img2img:  # diffusers' img2img draws each row's noise from the generator(s)
+            latents = None
+
         def after_step(pipe, step, tensors):
             if inversion is not None:
                 tensors["latents"] = pin_reference(tensors["latents"], inversion.trajectory, step, reference_offset)
             return tensors
 
-        # 5. diffusers' loop with shared attention (and, if asked, shared group norms)
-        norms = shared_group_norm(self.unet, rows) if settings.share_group_norm else contextlib.nullcontext()
-        with controller.attached(self.unet), norms:
-            out = self.sample(
-                prompt_embeds=cond, negative_prompt_embeds=uncond, latents=latents, height=height, width=width,
-                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
-                output_type=output_type, after_step=[after_step], callback_on_step_end=callback_on_step_end,
-                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
-                negative_ip_adapter_image=negative_ip_adapter_image, **kwargs)
+        # 5. diffusers' loop with shared attention (and, if asked, shared group norms: attach's)
+        out = self.sample(
+            controller=controller, prompt_embeds=cond, negative_prompt_embeds=uncond, latents=latents, height=height,
+            width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
+            output_type=output_type, after_step=[after_step], callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
+            negative_ip_adapter_image=negative_ip_adapter_image, **kwargs)
         if not return_dict:
             return (out.images,)
         return ImagePromptPipelineOutput(images=out.images)

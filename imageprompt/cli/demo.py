@@ -26,6 +26,8 @@ def register(subparsers) -> None:
     demo.add_argument("--image-encoder", metavar="PATH",
                       help="CLIP vision folder of the adapter (default: image_encoder next to the weights; for the "
                            "bundled checkpoints/shapes-ip-adapter.safetensors, the bundled CLIP)")
+    demo.add_argument("--controlnet", metavar="FOLDER",
+                      help="a diffusers ControlNet for this model: the tabs then take a control image")
     add_model_options(demo)
     demo.set_defaults(func=run_demo)
 
@@ -47,5 +49,5 @@ def run_demo(args) -> int:
 
     return launch(model=args.model, clip=args.clip, dtype=args.dtype, device=args.device, attention=args.attention,
                   scheduler=args.scheduler, config=args.config, vae=args.vae, clip_2=args.clip_2, adapters=args.adapter,
-                  image_encoder=args.image_encoder, host=args.host, port=args.port, share=args.share,
-                  max_queue=args.max_queue, max_file_size=args.max_file_size, debug=args.debug)
+                  image_encoder=args.image_encoder, controlnet=args.controlnet, host=args.host, port=args.port,
+                  share=args.share, max_queue=args.max_queue, max_file_size=args.max_file_size, debug=args.debug)

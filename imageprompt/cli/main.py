@@ -56,6 +56,7 @@ COMMAND_MODULES = [
 # -------------------------------------------------------------- vary / edit
 def register(subparsers) -> None:
     from imageprompt.cli.adapter import add_adapter_options
+    from imageprompt.cli.toolbox import add_toolbox_options
     from imageprompt.cli.tune import add_tuning_options
 
     vary = subparsers.add_parser("vary", help="variations of an image (SD-IPC)",
@@ -65,6 +66,7 @@ def register(subparsers) -> None:
     add_model_options(vary)
     add_tuning_options(vary)
     add_adapter_options(vary)
+    add_toolbox_options(vary)
     vary.set_defaults(func=run_sdipc, method="sdipc-variation")
 
     edit = subparsers.add_parser("edit", help="edit an image with text (SD-IPC)",
@@ -77,11 +79,13 @@ def register(subparsers) -> None:
     add_model_options(edit)
     add_tuning_options(edit)
     add_adapter_options(edit)
+    add_toolbox_options(edit)
     edit.set_defaults(func=run_sdipc, method="sdipc-edit")
 
 
 def run_sdipc(args) -> int:
     from imageprompt.cli.adapter import apply_adapter_options, check_adapter_options
+    from imageprompt.cli.toolbox import apply_toolbox_options, check_toolbox_options
     from imageprompt.cli.tune import apply_tuning_options, check_tuning_options
     from imageprompt.images import load_image, sha256_file
 
@@ -97,6 +101,7 @@ def run_sdipc(args) -> int:
                            f"{SEED_MAX}")
     check_tuning_options(args)
     check_adapter_options(args)
+    toolbox = check_toolbox_options(args)
     pipe = load_pipeline_from_args(args)
     warn_fitted(pipe, encoded=[("", args.image, image), *adapter_inputs(args)])
     prompt = getattr(args, "prompt", None)
@@ -107,6 +112,8 @@ def run_sdipc(args) -> int:
     params.update(apply_tuning_options(pipe, args, [image], seed))
     adapter = apply_adapter_options(pipe, args, image)
     params.update(adapter["parameters"])
+    extras = apply_toolbox_options(pipe, args, toolbox)
+    params.update(extras["parameters"])
 
     names = free_names(out_dir, output_names(args, seed), args.overwrite)
     done = []
@@ -117,7 +124,7 @@ def run_sdipc(args) -> int:
                     guidance_scale=args.guidance, num_images_per_prompt=count, height=args.height,
                     width=args.width, generator=generators(seed + start, count))
         with labelled(pipe, SAMPLING):
-            result = pipe(**{**call, **adapter["pipeline"]})
+            result = pipe(**{**call, **adapter["pipeline"], **extras["pipeline"]})
         seeds = [seed + start + i for i in range(count)]
         metas = [dict(params, seed=s, width=im.size[0], height=im.size[1]) for s, im in zip(seeds, result.images)]
         done += write_outputs(result.images, out_dir, names[start:start + count], metas, args.overwrite)

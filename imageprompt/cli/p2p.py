@@ -26,6 +26,7 @@ from imageprompt.cli.common import (
     warn_unknown_words,
     write_outputs,
 )
+from imageprompt.cli.toolbox import add_toolbox_options, apply_toolbox_options, check_toolbox_options
 from imageprompt.images import generators
 from imageprompt.progress import INVERTING, SAMPLING, labelled
 
@@ -87,6 +88,7 @@ def register(subparsers) -> None:
     add_sampling_options(p2p, num=False)
     add_model_options(p2p)
     add_adapter_options(p2p, reference="the image prompt of every prompt (required with --adapter)")
+    add_toolbox_options(p2p)
     p2p.set_defaults(func=run_p2p, method="p2p")
 
 
@@ -166,6 +168,12 @@ def run_p2p(args) -> int:
     check_adapter_options(args)
     if args.adapter and not args.adapter_image and not args.embeds:
         raise CommandError("--adapter needs --adapter-image IMAGE (or --embeds FILE): the image prompt of the edit")
+    if args.image and args.init_image:
+        raise CommandError("give --image (a photo to invert and edit) or --init-image (img2img), not both")
+    photo_mask, mask_path = None, args.inpaint_mask  # with --image: a mask of the photo plays the local blend's role
+    if args.image and args.inpaint_mask:
+        photo_mask, args.inpaint_mask = load_image(args.inpaint_mask).convert("L"), None
+    toolbox = check_toolbox_options(args)
     out_dir = check_out_dir(args.out)
     photo = load_image(args.image) if args.image else None
     reference = load_image(args.image_prompt) if args.image_prompt else None
@@ -199,6 +207,12 @@ def run_p2p(args) -> int:
         params.update(image_prompt=Path(args.image_prompt).name, image_prompt_sha256=sha256_file(args.image_prompt),
                       alpha=args.alpha, image_mode="variation" if args.variation_source else "edit")
     params.update({k: v for k, v in adapter["parameters"].items() if k not in ("method", "alpha")})
+    extras = apply_toolbox_options(pipe, args, toolbox)
+    params.update(extras["parameters"])
+
+    if photo_mask is not None:
+        toolbox = photo_mask_toolbox(pipe, args, photo, photo_mask, toolbox)
+        params.update(inpaint_mask=Path(mask_path).name, strength=1.0)
 
     # 3. Inversion of a real photo, then the edit
     inversion = None
@@ -212,7 +226,8 @@ def run_p2p(args) -> int:
                       image_mode="variation" if args.variation_source else "edit",
                       negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                       num_inference_steps=args.steps, guidance_scale=args.guidance,
-                      generator=None if inversion is not None else generators(seed, 1), **adapter["pipeline"])
+                      generator=None if inversion is not None else generators(seed, 1), **adapter["pipeline"],
+                      **{**extras["pipeline"], **({"toolbox": toolbox} if photo_mask is not None else {})})
 
     # 4. Outputs
     stem = Path(args.image).stem if args.image else "p2p"
@@ -233,3 +248,18 @@ def run_p2p(args) -> int:
     for path in done:
         print(path)
     return 0
+
+
+def photo_mask_toolbox(pipe, args, photo, mask, toolbox):
+    """The photo and its --inpaint-mask at the size it is inverted to, strength 1 (with any ControlNet's images)."""
+    import dataclasses
+
+    from imageprompt.toolbox import ToolboxSettings
+
+    if mask.size != photo.size:
+        raise CommandError(f"--inpaint-mask is {mask.size[0]}x{mask.size[1]}, --image {photo.size[0]}x"
+                           f"{photo.size[1]}: give a mask of the photo's size")
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = (args.width or native, args.height or native)
+    return dataclasses.replace(toolbox or ToolboxSettings(), init_image=photo.resize(size), mask=mask.resize(size),
+                               strength=1.0)

@@ -22,6 +22,7 @@ from imageprompt.cli.common import (
     warn_unknown_words,
     write_outputs,
 )
+from imageprompt.cli.toolbox import add_toolbox_options, apply_toolbox_options, check_toolbox_options
 from imageprompt.images import generators
 from imageprompt.progress import INVERTING, SAMPLING, labelled
 
@@ -57,6 +58,7 @@ def register(subparsers) -> None:
     add_sampling_options(style, num=False)
     add_model_options(style)
     add_adapter_options(style, reference="the image prompt of every image (required with --adapter)")
+    add_toolbox_options(style)
     style.set_defaults(func=run_style_aligned, method="style-aligned")
 
 
@@ -78,6 +80,7 @@ def run_style_aligned(args) -> int:
         raise CommandError(f"inverting --reference needs --scheduler ddim, not {args.scheduler}")
     cap_prompt_options(args, "reference_prompt", "negative_prompt")
     check_adapter_options(args)
+    toolbox = check_toolbox_options(args)
     if args.adapter and not args.adapter_image:
         raise CommandError("--adapter needs --adapter-image IMAGE: the image prompt of every image")
     out_dir = check_out_dir(args.out)
@@ -108,6 +111,8 @@ def run_style_aligned(args) -> int:
     if sdipc is not None:
         params.update(alpha=args.alpha)
     params.update({k: v for k, v in adapter["parameters"].items() if k not in ("method", "alpha")})
+    extras = apply_toolbox_options(pipe, args, toolbox)
+    params.update(extras["parameters"])
 
     # 3. Inversion of the reference photo, then the set
     inversion = None
@@ -120,7 +125,8 @@ def run_style_aligned(args) -> int:
                       share_group_norm=args.share_group_norm, reference_offset=args.reference_offset,
                       negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                       num_inference_steps=args.steps, guidance_scale=args.guidance,
-                      generator=generators(seed, len(prompts)), **adapter["pipeline"])
+                      generator=generators(seed, len(prompts)), **adapter["pipeline"],
+                      **extras["pipeline"])
 
     # 4. Outputs: the reference (reconstruction, for a photo) first, then one image per prompt
     names = [f"style-reference-{seed}.png"] + [f"style-{i}-{seed}.png" for i in range(1, len(prompts))]

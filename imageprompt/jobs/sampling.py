@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from imageprompt.jobs.schema import Row
+from imageprompt.jobs.toolbox_rows import toolbox_call
 
 
 @dataclass
@@ -34,7 +35,7 @@ def _sampling_kwargs(settings: dict, items) -> dict:
 def run_vary(runner, settings: dict, items) -> list:
     """SD-IPC variation: the converted image prompt alone, one batch for all items."""
     images = [runner.image(item.row) for item in items]
-    return runner.pipe(image=images, **_sampling_kwargs(settings, items)).images
+    return runner.pipe(image=images, **_sampling_kwargs(settings, items), **toolbox_call(runner, settings)).images
 
 
 def run_edit(runner, settings: dict, items) -> list:
@@ -42,7 +43,8 @@ def run_edit(runner, settings: dict, items) -> list:
     images = [runner.image(item.row) for item in items]
     prompts = [item.row.params["prompt"] for item in items]
     kwargs = _sampling_kwargs(settings, items)
-    return runner.pipe(image=images, prompt=prompts, alpha=settings["alpha"], **kwargs).images
+    return runner.pipe(image=images, prompt=prompts, alpha=settings["alpha"], **kwargs,
+                       **toolbox_call(runner, settings)).images
 
 
 def run_p2p(runner, settings: dict, items) -> list:
@@ -69,7 +71,7 @@ def run_p2p(runner, settings: dict, items) -> list:
                 do_classifier_free_guidance=settings["guidance"] > 1.0)
         elif p.get("adapter_image"):
             kwargs["ip_adapter_image"] = runner.load(p["adapter_image"])
-        edits.append(pipe(**kwargs).images[-1])
+        edits.append(pipe(**kwargs, **toolbox_call(runner, p)).images[-1])
     return edits
 
 

@@ -15,6 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from imageprompt.jobs.toolbox_rows import FIELDS as TOOLBOX_FIELDS
+from imageprompt.jobs.toolbox_rows import GROUPED as TOOLBOX_GROUPED
+from imageprompt.jobs.toolbox_rows import check_toolbox_row
+
 KEY_VERSION = 1  # bump when the meaning of a row changes, so old outputs are not taken as complete
 
 
@@ -237,6 +241,8 @@ def _validate(row: Row, data, defaults: JobDefaults, base: Path) -> None:
         _check_image(adapter_image, "adapter_image")
         values["adapter_image"] = str(adapter_image.resolve())
         values["adapter_image_sha256"] = sha256_file(adapter_image)
+    if set(TOOLBOX_FIELDS) <= set(spec.fields):  # ControlNet, img2img, inpainting (imageprompt.jobs.toolbox_rows)
+        check_toolbox_row(values, base)
     row.params = values
     row.key = row_key(row, defaults)
 
@@ -450,18 +456,20 @@ def _check_style(values: dict) -> None:
 
 
 KINDS: dict[str, Kind] = {
-    "vary": Kind("sdipc-variation", {"image": str}, required=("image",)),
-    "edit": Kind("sdipc-edit", {"image": str, "prompt": str, "alpha": float},
-                 required=("image", "prompt"), defaults={"alpha": 0.5}, grouped=("alpha",), check=_check_edit),
+    "vary": Kind("sdipc-variation", {"image": str, **TOOLBOX_FIELDS}, required=("image",), grouped=TOOLBOX_GROUPED),
+    "edit": Kind("sdipc-edit", {"image": str, "prompt": str, "alpha": float, **TOOLBOX_FIELDS},
+                 required=("image", "prompt"), defaults={"alpha": 0.5}, grouped=("alpha", *TOOLBOX_GROUPED),
+                 check=_check_edit),
     "p2p": Kind("p2p",
                 {"prompt": str, "target": str, "mode": str, "weights": dict, "blend": list, "blend_threshold": float,
                  "blend_exclude": list, "blend_start": float,
                  "cross_steps": (float, list), "self_steps": (float, list), "image": str, "alpha": float,
                  "invert": str, "adapter": str, "adapter_image": str, "scale": float, "window": list,
                  "subtract_text": str, "subtract_scale": float, "start_step": int, "start_layer": int,
-                 "mask": list, "dpl_words": list},
+                 "mask": list, "dpl_words": list, **TOOLBOX_FIELDS},
                 required=("prompt",), defaults={"mode": "replace", "cross_steps": 0.8, "self_steps": 0.4, "alpha": 0.5},
-                grouped=("adapter", "scale", "window"), check=_check_p2p, module="imageprompt.pipelines.pipeline_p2p"),
+                grouped=("adapter", "scale", "window", *TOOLBOX_GROUPED), check=_check_p2p,
+                module="imageprompt.pipelines.pipeline_p2p"),
     "adapter": Kind("ip-adapter", {"image": str, "prompt": str, "adapter": str, "scale": float, "window": list,
                                    "subtract_text": str, "subtract_scale": float},
                     required=("image", "adapter"), defaults={"scale": 1.0}, grouped=("adapter", "scale", "window"),
