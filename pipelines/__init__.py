@@ -2,6 +2,7 @@
 
 from imageprompt.pipelines.pipeline_masactrl import StableDiffusionMasaCtrlPipeline, StableDiffusionXLMasaCtrlPipeline
 from imageprompt.pipelines.pipeline_p2p import PromptToPromptPipelineOutput, StableDiffusionPromptToPromptPipeline
+from imageprompt.pipelines.pipeline_p2p_sd3 import StableDiffusion3PromptToPromptPipeline
 from imageprompt.pipelines.pipeline_p2p_xl import StableDiffusionXLPromptToPromptPipeline
 from imageprompt.pipelines.pipeline_sdipc import ImagePromptPipelineOutput, StableDiffusionImagePromptPipeline
 from imageprompt.pipelines.pipeline_sdipc_sd3 import StableDiffusion3ImagePromptPipeline
@@ -12,4 +13,4 @@ __all__ = ["ImagePromptPipelineOutput", "StableDiffusionImagePromptPipeline", "P
            "StableDiffusionPromptToPromptPipeline", "StableDiffusionStyleAlignedPipeline",
            "StableDiffusionXLImagePromptPipeline", "StableDiffusionXLPromptToPromptPipeline",
            "StableDiffusionMasaCtrlPipeline", "StableDiffusionXLMasaCtrlPipeline",
-           "StableDiffusion3ImagePromptPipeline"]
+           "StableDiffusion3ImagePromptPipeline", "StableDiffusion3PromptToPromptPipeline"]
