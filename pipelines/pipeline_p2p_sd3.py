@@ -25,11 +25,14 @@ from imageprompt.p2p_joint import JointPromptToPrompt
 class StableDiffusion3PromptToPromptPipeline(StableDiffusion3ImagePromptPipeline):
     """Prompt-to-prompt on SD3: diffusers' ``StableDiffusion3Pipeline`` with the joint-attention controller."""
 
-    def invert(self, image: PIL.Image.Image, prompt: str, num_inference_steps: int = 28,
+    def invert(self, image: PIL.Image.Image, prompt: str, method: str = "flow", num_inference_steps: int = 28,
                guidance_scale: float = 1.0, height: int | None = None, width: int | None = None,
-               max_sequence_length: int = 256) -> FlowInversion:
-        """Invert a real photo by the flow ODE run backwards (:mod:`imageprompt.inversion_flow`); edit it with the
-        same ``num_inference_steps`` and ``guidance_scale``."""
+               max_sequence_length: int = 256, **unused) -> FlowInversion:
+        """Invert a real photo by the flow ODE run backwards (``method="flow"``, :mod:`imageprompt.inversion_flow`);
+        edit it with the same ``num_inference_steps`` and ``guidance_scale``. ``unused``: the DDIM inversions'
+        options (``num_inner_steps``, ``words``), which a flow inversion has none of."""
+        if method != "flow":
+            raise ValueError(f"SD3 inverts photos by the flow ODE (method 'flow'); {method!r} is a DDIM inversion")
         return invert_flow(self, image, prompt, num_inference_steps, guidance_scale, height, width,
                            max_sequence_length)
 
@@ -39,7 +42,8 @@ class StableDiffusion3PromptToPromptPipeline(StableDiffusion3ImagePromptPipeline
                  blend_threshold: float = BLEND_THRESHOLD, blend_exclude: list[str] | None = None,
                  blend_start: float = 0.0, cross_steps=0.8, word_cross_steps: dict | None = None, self_steps=0.4,
                  self_layers: list[int] | None = None, settings: PromptToPromptSettings | None = None,
-                 inversion: FlowInversion | None = None, negative_prompt: str | None = None,
+                 inversion: FlowInversion | None = None, image: PIL.Image.Image | None = None, alpha: float = 0.5,
+                 image_mode: str = "edit", t5: str = "zeros", negative_prompt: str | None = None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 28,
                  guidance_scale: float = 7.0, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, max_sequence_length: int = 256, output_type: str = "pil",
@@ -51,6 +55,8 @@ class StableDiffusion3PromptToPromptPipeline(StableDiffusion3ImagePromptPipeline
                 self_steps: the edit (:class:`~imageprompt.p2p.PromptToPromptSettings`, or all as ``settings``).
             self_layers: joint layers (block indices) with self-attention injection (None: all).
             inversion: a photo inverted with :meth:`invert` (same steps and guidance).
+            image / alpha / image_mode / t5: an SD-IPC reference: every prompt is image + text (``image_mode=
+                "variation"``: the source is the image alone), the T5 part filled as ``t5`` says (default zeros).
             latents: one starting noise ``(1, 16, h, w)`` shared by every prompt.
             **kwargs: the rest of diffusers' SD3 ``__call__`` (``ip_adapter_image``, ``callback_on_step_end``, ...).
 
@@ -89,8 +95,21 @@ class StableDiffusion3PromptToPromptPipeline(StableDiffusion3ImagePromptPipeline
             tensors["latents"] = controller.end_step(tensors["latents"])
             return tensors
 
+        if image is not None:
+            if inversion is not None:
+                raise ValueError("give either an SD-IPC `image` or an `inversion`, not both")
+            if image_mode not in ("edit", "variation"):
+                raise ValueError(f"`image_mode` must be 'edit' or 'variation', got {image_mode!r}")
+            cond = self.image_conditioning([image] * rows, prompts, alpha, device, t5, None, max_sequence_length)
+            if image_mode == "variation":
+                source = self.image_conditioning([image], None, alpha, device, "zeros" if t5 == "caption" else t5,
+                                                 None, max_sequence_length)
+                for name in cond:
+                    cond[name][:1] = source[name]
+        else:
+            cond = {"prompt": prompts}
         with joint_editor_attached(self.transformer, controller):
-            out = self.sample(prompt=prompts, negative_prompt=[negative_prompt or ""] * rows, latents=latents,
+            out = self.sample(**cond, negative_prompt=[negative_prompt or ""] * rows, latents=latents,
                               height=height, width=width, num_inference_steps=num_inference_steps,
                               guidance_scale=guidance_scale, max_sequence_length=max_sequence_length,
                               output_type=output_type, before_step=[controller.set_step], after_step=[after_step],

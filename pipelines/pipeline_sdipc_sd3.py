@@ -17,9 +17,18 @@ from collections.abc import Callable
 
 import PIL.Image
 import torch
-from diffusers import StableDiffusion3Pipeline
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
-from transformers import CLIPImageProcessor
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+    SiglipImageProcessor,
+    SiglipVisionModel,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from imageprompt.conversion import edit_embeds, eos_positions, variation_embeds
 from imageprompt.conversion_sd3 import CLIP_TOKENS, SD3Converter, check_t5_fill, joint_states, split_joint_states
@@ -42,9 +51,14 @@ class StableDiffusion3ImagePromptPipeline(StableDiffusion3Pipeline):
     _optional_components = ["image_encoder", "feature_extractor", "sdipc_image_encoder", "sdipc_image_encoder_2",
                             "converter"]
 
-    def __init__(self, transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
-                 text_encoder_3, tokenizer_3, image_encoder=None, feature_extractor=None, sdipc_image_encoder=None,
-                 sdipc_image_encoder_2=None, converter: SD3Converter | None = None):
+    def __init__(self, transformer: SD3Transformer2DModel, scheduler: FlowMatchEulerDiscreteScheduler,
+                 vae: AutoencoderKL, text_encoder: CLIPTextModelWithProjection, tokenizer: CLIPTokenizer,
+                 text_encoder_2: CLIPTextModelWithProjection, tokenizer_2: CLIPTokenizer,
+                 text_encoder_3: T5EncoderModel, tokenizer_3: T5TokenizerFast,
+                 image_encoder: SiglipVisionModel | None = None, feature_extractor: SiglipImageProcessor | None = None,
+                 sdipc_image_encoder: CLIPVisionModelWithProjection | None = None,
+                 sdipc_image_encoder_2: CLIPVisionModelWithProjection | None = None,
+                 converter: SD3Converter | None = None):
         super().__init__(transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
                          text_encoder_3, tokenizer_3, image_encoder, feature_extractor)
         # SD-IPC's ViT-L and bigG vision towers and conversion: components diffusers' SD3 lacks
@@ -90,8 +104,7 @@ class StableDiffusion3ImagePromptPipeline(StableDiffusion3Pipeline):
         """SD-IPC's ``prompt_embeds`` and ``pooled_prompt_embeds`` for ``images`` (variation when ``prompts`` is
         None, else image + text with ``alpha``); the T5 part as ``t5`` says
         (:data:`~imageprompt.conversion_sd3.T5_FILLS`)."""
-        caption = t5_caption if t5_caption is not None else (prompts[0] if prompts else None)
-        check_t5_fill(t5, caption)
+        check_t5_fill(t5, t5_caption if t5_caption is not None or prompts is None else prompts[0])
         h, pooled = self.convert_images(images, device)
         rows = len(images)
         texts = prompts if prompts is not None else [""] * rows
@@ -103,9 +116,9 @@ class StableDiffusion3ImagePromptPipeline(StableDiffusion3Pipeline):
             pooled = pooled + alpha * text_pooled
         if t5 == "zeros":
             t5_states = torch.zeros_like(t5_states)
-        else:  # the empty prompt's T5 states, or the caption's (default: the edit prompt)
-            text = "" if t5 == "empty" else (t5_caption or caption)
-            t5_states = self.encode_joint([text] * rows, device, max_sequence_length)[1]
+        elif t5 == "empty" or t5_caption is not None:  # the empty prompt's T5 states, or the caption's
+            t5_states = self.encode_joint([t5_caption or ""] * rows, device, max_sequence_length)[1]
+        # "caption" without one: each row's own prompt (already encoded)
         return {"prompt_embeds": joint_states(clip, t5_states).to(self.transformer.dtype),
                 "pooled_prompt_embeds": pooled.to(self.transformer.dtype)}
 
@@ -180,7 +193,8 @@ class StableDiffusion3ImagePromptPipeline(StableDiffusion3Pipeline):
         Args:
             image: a PIL image or a list of them (one row each).
             prompt: the text (with ``image``: the edit text, blended with weight ``alpha`` after the EOS token).
-            t5 / t5_caption: how the T5 part is filled for an image (``zeros``, ``empty`` or ``caption``).
+            t5 / t5_caption: how the T5 part is filled for an image (``zeros``, ``empty`` or ``caption``: the
+                T5 states of ``t5_caption``, or of each row's ``prompt`` when it is None).
             **kwargs: the rest of diffusers' ``StableDiffusion3Pipeline.__call__`` (``negative_prompt``, ``height``,
                 ``generator``, ``ip_adapter_image``, ``ip_adapter_image_embeds``, ``callback_on_step_end``, ...).
         """
