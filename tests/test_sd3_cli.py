@@ -102,3 +102,24 @@ def test_sd3_refusals(model_args, red_path, tmp_path, capsys):
     assert run(["p2p", "--source", "a red cat", "--target", "a red dog", "--mode", "masactrl", *model_args,
                 "--out", tmp_path]) != 0
     assert "masactrl is not available on SD3" in capsys.readouterr().err
+
+
+def test_t5_fill_report_on_the_tiny_model(sd3_pipe):
+    from imageprompt.bench.sd3_t5 import t5_fill_report
+
+    image = Image.new("RGB", (40, 40), (20, 200, 90))
+    report = t5_fill_report(sd3_pipe, image, prompts=("a red cat", "a blue square"), steps=2)
+    assert set(report["text"]) == {"zeros", "empty"} and len(report["variation"]) == 3
+    assert all(0 < v < 10 for part in report.values() for v in part.values())
+    assert report["text"]["zeros"] != report["text"]["empty"]
+
+
+def test_bench_sd3_rows(capsys):
+    from imageprompt.cli.main import main
+
+    assert main(["bench", "--sd3", "--tiny", "--steps", "2", "--device", "cpu", "--rows",
+                 "sd3 plain diffusers, batch 1", "sd3 p2p replace + local blend"]) == 0
+    table = capsys.readouterr().out
+    assert "| sd3 p2p replace + local blend |" in table and "flow-match Euler 2 steps" in table
+    assert main(["bench", "--sd3", "--device", "cpu", "--steps", "2"]) != 0
+    assert "need a CUDA GPU" in capsys.readouterr().err
