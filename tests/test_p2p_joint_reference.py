@@ -101,6 +101,29 @@ def test_reweight_without_self_injection_by_hand(tokenizers):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_refine_by_hand(tokenizers):
+    clip, t5 = tokenizers
+    settings = PromptToPromptSettings("refine", cross_steps=1.0, self_steps=0.0)
+    controller = JointPromptToPrompt(clip, t5, "a cat", "a red cat", settings, T5_LEN)
+    controller.setup(1, (4, 4), 2)
+    q, k, v = _qkv(2, seed=3)
+    got = _run(controller, q, k, v)
+    p = _softmax(q, k)
+    src, tgt = p[0, :, :N_IMG, N_IMG:], p[1].clone()
+    text = tgt[:, :N_IMG, N_IMG:]  # a view: written in place
+    own_red_clip, own_red_t5 = text[..., 2].clone(), text[..., 77 + 1].clone()
+    # CLIP: BOS a red cat EOS <- BOS a (new) cat EOS; after the target's EOS (position 4), position j <- j
+    for j, i in ((0, 0), (1, 1), (3, 2), (4, 3), *((j, j) for j in range(5, 77))):
+        text[..., j] = src[..., i]
+    text[..., 2] = own_red_clip
+    # T5 (no BOS): a red cat </s> <- a (new) cat </s>; then position j <- j
+    for j, i in ((0, 0), (2, 1), (3, 2), *((j, j) for j in range(4, T5_LEN))):
+        text[..., 77 + j] = src[..., 77 + i]
+    text[..., 77 + 1] = own_red_t5
+    expected = torch.stack([p[0] @ v[0], tgt @ v[1]])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_outside_the_windows_the_fused_kernel_runs(tokenizers):
     clip, t5 = tokenizers
     settings = PromptToPromptSettings("replace", cross_steps=(0.5, 1.0), self_steps=(0.5, 1.0))
