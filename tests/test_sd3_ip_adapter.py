@@ -128,3 +128,19 @@ def test_window_without_adapter_is_refused(tiny_sd3):
         pipe.set_ip_adapter_window((0.0, 0.5))
     with pytest.raises(ValueError, match="needs an IP-Adapter"):
         pipe(prompt="a cat", ip_adapter_image=Image.new("RGB", (8, 8)), **ARGS)
+
+
+def test_prompt_to_prompt_with_the_adapter(pipes, reference_image):
+    from imageprompt.pipelines import StableDiffusion3PromptToPromptPipeline
+
+    theirs, ours = pipes
+    p2p = StableDiffusion3PromptToPromptPipeline.from_pipe(ours)
+    p2p.set_progress_bar_config(disable=True)
+    noise = torch.randn(1, 16, 16, 16, generator=_gen())
+    args = {**ARGS, "output_type": "latent"}
+    out = p2p("a red cat", "a blue cat", cross_steps=1.0, self_steps=0.5, latents=noise,
+              ip_adapter_image=reference_image, **args)
+    source = theirs("a red cat", latents=noise, ip_adapter_image=reference_image, **args).images
+    torch.testing.assert_close(out.images[:1], source, atol=1e-4, rtol=0)  # the edit leaves the source as diffusers
+    plain = p2p("a red cat", "a blue cat", cross_steps=1.0, self_steps=0.5, latents=noise, **args)
+    assert (plain.images - out.images).abs().max() > 1e-3  # and the adapter acts on both rows
