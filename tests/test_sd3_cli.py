@@ -123,3 +123,20 @@ def test_bench_sd3_rows(capsys):
     assert "| sd3 p2p replace + local blend |" in table and "flow-match Euler 2 steps" in table
     assert main(["bench", "--sd3", "--device", "cpu", "--steps", "2"]) != 0
     assert "need a CUDA GPU" in capsys.readouterr().err
+
+
+def test_batch_rows_on_sd3(model_args, red_path, tmp_path):
+    import json
+
+    jobs = tmp_path / "jobs.jsonl"
+    rows = [{"kind": "vary", "image": str(red_path)},
+            {"kind": "edit", "image": str(red_path), "prompt": "a red cat"},
+            {"kind": "p2p", "prompt": "a red cat", "target": "a blue cat", "blend": ["cat"]},
+            {"kind": "p2p", "prompt": "a red cat", "target": "a blue cat", "image": str(red_path)}]  # SD-IPC source
+    jobs.write_text("\n".join(json.dumps({**r, "steps": 2, "height": 32, "width": 32}) for r in rows))
+    assert run(["batch", jobs, *model_args[:6], "--out", tmp_path / "out"]) == 0
+    results = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [r.get("error") for r in results] == [None] * 4
+    pictures = sorted((tmp_path / "out").glob("*.png"))
+    assert len(pictures) == 4
+    assert read_parameters(pictures[0])["scheduler"] == "FlowMatchEulerDiscreteScheduler"

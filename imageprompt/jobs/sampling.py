@@ -145,11 +145,12 @@ class Runner:
         import warnings
         from pathlib import Path
 
+        from imageprompt.families import native_size
         from imageprompt.images import crop_notice, resize_notice
 
         p, name = row.params, f"row {row.line}: {Path(row.image).name}"
         if p.get("invert"):
-            native = int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
+            native = native_size(self.pipe)
             notice = resize_notice(name, image.size, (p.get("width") or native, p.get("height") or native),
                                    keep="give the row a width and height in its proportions to keep its shape")
         else:
