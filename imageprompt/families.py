@@ -54,3 +54,12 @@ def denoiser(pipe):
 def native_size(pipe) -> int:
     """The image side the model was made for (its denoiser's sample size times the VAE's factor)."""
     return int(denoiser(pipe).config.sample_size * pipe.vae_scale_factor)
+
+
+def size_step(pipe) -> int:
+    """Pixels per step of image side that need no padding: the VAE's factor times the UNet's total downsampling,
+    or times the transformer's patch size (SD3)."""
+    unet = getattr(pipe, "unet", None)
+    if unet is not None:
+        return pipe.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+    return pipe.vae_scale_factor * pipe.transformer.config.patch_size
