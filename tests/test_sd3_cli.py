@@ -102,6 +102,8 @@ def test_sd3_refusals(model_args, red_path, tmp_path, capsys):
     assert run(["p2p", "--source", "a red cat", "--target", "a red dog", "--mode", "masactrl", *model_args,
                 "--out", tmp_path]) != 0
     assert "masactrl is not available on SD3" in capsys.readouterr().err
+    assert run(["vary", red_path, "--adapter", "sdipc", *model_args, "--out", tmp_path]) != 0
+    assert "on SD3 load the SD3.5 IP-Adapter in Python" in capsys.readouterr().err
 
 
 def test_t5_fill_report_on_the_tiny_model(sd3_pipe):

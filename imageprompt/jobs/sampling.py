@@ -203,7 +203,11 @@ class Runner:
         """Load IP-Adapter ``spec`` (once; a failure is remembered so each row does not retry it) at ``scale``,
         applied in the step ``window`` ([begin, end]; None: every step)."""
         from imageprompt.adapter_files import parse_adapter_spec
+        from imageprompt.families import is_sd3_pipeline
 
+        if is_sd3_pipeline(self.pipe):
+            raise ValueError("adapter rows run on UNet models; on SD3 load the SD3.5 IP-Adapter in Python "
+                             "(docs/sd3.md)")
         if self.adapter != spec:
             if spec in self.adapter_errors:
                 raise self.adapter_errors[spec]
