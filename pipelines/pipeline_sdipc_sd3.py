@@ -13,12 +13,14 @@ SD3.5-Large format with a SigLIP encoder), LoRA and the callbacks are inherited.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import PIL.Image
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+from imageprompt.pipelines.pipeline_sdipc import LOADED_NAMES
 from transformers import (
     CLIPImageProcessor,
     CLIPTextModelWithProjection,
@@ -64,6 +66,26 @@ class StableDiffusion3ImagePromptPipeline(StableDiffusion3Pipeline):
         # SD-IPC's ViT-L and bigG vision towers and conversion: components diffusers' SD3 lacks
         self.register_modules(sdipc_image_encoder=sdipc_image_encoder, sdipc_image_encoder_2=sdipc_image_encoder_2,
                               converter=converter)
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """A pipeline of this class over ``pipeline``'s modules (no copies), as diffusers' ``from_pipe``. Without
+        ``dtype`` the modules are not cast: diffusers' ``from_pipe`` casts them to float32 unless told otherwise,
+        which would change the original pipeline's modules too (the SD 1.x pipelines' rule, ``ImagePromptMixin``)."""
+        if kwargs.get("dtype") is not None or kwargs.get("torch_dtype") is not None:
+            pipe = super().from_pipe(pipeline, **kwargs)
+        else:
+            names = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+            given = {n: kwargs.pop(n) for n in names if n in kwargs}
+            if kwargs:
+                raise TypeError(f"{cls.__name__}.from_pipe got unexpected arguments: {', '.join(sorted(kwargs))}")
+            parts = {n: pipeline.components.get(n) for n in names if n not in given}
+            pipe = cls(**parts, **given)
+            pipe.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
+        for name in LOADED_NAMES + ("scheduler_name",):  # what the outputs record of where the modules came from
+            if hasattr(pipeline, name):
+                setattr(pipe, name, getattr(pipeline, name))
+        return pipe
 
     # ------------------------------------------------------------ SD-IPC
     @torch.no_grad()

@@ -142,3 +142,15 @@ def test_batch_rows_on_sd3(model_args, red_path, tmp_path):
     pictures = sorted((tmp_path / "out").glob("*.png"))
     assert len(pictures) == 4
     assert read_parameters(pictures[0])["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+
+
+def test_from_pipe_shares_modules_without_casting(tiny_sd3):
+    from imageprompt.pipelines import StableDiffusion3PromptToPromptPipeline
+    from imageprompt.pipelines.loading import load_pipeline, prompt_to_prompt_from
+
+    model, clip_l, clip_g = tiny_sd3
+    pipe = load_pipeline(str(model), str(clip_l), device="cpu", dtype="bf16", clip_2=str(clip_g))
+    p2p = prompt_to_prompt_from(pipe)
+    assert isinstance(p2p, StableDiffusion3PromptToPromptPipeline) and p2p.transformer is pipe.transformer
+    assert pipe.transformer.dtype == torch.bfloat16 and p2p.converter is pipe.converter  # diffusers' would cast
+    assert p2p.model_name == str(model) and p2p.scheduler_name == "flow-match-euler"
