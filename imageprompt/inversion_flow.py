@@ -12,8 +12,9 @@ the velocity at the point we have, evaluated at the timestep the sampler will us
 of ``v`` over one step, so it falls as the steps grow). This is the plain inversion RF-Inversion (Rout et al.,
 ICLR 2025) starts from, without its controller that pulls the path towards the photo (parameters ``gamma`` /
 ``eta`` that trade faithfulness for editability), and FireFlow (Deng et al. 2024) refines with a
-midpoint-like step. We use the plain one: no parameters, ``N`` transformer calls, and exact as the step shrinks,
-so what prompt-to-prompt edits is the model's own trajectory of the photo. Reconstruction measured: ``docs/sd3.md``.
+midpoint-like step. The plain one is the default: no parameters, ``N`` transformer calls, and exact as the step
+shrinks, so what prompt-to-prompt edits is the model's own trajectory of the photo. RF-Inversion's two
+controllers are options (``gamma``, ``eta``: :mod:`imageprompt.rf_inversion`). Reconstruction measured: ``docs/sd3.md``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 
 import PIL.Image
 import torch
+
+from imageprompt.rf_inversion import toward_noise
 
 
 @dataclass
@@ -34,7 +37,10 @@ class FlowInversion:
     prompt: str
     num_inference_steps: int
     guidance_scale: float
-    method: str = "flow-ode"
+    method: str = "flow"
+    gamma: float = 0.0  # RF-Inversion's controller towards a noise sample (0: the plain ODE)
+    eta: float = 0.0  # RF-Inversion's controller towards the photo while editing (0: none)
+    eta_steps: tuple = (0.0, 0.25)  # the editing steps it acts in (fractions)
 
 
 @torch.no_grad()
@@ -59,9 +65,14 @@ def sampling_sigmas(scheduler, num_inference_steps: int, device) -> tuple[torch.
 @torch.no_grad()
 def invert_flow(pipe, image: PIL.Image.Image, prompt: str, num_inference_steps: int = 28,
                 guidance_scale: float = 1.0, height: int | None = None, width: int | None = None,
-                max_sequence_length: int = 256) -> FlowInversion:
+                max_sequence_length: int = 256, gamma: float = 0.0, eta: float = 0.0, eta_steps=(0.0, 0.25),
+                seed: int = 0) -> FlowInversion:
     """Invert ``image`` described by ``prompt`` (see the module docstring); ``guidance_scale > 1`` inverts under
-    classifier-free guidance with the empty negative prompt, as the edit will sample."""
+    classifier-free guidance with the empty negative prompt, as the edit will sample. ``gamma`` / ``eta`` /
+    ``eta_steps``: RF-Inversion's controllers (:mod:`imageprompt.rf_inversion`; ``seed`` draws its noise sample);
+    all 0: the plain ODE."""
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
     if not isinstance(image, PIL.Image.Image):
         raise TypeError("`image` must be a PIL image")
     size = pipe.default_sample_size * pipe.vae_scale_factor
@@ -76,6 +87,7 @@ def invert_flow(pipe, image: PIL.Image.Image, prompt: str, num_inference_steps: 
     clean = photo_latents(pipe, image, height, width).to(dtype)
     sigmas, timesteps = sampling_sigmas(pipe.scheduler, num_inference_steps, device)
     x = clean
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed)).to(clean.device, torch.float32)
     for i in reversed(range(len(timesteps))):  # from sigma_{i+1} up to sigma_i
         rows = torch.cat([x, x]) if guided else x
         v = pipe.transformer(hidden_states=rows, timestep=timesteps[i].expand(rows.shape[0]),
@@ -83,8 +95,10 @@ def invert_flow(pipe, image: PIL.Image.Image, prompt: str, num_inference_steps: 
         if guided:
             uncond, cond = v.chunk(2)
             v = uncond + guidance_scale * (cond - uncond)
-        x = (x.float() + (sigmas[i] - sigmas[i + 1]) * v.float()).to(dtype)
-    return FlowInversion(x, clean, prompt, num_inference_steps, float(guidance_scale))
+        v = toward_noise(v.float(), x.float(), float(sigmas[i + 1]), noise, gamma)
+        x = (x.float() + (sigmas[i] - sigmas[i + 1]) * v).to(dtype)
+    return FlowInversion(x, clean, prompt, num_inference_steps, float(guidance_scale), "flow", float(gamma),
+                         float(eta), tuple(eta_steps))
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

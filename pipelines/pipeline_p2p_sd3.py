@@ -16,10 +16,11 @@ from imageprompt.pipelines.pipeline_p2p import PromptToPromptPipelineOutput
 from imageprompt.pipelines.pipeline_sdipc_sd3 import StableDiffusion3ImagePromptPipeline
 
 from imageprompt.attention_maps import token_labels
-from imageprompt.inversion_flow import FlowInversion, invert_flow
+from imageprompt.inversion_flow import FlowInversion, invert_flow, sampling_sigmas
 from imageprompt.joint_attention import joint_editor_attached
 from imageprompt.p2p import BLEND_THRESHOLD, PromptToPromptSettings
 from imageprompt.p2p_joint import JointPromptToPrompt
+from imageprompt.rf_inversion import PhotoGuide
 
 
 class StableDiffusion3PromptToPromptPipeline(StableDiffusion3ImagePromptPipeline):
@@ -27,14 +28,15 @@ class StableDiffusion3PromptToPromptPipeline(StableDiffusion3ImagePromptPipeline
 
     def invert(self, image: PIL.Image.Image, prompt: str, method: str = "flow", num_inference_steps: int = 28,
                guidance_scale: float = 1.0, height: int | None = None, width: int | None = None,
-               max_sequence_length: int = 256, **unused) -> FlowInversion:
+               max_sequence_length: int = 256, gamma: float = 0.0, eta: float = 0.0, eta_steps=(0.0, 0.25),
+               seed: int = 0, **unused) -> FlowInversion:
         """Invert a real photo by the flow ODE run backwards (``method="flow"``, :mod:`imageprompt.inversion_flow`);
         edit it with the same ``num_inference_steps`` and ``guidance_scale``. ``unused``: the DDIM inversions'
         options (``num_inner_steps``, ``words``), which a flow inversion has none of."""
         if method != "flow":
             raise ValueError(f"SD3 inverts photos by the flow ODE (method 'flow'); {method!r} is a DDIM inversion")
         return invert_flow(self, image, prompt, num_inference_steps, guidance_scale, height, width,
-                           max_sequence_length)
+                           max_sequence_length, gamma, eta, eta_steps, seed)
 
     @torch.no_grad()
     def __call__(self, source_prompt: str, target_prompt: str | list[str] | None = None, mode: str = "replace",
@@ -95,6 +97,13 @@ class StableDiffusion3PromptToPromptPipeline(StableDiffusion3ImagePromptPipeline
             tensors["latents"] = controller.end_step(tensors["latents"])
             return tensors
 
+        hooks = [after_step]
+        if inversion is not None and inversion.eta > 0:  # RF-Inversion: every row pulled towards the photo
+            sigmas, _ = sampling_sigmas(self.scheduler, num_inference_steps, device)
+            guide = PhotoGuide(inversion.image_latents.to(device), sigmas, inversion.eta, inversion.eta_steps)
+            guide.begin(latents)
+            hooks.insert(0, guide)
+
         if image is not None:
             if inversion is not None:
                 raise ValueError("give either an SD-IPC `image` or an `inversion`, not both")
@@ -112,7 +121,7 @@ class StableDiffusion3PromptToPromptPipeline(StableDiffusion3ImagePromptPipeline
             out = self.sample(**cond, negative_prompt=[negative_prompt or ""] * rows, latents=latents,
                               height=height, width=width, num_inference_steps=num_inference_steps,
                               guidance_scale=guidance_scale, max_sequence_length=max_sequence_length,
-                              output_type=output_type, before_step=[controller.set_step], after_step=[after_step],
+                              output_type=output_type, before_step=[controller.set_step], after_step=hooks,
                               **kwargs)
         maps = controller.attention_maps()
         if not return_dict:

@@ -79,3 +79,20 @@ def test_flow_inversion_reconstructs_and_improves_with_steps(sd3_p2p):
     assert psnr(edit.images[0], reference[0]) > 30  # the source row is the photo again (measured 35.4 dB)
     with pytest.raises(ValueError, match="same"):
         sd3_p2p("a red cat", "a red dog", inversion=inversion, num_inference_steps=8, **ARGS)
+
+
+def test_rf_inversion_controllers_reach_their_targets(sd3_p2p):
+    photo = Image.new("RGB", (32, 32), (200, 40, 40))
+    args = dict(height=32, width=32, max_sequence_length=16)
+    noisy = sd3_p2p.invert(photo, "a red cat", num_inference_steps=4, gamma=1.0, seed=7, **args)
+    noise = torch.randn(noisy.image_latents.shape, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(noisy.latents, noise, atol=1e-5, rtol=1e-5)  # gamma 1: exactly the noise sample
+    plain = sd3_p2p.invert(photo, "a red cat", num_inference_steps=4, **args)
+    assert (plain.latents - noise).abs().max() > 0.1
+    pulled = sd3_p2p.invert(photo, "a red cat", num_inference_steps=4, eta=1.0, eta_steps=(0.0, 1.0), **args)
+    out = sd3_p2p("a red cat", "a red dog", inversion=pulled, num_inference_steps=4, guidance_scale=1.0,
+                  output_type="latent", **args)
+    target = pulled.image_latents.expand(2, -1, -1, -1)
+    torch.testing.assert_close(out.images, target, atol=1e-4, rtol=1e-4)  # eta 1 throughout: every row is the photo
+    with pytest.raises(ValueError, match="gamma"):
+        sd3_p2p.invert(photo, "a red cat", num_inference_steps=4, gamma=1.5, **args)
