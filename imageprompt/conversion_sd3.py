@@ -25,8 +25,12 @@ The measured effect of each choice on the tiny random model is in ``docs/sd3.md`
 
 from __future__ import annotations
 
+# ConfigMixin / ModelMixin: diffusers' loader looks a saved component's base classes up in the module its
+# model_index.json names (this one, for a saved SD3Converter)
 import torch
 import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin  # noqa: F401
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 
 from imageprompt.conversion_xl import SDXLConverter
 

@@ -154,3 +154,17 @@ def test_from_pipe_shares_modules_without_casting(tiny_sd3):
     assert isinstance(p2p, StableDiffusion3PromptToPromptPipeline) and p2p.transformer is pipe.transformer
     assert pipe.transformer.dtype == torch.bfloat16 and p2p.converter is pipe.converter  # diffusers' would cast
     assert p2p.model_name == str(model) and p2p.scheduler_name == "flow-match-euler"
+
+
+def test_saved_sd3_folder_needs_no_clip(sd3_pipe, red_path, tmp_path):
+    from imageprompt.pipelines import StableDiffusion3ImagePromptPipeline
+    from imageprompt.pipelines.loading import load_pipeline
+
+    sd3_pipe.save_pretrained(tmp_path / "saved", safe_serialization=True)
+    again = load_pipeline(str(tmp_path / "saved"), device="cpu", dtype="fp32")  # converter and encoders inside
+    assert isinstance(again, StableDiffusion3ImagePromptPipeline)
+    image = Image.open(red_path)
+    args = dict(num_inference_steps=2, height=32, width=32, max_sequence_length=16, output_type="latent")
+    first = sd3_pipe(image=image, generator=torch.Generator().manual_seed(0), **args).images
+    second = again(image=image, generator=torch.Generator().manual_seed(0), **args).images
+    torch.testing.assert_close(first, second, atol=1e-5, rtol=0)
