@@ -15,7 +15,7 @@ pooled vector only; SD3 reads ViT-L's too, so :class:`SD3Converter` adds it.
 T5 has no image tower and no projection to invert, so the T5 part is filled (``t5``, :data:`T5_FILLS`):
 
 - ``"zeros"`` (default): what SD3 sees when T5 is dropped. SD3 was trained with each of its three text
-  encoders dropped independently (Esser et al. 2024, Sec. 5.3.3, "46.3%"), and diffusers feeds zeros when
+  encoders dropped independently (Esser et al. 2024: 46.3 % each), and diffusers feeds zeros when
   ``text_encoder_3`` is None, so the model knows this input;
 - ``"empty"``: T5's states of the empty prompt (what an unconditional T5 row holds);
 - ``"caption"``: T5's states of a text (the edit prompt; for a variation, a caption the user gives).
