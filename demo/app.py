@@ -113,7 +113,7 @@ def build_demo(
         tabs: the tabs to offer (default :data:`TABS`); those whose capability is missing are left out.
         controlnet: a ``ControlNetModel`` for this UNet: the tabs then take a control image.
     """
-    pipe = pipe_or_loader if hasattr(pipe_or_loader, "unet") else pipe_or_loader()
+    pipe = pipe_or_loader if hasattr(pipe_or_loader, "components") else pipe_or_loader()  # a pipeline, or a loader
     label(pipe, SAMPLING)  # the page's progress says what runs (inverting, where a tab inverts a photo)
     model_name = model_name or getattr(pipe, "model_name", None) or "(unnamed model)"
     folder = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="imageprompt-demo-"))

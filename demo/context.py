@@ -56,13 +56,17 @@ class DemoContext:
 
     @property
     def native_size(self) -> int:
-        return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        from imageprompt.families import native_size
+
+        return native_size(self.pipe)
 
     @property
     def size_step(self) -> int:
-        """Pixels per latent cell times the UNet's total downsampling: sizes that need no padding."""
-        levels = len(self.pipe.unet.config.block_out_channels) - 1
-        return self.pipe.vae_scale_factor * 2**levels
+        """Pixels per latent cell times the UNet's total downsampling (SD3: its patch size): sizes that need no
+        padding."""
+        from imageprompt.families import size_step
+
+        return size_step(self.pipe)
 
     @property
     def size_range(self) -> tuple[int, int]:

@@ -298,6 +298,13 @@ def _is_sdxl(ctx: DemoContext) -> bool:
     return is_sdxl_unet(ctx.pipe.unet)
 
 
+def _unet(check: Callable[[DemoContext], bool]) -> Callable[[DemoContext], bool]:
+    """``check``, and not SD3: the tab's technique runs on UNets only (docs/sd3.md)."""
+    from imageprompt.families import is_sd3_pipeline
+
+    return lambda ctx: not is_sd3_pipeline(ctx.pipe) and check(ctx)
+
+
 @dataclass
 class Tab:
     title: str
@@ -308,12 +315,14 @@ class Tab:
 TABS: list[Tab] = [
     Tab("Variation", lambda ctx: True, variation_tab),
     Tab("Image + text", lambda ctx: True, edit_tab),
-    Tab("IP-Adapter", lambda ctx: bool(ctx.adapters) and importable("imageprompt.ip_adapter")(ctx), ip_adapter_tab),
+    Tab("IP-Adapter", _unet(lambda ctx: bool(ctx.adapters) and importable("imageprompt.ip_adapter")(ctx)),
+        ip_adapter_tab),
     Tab("Prompt-to-prompt", importable("imageprompt.p2p", "imageprompt.attention_maps",
                                        "imageprompt.pipelines.pipeline_p2p"), p2p_tab),
-    Tab("Real-image edit", importable("imageprompt.p2p", "imageprompt.attention_maps", "imageprompt.inversion",
-                                      "imageprompt.pipelines.pipeline_p2p"), real_edit_tab),
-    Tab("MasaCtrl", importable("imageprompt.masactrl", "imageprompt.pipelines.pipeline_p2p"), masactrl_tab),
-    Tab("StyleAligned", lambda ctx: importable("imageprompt.style_aligned")(ctx) and not _is_sdxl(ctx),
+    Tab("Real-image edit", _unet(importable("imageprompt.p2p", "imageprompt.attention_maps",
+                                            "imageprompt.inversion", "imageprompt.pipelines.pipeline_p2p")),
+        real_edit_tab),
+    Tab("MasaCtrl", _unet(importable("imageprompt.masactrl", "imageprompt.pipelines.pipeline_p2p")), masactrl_tab),
+    Tab("StyleAligned", _unet(lambda ctx: importable("imageprompt.style_aligned")(ctx) and not _is_sdxl(ctx)),
         style_aligned_tab),
 ]

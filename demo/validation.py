@@ -109,7 +109,9 @@ def notify_fitted(ctx: DemoContext, image: Image.Image, about: dict, sampling: S
     if sampling is None:
         notice = crop_notice(name, image.size, getattr(ctx.pipe, "feature_extractor", None))
     else:
-        native = int(ctx.pipe.unet.config.sample_size * ctx.pipe.vae_scale_factor)
+        from imageprompt.families import native_size
+
+        native = native_size(ctx.pipe)
         notice = resize_notice(name, image.size, (sampling.width or native, sampling.height or native),
                                keep="set Width and Height in its proportions to keep its shape")
     if notice:

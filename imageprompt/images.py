@@ -214,17 +214,18 @@ def generation_parameters(pipe, method: str, *, model, clip, scheduler, steps, g
     ``model``/``clip`` are used when the pipeline does not carry its own ``model_name``/``clip_name``.
     """
     import imageprompt
+    from imageprompt.families import denoiser
 
     return {
         "method": method,
         "model": getattr(pipe, "model_name", model),
         "clip": getattr(pipe, "clip_name", clip),
         **loaded_extras(pipe),
-        "scheduler": scheduler,
+        "scheduler": getattr(pipe, "scheduler_name", scheduler),
         "steps": steps,
         "guidance": guidance,
         "negative_prompt": negative_prompt,
-        "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+        "dtype": str(denoiser(pipe).dtype).replace("torch.", ""),
         "imageprompt": imageprompt.__version__,
     }
 

@@ -92,3 +92,18 @@ def _write_single_token_merges(words: list[str], folder: Path) -> None:
             return
         order = split + [w for w in order if w not in split]
     raise RuntimeError(f"could not make single tokens of {split}")
+
+
+def write_t5_tokenizer(words: Iterable[str], folder: str | Path) -> Path:
+    """Write a small T5 (SentencePiece unigram) tokenizer into ``folder``: every listed word is one piece
+    ``▁word``, other text falls back to ``▁c`` and single characters; ``</s>`` ends every sequence, ``<pad>``
+    pads, as in T5's own tokenizer. Load it with ``T5TokenizerFast.from_pretrained(folder)``."""
+    from transformers import T5TokenizerFast
+
+    chars = [c for c in string.printable if not c.isspace()]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -5.0) for c in chars] + [("\u2581" + c, -5.0) for c in chars]
+    vocab += [("\u2581" + w, -1.0) for w in sorted({w.lower() for w in words if len(w.strip()) >= 2})]
+    folder = Path(folder)
+    T5TokenizerFast(vocab=vocab, extra_ids=0).save_pretrained(folder)
+    return folder

@@ -90,7 +90,7 @@ def _pipeline_class(model: str, local_only: bool, common: dict):
     from diffusers import DiffusionPipeline
 
     name = _model_index(model, local_only).get("_class_name", "")
-    if "XL" in name:
+    if "XL" in name or name.startswith("StableDiffusion3"):
         common = {k: v for k, v in common.items() if k not in ("safety_checker", "requires_safety_checker")}
     return getattr(ours, name, DiffusionPipeline), common
 
@@ -133,6 +133,8 @@ def load_pipeline(
     if notice:
         logger.warning(notice)
     parts = load_sd_components(model, torch_dtype, config)
+    if parts.get("transformer") is not None:  # SD3 / 3.5 (model_index.json names StableDiffusion3Pipeline)
+        return _sd3_pipeline(parts, model, clip, clip_2, torch_dtype, device, attention, scheduler, vae)
     if vae is not None:
         parts["vae"] = load_vae(vae, torch_dtype)
     legacy_names(parts)
@@ -181,6 +183,41 @@ def _sdxl_pipeline(parts: dict, clip: str, clip_2: str, dtype: torch.dtype):
     return StableDiffusionXLImagePromptPipeline(**{k: parts.get(k) for k in names})
 
 
+def _sd3_pipeline(parts: dict, model: str, clip: str, clip_2: str | None, dtype, device, attention: str,
+                  scheduler: str | None, vae: str | None):
+    """An SD3 imageprompt pipeline: SD-IPC's ViT-L (``clip``) and bigG (``clip_2``) vision towers and the closed
+    form on SD3's two CLIP text towers, unless the folder holds them. SD3 samples with its own flow-matching
+    scheduler and diffusers' joint attention: ``--scheduler`` (other than the default) and xformers are refused."""
+    from imageprompt.pipelines.pipeline_sdipc_sd3 import StableDiffusion3ImagePromptPipeline
+
+    from imageprompt.conversion_sd3 import SD3Converter
+
+    if scheduler not in (None, "ddim"):
+        raise ModelLoadError(f"{model}: SD3 samples with its flow-matching scheduler; --scheduler {scheduler} "
+                             "does not apply")
+    if attention != "sdpa":
+        raise ModelLoadError(f"{model}: SD3 runs diffusers' joint attention (PyTorch SDPA); --attention {attention} "
+                             "is not available")
+    if vae is not None:
+        parts["vae"] = load_vae(vae, dtype)
+    clip_2 = clip_2 or DEFAULT_CLIP_BIGG
+    if any(parts.get(k) is None for k in ("converter", "sdipc_image_encoder", "sdipc_image_encoder_2")):
+        clip_l, clip_g = load_clip_parts(clip, dtype), load_clip_parts(clip_2, dtype)
+        parts.update(sdipc_image_encoder=clip_l["sdipc_image_encoder"],
+                     sdipc_image_encoder_2=clip_g["sdipc_image_encoder"])
+        parts["converter"] = SD3Converter.from_encoders(
+            parts["text_encoder"].text_projection, parts["text_encoder"], parts["text_encoder_2"],
+            parts["tokenizer"], parts["tokenizer_2"])
+    names = ("transformer", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+             "text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor", "sdipc_image_encoder",
+             "sdipc_image_encoder_2", "converter")
+    pipe = StableDiffusion3ImagePromptPipeline(**{k: parts.get(k) for k in names})
+    pipe.to(device)
+    pipe.model_name, pipe.clip_name, pipe.clip_2_name, pipe.vae_name = model, clip, clip_2, vae
+    pipe.scheduler_name = "flow-match-euler"  # what the outputs record
+    return pipe
+
+
 def prompt_to_prompt_from(pipe, **kwargs):
     """The prompt-to-prompt pipeline over ``pipe``'s modules (no copies; ``kwargs`` as ``from_pipe``):
     SDXL's when the UNet is SDXL's, else SD 1.x's."""
@@ -193,8 +230,14 @@ def edit_pipeline_from(pipe, edit: str = "p2p", **kwargs):
     import imageprompt.pipelines as ours
     from imageprompt.pipelines.pipeline_sdipc_xl import is_sdxl_unet
 
+    from imageprompt.families import is_sd3_pipeline
+
     names = {"p2p": "PromptToPrompt", "masactrl": "MasaCtrl"}
     if edit not in names:
         raise ValueError(f"unknown edit {edit!r}; choose from {', '.join(names)}")
+    if is_sd3_pipeline(pipe):
+        if edit != "p2p":
+            raise ValueError(f"{edit} is not available on SD3 (prompt-to-prompt is)")
+        return ours.StableDiffusion3PromptToPromptPipeline.from_pipe(pipe, **kwargs)
     family = "StableDiffusionXL" if is_sdxl_unet(pipe.unet) else "StableDiffusion"
     return getattr(ours, f"{family}{names[edit]}Pipeline").from_pipe(pipe, **kwargs)

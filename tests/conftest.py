@@ -64,6 +64,14 @@ def sdxl_pipe(tiny_sdxl):
     return pipe
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    """``(model_dir, clip_l_dir, clip_g_dir)``: a tiny SD3 diffusers folder and its ViT-L and bigG CLIP folders."""
+    from imageprompt.testing_sd3 import save_tiny_sd3
+
+    return save_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
+
+
 @pytest.fixture
 def red_image():
     return Image.new("RGB", (48, 40), (220, 30, 30))

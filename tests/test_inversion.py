@@ -284,7 +284,8 @@ def test_direct_is_a_cli_and_batch_inversion(tmp_path, noise_image):
     from imageprompt.jobs import JobDefaults
     from imageprompt.jobs.schema import validate_row
 
-    assert "direct" in inv.METHODS and set(INVERSIONS) == {*inv.METHODS, "dpl"}  # dpl: imageprompt.dpl
+    # dpl: imageprompt.dpl; flow: SD3's flow-ODE inversion (imageprompt.inversion_flow)
+    assert "direct" in inv.METHODS and set(INVERSIONS) == {*inv.METHODS, "dpl", "flow"}
     noise_image.save(tmp_path / "photo.png")
     row = {"kind": "p2p", "prompt": SOURCE, "target": TARGET, "image": "photo.png", "invert": "direct"}
     checked = validate_row(1, row, JobDefaults(), tmp_path)

@@ -108,6 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sdxl", action="store_true",
                         help="the Stable Diffusion XL rows instead (SDXL base shapes, 1024x1024, 30 steps unless "
                              "--size/--steps say otherwise; tiny SDXL components with --tiny): imageprompt.bench.sdxl")
+    parser.add_argument("--sd3", action="store_true",
+                        help="the Stable Diffusion 3.5 rows instead (SD 3.5 Large shapes, 1024x1024, 28 steps; a CUDA "
+                             "GPU; tiny SD3 components with --tiny): imageprompt.bench.sd3")
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads (default: 1 for --tiny on the CPU, where tiny components gain nothing "
                              "from more and threads contending on a loaded machine make the timings erratic; else "
@@ -128,6 +131,10 @@ def selected_rows(args) -> list[str]:
 
 
 def run(args) -> int:
+    if getattr(args, "sd3", False):
+        from imageprompt.bench.sd3 import run as run_sd3
+
+        return run_sd3(args)
     if getattr(args, "sdxl", False):
         from imageprompt.bench.sdxl import run as run_sdxl
 

@@ -167,6 +167,11 @@ def apply_adapter_options(pipe, args, image=None) -> dict:
     """
     if not getattr(args, "_adapters", None):
         return {"pipeline": {}, "parameters": {}}
+    from imageprompt.cli.common import CommandError
+    from imageprompt.families import is_sd3_pipeline
+
+    if is_sd3_pipeline(pipe):
+        raise CommandError("--adapter runs on UNet models; on SD3 load the SD3.5 IP-Adapter in Python (docs/sd3.md)")
     from imageprompt.adapter_files import bundled_image_encoder
     from imageprompt.ip_adapter import install_adapters
     from imageprompt.sdipc_branch import SDIPCBranch

@@ -138,9 +138,10 @@ def warn_fitted(pipe, encoded=(), resized=(), size: tuple[int | None, int | None
     cropped); ``resized``: photos resized to the output ``size`` (``(width, height)``, None: the model's) to
     be inverted.
     """
+    from imageprompt.families import native_size
     from imageprompt.images import crop_notice, resize_notice
 
-    native = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    native = native_size(pipe)
     target = (size[0] or native, size[1] or native)
     processor = getattr(pipe, "feature_extractor", None)
     notices = [crop_notice(_input_name(option, path), image.size, processor) for option, path, image in encoded]

@@ -30,7 +30,7 @@ from imageprompt.cli.toolbox import add_toolbox_options, apply_toolbox_options, 
 from imageprompt.images import generators
 from imageprompt.progress import INVERTING, SAMPLING, labelled
 
-INVERSIONS = ("direct", "null-text", "negative-prompt", "ddim", "dpl")
+INVERSIONS = ("direct", "null-text", "negative-prompt", "ddim", "dpl", "flow")  # flow: SD3's (the flow ODE)
 REPLACE_NEGATIVE = ("null-text", "negative-prompt", "dpl")  # inversions that replace the unconditional branch
 
 
@@ -73,7 +73,7 @@ def register(subparsers) -> None:
                      help="--mode masactrl: foreground masks from these words' cross-attention maps")
     p2p.add_argument("--image", metavar="PHOTO", help="a real photo to edit; --source should describe it")
     p2p.add_argument("--invert", choices=INVERSIONS,
-                     help=f"how to invert --image (default {DEFAULT_INVERSION}: measured best)")
+                     help=f"how to invert --image (default {DEFAULT_INVERSION}: measured best; SD3: flow)")
     p2p.add_argument("--inner-steps", type=positive_int, default=10,
                      help="null-text (and dpl) inner steps (default 10)")
     p2p.add_argument("--dpl-words", nargs="+", action="extend", metavar="NOUN",
@@ -126,6 +126,16 @@ def run_p2p(args) -> int:
     cap_prompt_options(args, "source", "target", "negative_prompt")
     weights = parse_weights(args.weight)
     cross_steps, word_cross_steps = parse_cross_steps(args.cross_steps)
+    from imageprompt.families import is_sd3_model
+
+    sd3 = is_sd3_model(args.model)  # SD3 / 3.5: joint-attention prompt-to-prompt, photos by the flow ODE
+    if sd3 and args.mode == "masactrl":
+        raise CommandError("--mode masactrl is not available on SD3 (prompt-to-prompt is)")
+    if sd3 and args.invert not in (None, "flow"):
+        raise CommandError("SD3 inverts photos with --invert flow (the flow ODE); the DDIM inversions are for "
+                           "SD 1.x and SDXL")
+    if args.invert == "flow" and not sd3:
+        raise CommandError("--invert flow is for SD3 models (model_index.json names StableDiffusion3Pipeline)")
     if args.mode == "masactrl":
         from imageprompt.masactrl import MasaCtrlSettings
 
@@ -156,7 +166,7 @@ def run_p2p(args) -> int:
         raise CommandError("give --image (a photo to edit) or --image-prompt (an SD-IPC reference), not both")
     if args.image and args.scheduler != "ddim":
         raise CommandError(f"inverting --image needs --scheduler ddim, not {args.scheduler}")
-    method = (args.invert or DEFAULT_INVERSION) if args.image else None
+    method = (args.invert or ("flow" if sd3 else DEFAULT_INVERSION)) if args.image else None
     if method in REPLACE_NEGATIVE and args.negative_prompt:
         raise CommandError(f"--negative-prompt is replaced by the {method} inversion; leave it out")
     if args.save_attention and Path(args.save_attention).suffix.lower() != ".png":

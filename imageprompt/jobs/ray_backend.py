@@ -205,8 +205,10 @@ class PipelineActor:
         if threads:
             torch.set_num_threads(threads)
         _quiet_loading()
+        from imageprompt.families import denoiser
+
         self.pipe = load_pipe(torch.device(device))
-        loaded = str(self.pipe.unet.dtype).replace("torch.", "")
+        loaded = str(denoiser(self.pipe).dtype).replace("torch.", "")
         if dtype is not None and loaded != dtype:
             raise JobError(f"the actors' pipeline is {loaded} but the row keys say {dtype}: "
                            "load_pipe must load with the job's dtype")

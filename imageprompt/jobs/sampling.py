@@ -147,11 +147,12 @@ class Runner:
         import warnings
         from pathlib import Path
 
+        from imageprompt.families import native_size
         from imageprompt.images import crop_notice, resize_notice
 
         p, name = row.params, f"row {row.line}: {Path(row.image).name}"
         if p.get("invert"):
-            native = int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
+            native = native_size(self.pipe)
             notice = resize_notice(name, image.size, (p.get("width") or native, p.get("height") or native),
                                    keep="give the row a width and height in its proportions to keep its shape")
         else:
@@ -204,7 +205,11 @@ class Runner:
         """Load IP-Adapter ``spec`` (once; a failure is remembered so each row does not retry it) at ``scale``,
         applied in the step ``window`` ([begin, end]; None: every step)."""
         from imageprompt.adapter_files import parse_adapter_spec
+        from imageprompt.families import is_sd3_pipeline
 
+        if is_sd3_pipeline(self.pipe):
+            raise ValueError("adapter rows run on UNet models; on SD3 load the SD3.5 IP-Adapter in Python "
+                             "(docs/sd3.md)")
         if self.adapter != spec:
             if spec in self.adapter_errors:
                 raise self.adapter_errors[spec]

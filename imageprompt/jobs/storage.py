@@ -63,11 +63,12 @@ class output_lock:  # noqa: N801 - used as a context manager, like open()
 def output_parameters(pipe, row: Row, seed: int, image) -> dict:
     """What an output PNG records about itself (``job_key`` is what :func:`is_complete` checks)."""
     import imageprompt
+    from imageprompt.families import denoiser
 
     return {
         "method": KINDS[row.kind].method, "model": getattr(pipe, "model_name", None),
         "clip": getattr(pipe, "clip_name", None), **loaded_extras(pipe), "scheduler": type(pipe.scheduler).__name__,
-        "dtype": str(pipe.unet.dtype).replace("torch.", ""), "imageprompt": imageprompt.__version__,
+        "dtype": str(denoiser(pipe).dtype).replace("torch.", ""), "imageprompt": imageprompt.__version__,
         **{k: v for k, v in row.params.items() if k != "image"},
         "input": row.image.name if row.image else None, "input_sha256": row.image_sha256,
         "seed": seed, "width": image.size[0], "height": image.size[1],
