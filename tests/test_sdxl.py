@@ -234,6 +234,9 @@ def test_sdxl_conversion_identities_and_modes(sdxl_pipe):
 def test_sdxl_fp16_vae_upcasts_when_asked(sdxl_pipe):
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     expected = sdxl_pipe.decode(latents, "np")
+    # the session's pipeline: its fp32 weights and config come back as they were, not rounded through fp16
+    weights = {k: v.clone() for k, v in sdxl_pipe.vae.state_dict().items()}
+    upcast = sdxl_pipe.vae.config.force_upcast
     sdxl_pipe.vae.to(torch.float16)
     sdxl_pipe.vae.register_to_config(force_upcast=True)
     try:
@@ -241,6 +244,8 @@ def test_sdxl_fp16_vae_upcasts_when_asked(sdxl_pipe):
         assert sdxl_pipe.vae.dtype == torch.float16  # put back after decoding
     finally:
         sdxl_pipe.vae.to(torch.float32)
+        sdxl_pipe.vae.load_state_dict(weights)
+        sdxl_pipe.vae.register_to_config(force_upcast=upcast)
     np.testing.assert_allclose(got, expected, atol=1e-2)
 
 
