@@ -40,7 +40,7 @@ def image_input(label: str = "Image", elem_id: str | None = None) -> gr.Image:
 
 def shapes_examples(tab: str, inputs: list) -> gr.Examples:
     """The tab's examples of :data:`imageprompt.demo.showcase.EXAMPLES`, image names made paths."""
-    rows = [[str(EXAMPLES_DIR / v) if v.endswith(".png") else v for v in row] for row in EXAMPLES[tab]]
+    rows = [[str(EXAMPLES_DIR / v) if str(v).endswith(".png") else v for v in row] for row in EXAMPLES[tab]]
     return gr.Examples(rows, inputs, label="Examples (shapes world)")
 
 

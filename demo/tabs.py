@@ -87,7 +87,7 @@ def edit_tab(ctx: DemoContext) -> None:
                 opts = sampling_controls(ctx)
         with gr.Column():
             gallery, files = result_outputs("edit")
-    shapes_examples("edit", [image, prompt])
+    shapes_examples("edit", [image, prompt, alpha])
 
     def edit(image, prompt, alpha, num_images, steps, guidance, seed, width, height, negative_prompt,
              progress=gr.Progress(track_tqdm=True)):

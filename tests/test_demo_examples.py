@@ -48,7 +48,7 @@ def run_example(client: Client, tab: str, row: list[str]) -> list[str]:
     # inputs the page leaves empty (a textbox with no text, no photo) have no default in the API
     kwargs = {p["parameter_name"]: ("" if p["component"] == "Textbox" else None)
               for p in params if not p["parameter_has_default"]}
-    values = [handle_file(str(EXAMPLES_DIR / v)) if v.endswith(".png") else v for v in row]
+    values = [handle_file(str(EXAMPLES_DIR / v)) if str(v).endswith(".png") else v for v in row]
     kwargs.update({p["parameter_name"]: v for p, v in zip(params, values)})
     gallery = client.predict(**kwargs, api_name=f"/{tab}")[0]
     return [item["image"] for item in gallery]
