@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import gradio as gr
 from imageprompt.demo.context import DemoContext
 from imageprompt.demo.limits import EXAMPLES_DIR, SEED_MAX
+from imageprompt.demo.showcase import EXAMPLES
 from imageprompt.demo.validation import readable_upload_errors
 
 
@@ -37,8 +38,10 @@ def image_input(label: str = "Image", elem_id: str | None = None) -> gr.Image:
     return image
 
 
-def example_path(name: str) -> str:
-    return str(EXAMPLES_DIR / name)
+def shapes_examples(tab: str, inputs: list) -> gr.Examples:
+    """The tab's examples of :data:`imageprompt.demo.showcase.EXAMPLES`, image names made paths."""
+    rows = [[str(EXAMPLES_DIR / v) if str(v).endswith(".png") else v for v in row] for row in EXAMPLES[tab]]
+    return gr.Examples(rows, inputs, label="Examples (shapes world)")
 
 
 def sampling_controls(ctx: DemoContext, guidance: float = 7.5, num: bool = True, seed: bool = True) -> SamplingControls:

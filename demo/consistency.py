@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import gradio as gr
-from imageprompt.demo.components import image_input, p2p_outputs, result_outputs, sampling_controls
+from imageprompt.demo.components import image_input, p2p_outputs, result_outputs, sampling_controls, shapes_examples
 from imageprompt.demo.context import DemoContext, p2p_pipeline, parameters, write_edit_results, write_results
 from imageprompt.demo.running import on_run
 from imageprompt.demo.validation import (
@@ -49,9 +49,7 @@ def masactrl_tab(ctx: DemoContext) -> None:
                 opts = sampling_controls(ctx, num=False)
         with gr.Column(scale=3):
             gallery, maps, files = p2p_outputs("masactrl")
-    gr.Examples([["a large red circle on the left", "a large red square on the left", ""],
-                 ["a large blue square at the top", "a large blue square at the bottom", ""]],
-                [source, target, masks], label="Examples (shapes world)")
+    shapes_examples("masactrl", [source, target, masks])
 
     def masactrl(source, target, masks, start_step, start_layer, steps, guidance, seed, width, height,
                  negative_prompt, progress=gr.Progress(track_tqdm=True)):
@@ -115,9 +113,7 @@ def style_aligned_tab(ctx: DemoContext) -> None:
                 opts = sampling_controls(ctx, num=False)
         with gr.Column(scale=3):
             gallery, files = result_outputs("style", label="The reference, then the set")
-    gr.Examples([["a large red circle on the left on a black background\na large red square on the right\n"
-                  "a large red triangle at the top\na large red circle at the bottom"]],
-                [prompts], label="Examples (shapes world)")
+    shapes_examples("style_aligned", [prompts])
 
     def style_aligned(text, photo_path, scale, share_norm, steps, guidance, seed, width, height, negative_prompt,
                       progress=gr.Progress(track_tqdm=True)):

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import gradio as gr
 from imageprompt.demo.components import (
     edit_controls,
-    example_path,
     image_input,
     p2p_outputs,
     result_outputs,
     sampling_controls,
+    shapes_examples,
     step_controls,
 )
 from imageprompt.demo.consistency import masactrl_tab, style_aligned_tab
@@ -63,8 +63,7 @@ def variation_tab(ctx: DemoContext) -> None:
         with gr.Column():
             gallery, files = result_outputs("variation")
     # The bundled model varies triangles and squares reliably; circles come back as rounded squares (README).
-    gr.Examples([[example_path("blue-triangle.png")], [example_path("blue-square.png")],
-                 [example_path("green-triangle-yellow-circle.png")]], [image], label="Examples (shapes world)")
+    shapes_examples("variation", [image])
 
     def variation(image, num_images, steps, guidance, seed, width, height, negative_prompt, init_image=None,
                   strength=0.8, mask=None, control=None, control_scale=1.0, progress=gr.Progress(track_tqdm=True)):
@@ -92,9 +91,7 @@ def edit_tab(ctx: DemoContext) -> None:
             extras = toolbox_controls(ctx, "edit")
         with gr.Column():
             gallery, files = result_outputs("edit")
-    gr.Examples([[example_path("red-circle.png"), "a blue circle"],
-                 [example_path("blue-square.png"), "a yellow square on a black background"]],
-                [image, prompt], label="Examples (shapes world)")
+    shapes_examples("edit", [image, prompt, alpha])
 
     def edit(image, prompt, alpha, num_images, steps, guidance, seed, width, height, negative_prompt, init_image=None,
              strength=0.8, mask=None, control=None, control_scale=1.0, progress=gr.Progress(track_tqdm=True)):
@@ -134,9 +131,7 @@ def ip_adapter_tab(ctx: DemoContext) -> None:
                 opts = sampling_controls(ctx)
         with gr.Column():
             gallery, files = result_outputs("ip")
-    gr.Examples([[example_path("red-circle.png"), ""],
-                 [example_path("blue-square.png"), "on a black background"]],
-                [image, prompt], label="Examples (shapes world)")
+    shapes_examples("ip_adapter", [image, prompt])
 
     def ip_adapter(image, prompt, scale, num_images, steps, guidance, seed, width, height, negative_prompt,
                    begin=0.0, end=1.0, content="", progress=gr.Progress(track_tqdm=True)):
@@ -189,11 +184,7 @@ def p2p_tab(ctx: DemoContext) -> None:
             extras = toolbox_controls(ctx, "p2p")
         with gr.Column(scale=3):
             gallery, maps, files = p2p_outputs("p2p")
-    gr.Examples([["a large red circle in the center", "a large blue circle in the center", "replace", "circle", ""],
-                 ["a red square on the left", "a red triangle on the left", "replace", "", ""],
-                 ["a green circle on the right", "", "reweight", "", "green=2"]],
-                [source, edit["target"], edit["mode"], edit["blend"], edit["weights"]],
-                label="Examples (shapes world)")
+    shapes_examples("p2p", [source, edit["target"], edit["mode"], edit["blend"], edit["weights"]])
 
     def p2p(source, target, mode, blend, weights, cross_steps, self_steps, blend_threshold, steps, guidance, seed,
             width, height, negative_prompt, exclude="", blend_start=0.0, init_image=None, strength=0.8, mask=None,
@@ -243,9 +234,7 @@ def real_edit_tab(ctx: DemoContext) -> None:
                 opts = sampling_controls(ctx, num=False, seed=False)
         with gr.Column(scale=3):
             gallery, maps, files = p2p_outputs("real")
-    gr.Examples([[example_path("red-circle.png"), "a large red circle in the center on a white background",
-                  "a large blue circle in the center on a white background"]],
-                [image, source, edit["target"]], label="Examples (shapes world)")
+    shapes_examples("real_edit", [image, source, edit["target"]])
 
     def real_edit(image, source, target, mode, blend, weights, method, inner_steps, cross_steps, self_steps,
                   blend_threshold, steps, guidance, width, height, negative_prompt, exclude="", blend_start=0.0,

@@ -277,7 +277,7 @@ def test_examples_are_small_shapes_world_pictures():
 
     pictures = sorted(EXAMPLES_DIR.glob("*.png"))
     assert [p.name for p in pictures] == ["blue-square.png", "blue-triangle.png", "green-triangle-yellow-circle.png",
-                                         "red-circle.png"]
+                                         "red-circle.png", "yellow-triangle.png"]
     for path in pictures:
         assert path.stat().st_size < 2048
         with Image.open(path) as image:

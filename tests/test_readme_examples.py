@@ -53,10 +53,10 @@ def test_the_readme_lists_the_examples_this_test_checks():
         "imageprompt vary demo/examples/blue-triangle.png --num 4 --seed 0 --out out/",
         'imageprompt p2p --source "a red circle on the left" --target "a green circle on the left" --blend red green '
         "--save-attention out/maps.png --seed 0 --out out/",
-        'imageprompt p2p --source "a blue square on the left" --target "a blue triangle on the left" --seed 0 '
-        "--out out/",
+        'imageprompt p2p --source "a yellow triangle in the center" --target "a green triangle in the center" '
+        "--seed 0 --out out/",
         "imageprompt vary demo/examples/blue-triangle.png --adapter checkpoints/shapes-ip-adapter.safetensors "
-        "--num 4 --seed 3 --out out/",
+        "--num 4 --seed 0 --out out/",
     ]
 
 

@@ -50,7 +50,7 @@ def example(name: str) -> Image.Image:
 
 def variations(pipe, steps: int, guidance: float) -> Image.Image:
     rows = []
-    for name in ("red-circle", "blue-square", "green-triangle-yellow-circle"):
+    for name in ("blue-triangle", "yellow-triangle", "blue-square", "red-circle", "green-triangle-yellow-circle"):
         ref = example(name)
         out = pipe(image=ref, num_images_per_prompt=4, num_inference_steps=steps, guidance_scale=guidance,
                    generator=generators(0, 4)).images
