@@ -28,19 +28,20 @@ IOU_AIM = 0.8
 
 
 def controlnet_file() -> Path:
-    from imageprompt.checkpoints import BUNDLED_MODEL
+    from imageprompt.checkpoints import BUNDLED_CONTROLNET
 
-    return BUNDLED_MODEL.parent / "shapes-controlnet"
+    return BUNDLED_CONTROLNET
 
 
-def controlnet_pipeline(pipe, controlnet):
-    """diffusers' ControlNet pipeline on ``pipe``'s components (VAE, text encoder, tokenizer, UNet, scheduler)."""
+def controlnet_pipeline(pipe, controlnet, image_encoder=None):
+    """diffusers' ControlNet pipeline on ``pipe``'s components (VAE, text encoder, tokenizer, UNet, scheduler,
+    feature extractor); ``image_encoder`` for diffusers' ``load_ip_adapter``."""
     from diffusers import StableDiffusionControlNetPipeline
 
     parts = {name: getattr(pipe, name) for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
     out = StableDiffusionControlNetPipeline(**parts, controlnet=controlnet, safety_checker=None,
                                             feature_extractor=getattr(pipe, "feature_extractor", None),
-                                            image_encoder=None, requires_safety_checker=False)
+                                            image_encoder=image_encoder, requires_safety_checker=False)
     out.set_progress_bar_config(disable=True)
     return out
 

@@ -201,7 +201,7 @@ def _run(args) -> int:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from imageprompt.checkpoints import BUNDLED_MODEL
+    from imageprompt.checkpoints import BUNDLED_CONTROLNET, BUNDLED_MODEL
     from imageprompt.world.train_stages import log
 
     if args.threads:
@@ -210,7 +210,7 @@ def _run(args) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1")
     model = Path(args.model) if args.model else BUNDLED_MODEL
-    out = Path(args.out) if args.out else BUNDLED_MODEL.parent / "shapes-controlnet"
+    out = Path(args.out) if args.out else BUNDLED_CONTROLNET
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
     recorded = {k: v for k, v in vars(args).items() if k != "func"}
     result = train(pipe, out, steps=args.steps, batch=args.batch, lr=args.lr, scenes=args.scenes, seed=args.seed,
