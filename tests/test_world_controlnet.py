@@ -70,10 +70,10 @@ def test_two_training_steps_save_a_loadable_controlnet_and_it_runs_in_the_eval_r
     assert set(loaded.state_dict()) == set(fresh.state_dict())
     assert all((conv.weight == 0).all() for conv in fresh.controlnet_down_blocks)
 
-    settings = EvalSettings(samples=2, images_per_sample=1, steps=2, extra={"controlnet": str(out)})
+    settings = EvalSettings(samples=2, images_per_sample=2, steps=2, extra={"controlnet": str(out)})
     rows = ec.controlnet_world(tiny_pipe, settings)
     names = [(r.measurement, r.metric) for r in rows]
     assert ("ControlNet (world)", "mask IoU with the control >= 0.8") in names
     assert ("same captions, no ControlNet", "mean mask IoU with the control") in names
-    assert all(0.0 <= r.value <= 1.0 for r in rows) and rows[0].n == 2
+    assert all(0.0 <= r.value <= 1.0 for r in rows) and rows[0].n == 4
     assert ec.controlnet_world(tiny_pipe, EvalSettings(extra={"controlnet": str(tmp_path / "none")})) == []

@@ -87,7 +87,7 @@ def generate(pipe, scenes, settings: EvalSettings, offset: int = 60_000, control
         if controlnet_pipe is None:
             out += pipe(**run).images
         else:
-            controls = [silhouette(s) for s in part for _ in range(per)]
+            controls = [silhouette(s) for s in part]  # one a prompt: diffusers repeats it per image
             out += controlnet_pipe(image=controls, controlnet_conditioning_scale=conditioning_scale, **run).images
     return out
 
