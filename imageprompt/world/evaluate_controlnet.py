@@ -109,7 +109,8 @@ def rows_for(label: str, scenes, images, per: int, aims: bool) -> list[Row]:
 
 def controlnet_world(pipe, settings: EvalSettings) -> list[Row]:
     """The bundled ControlNet from held-out scenes' silhouettes and captions, and the same captions without it.
-    ``settings.extra["controlnet"]`` names another ControlNet folder; with none there, the rows are absent."""
+    ``settings.extra["controlnet"]`` names another ControlNet folder (with none there, the rows are absent),
+    ``settings.extra["controlnet_scale"]`` the conditioning scale (1.0)."""
     from diffusers import ControlNetModel
 
     folder = Path(settings.extra.get("controlnet") or controlnet_file())
@@ -118,7 +119,9 @@ def controlnet_world(pipe, settings: EvalSettings) -> list[Row]:
     controlnet = ControlNetModel.from_pretrained(folder).to(device=pipe.unet.device, dtype=pipe.unet.dtype)
     scenes = held_out_scenes(settings.samples, settings.seed, int(pipe.unet.config.sample_size * pipe.vae_scale_factor))
     per = settings.images_per_sample
-    with_control = generate(pipe, scenes, settings, controlnet_pipe=controlnet_pipeline(pipe, controlnet))
+    scale = float(settings.extra.get("controlnet_scale", 1.0))
+    with_control = generate(pipe, scenes, settings, controlnet_pipe=controlnet_pipeline(pipe, controlnet),
+                            conditioning_scale=scale)
     without = generate(pipe, scenes, settings)
     return [*rows_for("ControlNet (world)", scenes, with_control, per, aims=True),
             *rows_for("same captions, no ControlNet", scenes, without, per, aims=False)]
