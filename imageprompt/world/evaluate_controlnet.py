@@ -116,7 +116,7 @@ def controlnet_world(pipe, settings: EvalSettings) -> list[Row]:
     folder = Path(settings.extra.get("controlnet") or controlnet_file())
     if not (folder / "config.json").is_file():
         return []
-    controlnet = ControlNetModel.from_pretrained(folder).to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+    controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=pipe.unet.dtype).to(pipe.unet.device)
     scenes = held_out_scenes(settings.samples, settings.seed, int(pipe.unet.config.sample_size * pipe.vae_scale_factor))
     per = settings.images_per_sample
     scale = float(settings.extra.get("controlnet_scale", 1.0))
