@@ -18,6 +18,9 @@ BUNDLED_MODEL = HERE / "shapes-sd"
 BUNDLED_CLIP = HERE / "shapes-clip"
 # An IP-Adapter (sd15 format) for the bundled model; its image encoder is BUNDLED_CLIP's vision tower.
 BUNDLED_IP_ADAPTER = HERE / "shapes-ip-adapter.safetensors"
+# A ControlNet (diffusers folder) for the bundled model, conditioned on the objects' silhouette:
+# ``imageprompt train-controlnet`` (imageprompt/world/train_controlnet.py).
+BUNDLED_CONTROLNET = HERE / "shapes-controlnet"
 
 SD15_MODEL_IDS: tuple[str, ...] = (
     "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -82,6 +85,8 @@ def default_model(cache_dir: str | Path | None = None) -> tuple[str, str, str]:
 __all__ = [
     "BUNDLED_MODEL",
     "BUNDLED_CLIP",
+    "BUNDLED_IP_ADAPTER",
+    "BUNDLED_CONTROLNET",
     "SD15_MODEL_IDS",
     "DEFAULT_CLIP",
     "cached_sd15",

@@ -43,6 +43,7 @@ COMMAND_MODULES = [
     "imageprompt.cli.main",  # vary, edit
     "imageprompt.bench.main",
     "imageprompt.cli.adapter",  # train-adapter
+    "imageprompt.world.train_controlnet",  # train-controlnet
     "imageprompt.cli.p2p",  # p2p
     "imageprompt.cli.style",  # style-aligned
     "imageprompt.cli.demo",

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from imageprompt import world
 from imageprompt.world import COLORS, SHAPES
 from imageprompt.world.evaluate_consistency import masactrl_identity, style_aligned_consistency
+from imageprompt.world.evaluate_controlnet import controlnet_world
 from imageprompt.world.evaluate_dpl import dpl_vs_null_text
 from imageprompt.world.evaluate_edits import (
     cross_attention_peak,
@@ -213,6 +214,7 @@ MEASUREMENTS: dict[str, Measurement] = {
     "text encoder probe": text_encoder_probe,
     "MasaCtrl": masactrl_identity,
     "StyleAligned": style_aligned_consistency,
+    "ControlNet": controlnet_world,
 }
 
 
