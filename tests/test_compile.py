@@ -122,3 +122,33 @@ def test_ip_adapter_with_a_window_and_a_mask_compiles_once(compiled, tiny_pipe, 
     for i in range(2):
         np.testing.assert_allclose(images["compiled", i], images["eager", i], atol=1e-4)
     assert np.abs(images["eager", 0] - images["eager", 1]).max() > 1e-4  # the mask mattered
+
+
+def test_compile_mode_picks_cuda_graphs_on_cuda_only():
+    from imageprompt.jobs.sampling import compile_mode
+
+    assert compile_mode("cuda") == compile_mode(torch.device("cuda", 1)) == "reduce-overhead"
+    assert compile_mode("cpu") is None and compile_mode("mps") is None
+
+
+def test_the_compile_option_of_the_command_line_compiles_the_unet(tiny_model, tmp_path, red_image, monkeypatch,
+                                                                     capsys):
+    from imageprompt.cli.main import main
+    from imageprompt.images import read_parameters
+
+    image = tmp_path / "red.png"
+    red_image.save(image)
+    monkeypatch.setenv("IMAGEPROMPT_COMPILE_BACKEND", "eager")  # dynamo without inductor's C compiler
+    args = ["vary", str(image), "--model", str(tiny_model[0]), "--clip", str(tiny_model[1]), "--steps", "3",
+            "--seed", "1"]
+    dynamo.reset()
+    counters.clear()
+    assert main([*args, "--out", str(tmp_path / "compiled"), "--compile"]) == 0, capsys.readouterr().err
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]  # the UNet and the VAE decoder
+    assert main([*args, "--out", str(tmp_path / "eager")]) == 0
+    [compiled], [eager] = (sorted((tmp_path / name).glob("*.png")) for name in ("compiled", "eager"))
+    from PIL import Image
+
+    assert np.abs(np.asarray(Image.open(compiled), np.int16) - np.asarray(Image.open(eager), np.int16)).max() <= 1
+    assert read_parameters(compiled)["seed"] == 1
+    dynamo.reset()
