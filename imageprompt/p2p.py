@@ -354,6 +354,9 @@ class PromptToPromptController(AttentionEditor):
         # per-step switches as tensors, for a compiled UNet (see `compiled_form`); Python flags for eager runs
         self.self_flags = torch.tensor([self.self_window[0] <= s < self.self_window[1] for s in range(num_steps)])
         self.cross_any, self.self_any = bool(self.alphas.any()), bool(self.self_flags.any())
+        # which steps edit the cross-attention, read here on the CPU: a per-step `alpha.any()` on the GPU would
+        # stall the launch queue once a step (a device-to-host copy)
+        self.cross_on = self.alphas.flatten(1).any(1).tolist()
         self._device_tensors(device)
         self.maps_sum, self.maps_count, self.step_maps = None, 0, []
         self.blend_mask = None
@@ -374,7 +377,7 @@ class PromptToPromptController(AttentionEditor):
         # the step's switches as tensors: a compiled UNet reads them as inputs, and does not recompile every step
         last = min(step, self.num_steps - 1)
         self.alpha, self.self_on = self.alphas[last], self.self_flags[last] & (step < self.num_steps)
-        self.cross_active = step < self.num_steps and bool(self.alpha.any())
+        self.cross_active = step < self.num_steps and self.cross_on[step]
         self.self_active = self.self_window[0] <= step < self.self_window[1]
 
     def end_step(self, latents: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,16 @@ def _masactrl(ctx):
     return pipe, lambda: pipe(SOURCE, TARGET, latents=latents, **_kwargs(ctx)), 2, PLAIN_2, None
 
 
+def _masactrl_masks(ctx):
+    pipe, _, images, baseline, clean_up = _masactrl(ctx)
+    latents = _noise(ctx, pipe, ctx.size)
+
+    def call():
+        return pipe(SOURCE, TARGET, mask_words=["cat", "dog"], latents=latents, **_kwargs(ctx))
+
+    return pipe, call, images, baseline, clean_up
+
+
 def _style_aligned(ctx):
     from imageprompt.pipelines import StableDiffusionStyleAlignedPipeline
 
@@ -110,6 +120,7 @@ ROWS = {
     "p2p replace + local blend, base size, compiled": _row(_p2p, True),
     "masactrl, base size": _row(_masactrl, False),
     "masactrl, base size, compiled": _row(_masactrl, True),
+    "masactrl + masks, base size": _row(_masactrl_masks, False),
     "style aligned, 2 prompts, base size": _row(_style_aligned, False),
     "style aligned, 2 prompts, base size, compiled": _row(_style_aligned, True),
 }
