@@ -213,7 +213,9 @@ class MutualSelfAttentionController(AttentionEditor):
         """Prepare a run of ``num_steps`` on latents of ``latent_size``; ``default_res`` stands in for ``map_res``."""
         self.num_steps, self.latent_size = num_steps, tuple(latent_size)
         self.map_res = self.map_res_arg or default_res or max(latent_size[0] // 4, 1)
-        self.device, self.any_step = device, self.start_step < num_steps
+        # the step's switch as a tensor, for a compiled UNet (one graph for every step: `compiled_form`); made once
+        self.flags = (torch.arange(num_steps + 1) >= self.start_step).to(device)
+        self.any_step = self.start_step < num_steps
         if self.token_masks is not None and device is not None:
             self.token_masks = self.token_masks.to(device)
         self.masks = None  # (fg_keys per target-layer size, ...) of the last layer: for inspection
@@ -222,8 +224,7 @@ class MutualSelfAttentionController(AttentionEditor):
     def set_step(self, step: int) -> None:
         self.step = step
         self.active = step >= self.start_step
-        # the same switch as a tensor, for a compiled UNet (one graph for every step: `compiled_form`)
-        self.on = torch.tensor(self.active, device=self.device)
+        self.on = self.flags[min(step, self.num_steps)]
         self.maps_sum, self.maps_count = None, 0  # the authors clear the maps after every step
 
     def end_step(self, latents: torch.Tensor) -> torch.Tensor:
