@@ -36,7 +36,7 @@ def test_new_rows_are_listed():
     names = list(all_rows())
     for name in ("plain diffusers, batch 1, compiled", "imageprompt variation, batch 1, compiled",
                  "ip-adapter sd15 (imageprompt), batch 1, compiled", "masactrl, base size, compiled",
-                 "masactrl + masks, base size",
+                 "masactrl + masks, base size", "ip-adapter sd15 (imageprompt), batch 8",
                  "style aligned, 2 prompts, base size, compiled", "batch job, 64 variation rows, batch 64"):
         assert name in names
 
