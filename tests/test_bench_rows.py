@@ -58,3 +58,12 @@ def test_every_new_row_runs_at_tiny_shapes(capsys, monkeypatch):
     rows = ["plain diffusers, batch 1", *QUICK[:1], *compiled.ROWS, *batch.ROWS]
     table = run_bench(rows, capsys, monkeypatch)
     assert list(table) == rows and all(float(cells[0]) > 0 for cells in table.values())
+
+
+@pytest.mark.slow
+def test_cpu_time_script_runs(capsys, monkeypatch):
+    from imageprompt.bench.cpu_time import main as cpu_time
+
+    monkeypatch.setenv("IMAGEPROMPT_COMPILE_BACKEND", "eager")
+    cpu_time(["--tiny", "--steps", "1", "--reps", "1", "--calls", "plain"])
+    assert "plain diffusers, batch 1: eager" in capsys.readouterr().out
