@@ -173,12 +173,13 @@ def launch(*, model: str | None = None, clip: str | None = None, dtype: str | No
            vae: str | None = None, clip_2: str | None = None, adapters: list[str] | None = None,
            image_encoder: str | None = None, controlnet: str | None = None, host: str = "127.0.0.1",
            port: int | None = 7860, share: bool = False, max_queue: int = QUEUE_SIZE,
-           max_file_size: str | int | None = MAX_FILE_SIZE, debug: bool = False) -> int:
+           max_file_size: str | int | None = MAX_FILE_SIZE, debug: bool = False, compile: bool = False) -> int:
     """``imageprompt demo``: load the model, serve the page and wait until interrupted.
 
     Arguments as :func:`imageprompt.loading.load_pipeline`, :func:`load_adapters` (``adapters``: specs like
     ``--adapter``; none: :func:`default_adapters`) and :func:`serve`. The model's notice (the bundled model is
-    used, for instance) is logged to the terminal as well as shown on the page.
+    used, for instance) is logged to the terminal as well as shown on the page. ``compile``: torch.compile the
+    UNet and the VAE decoder (:func:`imageprompt.jobs.sampling.apply_speed_options`; every tab shares them).
     """
     import diffusers.utils.logging
     import transformers.utils.logging
@@ -197,6 +198,10 @@ def launch(*, model: str | None = None, clip: str | None = None, dtype: str | No
     transformers.utils.logging.disable_progress_bar()
     pipe = load_pipeline(model=model, clip=clip, dtype=dtype, device=device, attention=attention,
                          scheduler=scheduler, config=config, vae=vae, clip_2=clip_2)
+    if compile:  # `--compile`: every tab's pipeline shares the compiled UNet (`from_pipe`)
+        from imageprompt.jobs.sampling import apply_speed_options
+
+        apply_speed_options(pipe, compile=True)
     specs = list(adapters or default_adapters(model))
     loaded = load_adapters(pipe, specs, image_encoder) if specs else []
     net = None

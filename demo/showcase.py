@@ -17,7 +17,8 @@ EXAMPLES: dict[str, list[list]] = {
     "ip_adapter": [["blue-triangle.png", ""], ["yellow-triangle.png", "on a black background"],
                    ["red-circle.png", "on a black background"]],
     # [source, target, mode, blend words, word weights]
-    "p2p": [["a large yellow triangle in the center", "a large green triangle in the center", "replace", "triangle", ""],
+    "p2p": [["a large yellow triangle in the center", "a large green triangle in the center", "replace", "triangle",
+             ""],
             ["a large blue square at the top", "a large red square at the top", "replace", "", ""],
             ["a large red triangle in the center", "", "reweight", "", "red=2"]],
     # [photo, source, target]

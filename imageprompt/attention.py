@@ -139,6 +139,14 @@ def layer_facts(unet) -> dict[str, Layer]:
 
 
 # ----------------------------------------------------------------- editors
+def compiled_form() -> bool:
+    """Whether the attention runs inside ``torch.compile`` (dynamo tracing). There an editor's or image branch's
+    per-step decisions become tensors (a window's switch, a step's weights), so that one graph serves every step;
+    eager runs keep the Python decisions that skip work outside the windows. Both give the same images up to
+    float rounding (``tests/test_compile.py``)."""
+    return torch.compiler.is_compiling()
+
+
 Attend = Callable[..., torch.Tensor]  # attend(query, key, value, attention_mask) -> output
 
 
@@ -276,7 +284,9 @@ class ImagePromptAttnProcessor(nn.Module):
             out = attend(query, key, value, attention_mask, self.backend)
         if self.image_branch is not None and image_context is not None:
             self.ip_adapter_masks = ip_adapter_masks
-            out = out + self.image_branch(self, attn, query, image_context)
+            image_out = self.image_branch(self, attn, query, image_context)
+            if image_out is not None:  # None: no adapter applies at this step
+                out = out + image_out
 
         out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))

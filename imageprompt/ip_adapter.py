@@ -37,6 +37,7 @@ from imageprompt.adapter_files import check_checkpoint, find_image_encoder, read
 from imageprompt.attention import (
     attend,
     attention_module,
+    compiled_form,
     cross_attention_layers,
     imageprompt_processors,
     set_imageprompt_attention,
@@ -84,6 +85,12 @@ class DecoupledImageBranch(nn.Module):
         self.to_v_ip = nn.ModuleList(to_v_ip)
         self.scale = list(scale) or [1.0] * len(self.to_k_ip)
         self.active: list[bool] | None = None
+        # `active` as a tensor (a compiled UNet reads it as an input: one graph for every step, `compiled_form`)
+        self.register_buffer("gates", torch.ones(len(self.to_k_ip), dtype=torch.bool), persistent=False)
+
+    def set_active(self, active: list[bool] | None) -> None:
+        self.active = active
+        self.gates.copy_(torch.tensor([True] * len(self.to_k_ip) if active is None else active))
 
     def _attend(self, processor, attn, query, tokens):
         batch, heads, _, head_dim = query.shape
@@ -92,7 +99,8 @@ class DecoupledImageBranch(nn.Module):
         value = to_v(tokens[0]).view(batch, -1, heads, head_dim).transpose(1, 2)
         return attend(query, key, value, None, processor.backend).to(query.dtype)
 
-    def forward(self, processor, attn, query: torch.Tensor, image_context) -> torch.Tensor:
+    def forward(self, processor, attn, query: torch.Tensor, image_context) -> torch.Tensor | None:
+        """The adapters' attention summed, ``(batch, heads, queries, head_dim)``; None when none applies."""
         batch, heads, queries, head_dim = query.shape
         if not isinstance(image_context, (list, tuple)):
             image_context = [image_context]
@@ -103,17 +111,21 @@ class DecoupledImageBranch(nn.Module):
             masks = list(masks.unsqueeze(1))  # diffusers' legacy (num_adapters, H, W) form
         if masks is not None and len(masks) != len(image_context):
             raise ValueError(f"{len(masks)} ip_adapter_masks for {len(image_context)} adapters")
-        out = torch.zeros_like(query)
+        static = compiled_form()
+        terms = []  # summed at the end: no zero buffer per layer
         for i, (tokens, scale) in enumerate(zip(image_context, self.scale)):
             scales = scale if isinstance(scale, (list, tuple)) else [scale]
-            if all(s == 0 for s in scales) or (self.active is not None and not self.active[i]):
+            if all(s == 0 for s in scales) or (not static and self.active is not None and not self.active[i]):
                 continue
+            # compiled: the step window is a tensor switch, `part * True` is `part` and `part * False` is zeros
+            gate = self.gates[i] if static else None
             projections = (self.to_k_ip[i], self.to_v_ip[i])
             mask = None if masks is None else masks[i]
             if mask is None:
                 if isinstance(scale, (list, tuple)):
                     raise ValueError("a list of per-image scales needs `ip_adapter_masks` for that adapter")
-                out = out + scale * self._attend(processor, attn, query, (tokens, projections))
+                part = self._attend(processor, attn, query, (tokens, projections))
+                terms.append(scale * (part if gate is None else part * gate))
                 continue
             if mask.ndim != 4 or mask.shape[1] != tokens.shape[1]:
                 raise ValueError(f"mask of adapter {i} has shape {tuple(mask.shape)}; expected "
@@ -126,7 +138,12 @@ class DecoupledImageBranch(nn.Module):
                 part = self._attend(processor, attn, query, (tokens[:, j], projections))
                 region = IPAdapterMaskProcessor.downsample(mask[:, j], batch, queries, heads * head_dim)
                 region = region.to(query).view(batch, queries, heads, head_dim).transpose(1, 2)
-                out = out + scales[j] * (part * region)
+                terms.append(scales[j] * (part * (region if gate is None else region * gate)))
+        if not terms:
+            return None
+        out = terms[0]
+        for term in terms[1:]:
+            out = out + term
         return out
 
 
@@ -446,7 +463,7 @@ def set_adapter_step(unet, step: int | None, num_steps: int | None = None) -> No
     if stack.active == active:
         return
     for branch in image_branches(unet).values():
-        branch.active = active
+        branch.set_active(active)
     stack.active = active
 
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from imageprompt.attention import AttentionEditor, Layer, imageprompt_processors, layer_facts
+from imageprompt.attention import AttentionEditor, Layer, compiled_form, imageprompt_processors, layer_facts
 from imageprompt.attention import attend as attend_fused
 from imageprompt.p2p import normalize_word, prompt_words, word_positions
 
@@ -128,6 +128,18 @@ def validate_masactrl(source: str, targets, start_step: int, start_layer: int | 
 
 
 # -------------------------------------------------------------- attention
+def source_keys_values(key, value, num_prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's keys and values replaced by its half's source row's (the source rows keep their own)."""
+    halves = key.shape[0] // num_prompts
+    shared = (num_prompts - 1, -1, -1, -1)
+    keys, values = [], []
+    for h in range(halves):
+        src = slice(h * num_prompts, h * num_prompts + 1)
+        keys += [key[src], key[src].expand(shared)]
+        values += [value[src], value[src].expand(shared)]
+    return torch.cat(keys), torch.cat(values)
+
+
 def mutual_self_attention(query, key, value, num_prompts: int, fg_keys=None, fg_queries=None,
                           attention_mask=None, attend=attend_fused):
     """Mutual self-attention of one layer (Cao et al. 2023, Eq. 3 and Sec. 3.3) on the fused kernel.
@@ -140,13 +152,7 @@ def mutual_self_attention(query, key, value, num_prompts: int, fg_keys=None, fg_
     """
     rows = query.shape[0]
     halves = rows // num_prompts
-    shared = (num_prompts - 1, -1, -1, -1)
-    keys, values = [], []
-    for h in range(halves):
-        src = slice(h * num_prompts, h * num_prompts + 1)
-        keys += [key[src], key[src].expand(shared)]
-        values += [value[src], value[src].expand(shared)]
-    key, value = torch.cat(keys), torch.cat(values)
+    key, value = source_keys_values(key, value, num_prompts)
     if fg_keys is None:
         return attend(query, key, value, attention_mask)
     targets = [i for i in range(rows) if i % num_prompts]
@@ -157,8 +163,8 @@ def mutual_self_attention(query, key, value, num_prompts: int, fg_keys=None, fg_
     q, k, v = query[targets], key[targets], value[targets]
     outs = []
     for keep in (fg_keys, ~fg_keys):
-        if not bool(keep.any()):  # no such keys: the whole source (avoids an all-masked softmax)
-            keep = torch.ones_like(keep)
+        # no such keys: the whole source (avoids an all-masked softmax); a tensor choice, not a Python branch
+        keep = torch.where(keep.any(), keep, torch.ones_like(keep))
         outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=keep[None, None, None, :]))
     weight = fg_queries.to(query.dtype).repeat(halves, 1)[:, None, :, None]  # (targets x halves, 1, tokens, 1)
     out[targets] = outs[0] * weight + outs[1] * (1 - weight)
@@ -207,6 +213,9 @@ class MutualSelfAttentionController(AttentionEditor):
         """Prepare a run of ``num_steps`` on latents of ``latent_size``; ``default_res`` stands in for ``map_res``."""
         self.num_steps, self.latent_size = num_steps, tuple(latent_size)
         self.map_res = self.map_res_arg or default_res or max(latent_size[0] // 4, 1)
+        # the step's switch as a tensor, for a compiled UNet (one graph for every step: `compiled_form`); made once
+        self.flags = (torch.arange(num_steps + 1) >= self.start_step).to(device)
+        self.any_step = self.start_step < num_steps
         if self.token_masks is not None and device is not None:
             self.token_masks = self.token_masks.to(device)
         self.masks = None  # (fg_keys per target-layer size, ...) of the last layer: for inspection
@@ -215,6 +224,7 @@ class MutualSelfAttentionController(AttentionEditor):
     def set_step(self, step: int) -> None:
         self.step = step
         self.active = step >= self.start_step
+        self.on = self.flags[min(step, self.num_steps)]
         self.maps_sum, self.maps_count = None, 0  # the authors clear the maps after every step
 
     def end_step(self, latents: torch.Tensor) -> torch.Tensor:
@@ -259,7 +269,8 @@ class MutualSelfAttentionController(AttentionEditor):
 
     def edit_attention(self, layer: Layer, query, key, value, attention_mask, attend):
         self.check_rows(query.shape[0])
-        if layer.is_cross or not self.active or layer.index < self.start_layer:
+        static = compiled_form()
+        if layer.is_cross or not (self.any_step if static else self.active) or layer.index < self.start_layer:
             return attend(query, key, value, attention_mask)
         fg_keys = fg_queries = None
         if self.token_masks is not None and self.maps_sum is not None:
@@ -267,8 +278,14 @@ class MutualSelfAttentionController(AttentionEditor):
             masks = self.word_masks(size)
             fg_keys, fg_queries = masks[0], masks[1:].float()
             self.masks = masks
-        return mutual_self_attention(query, key, value, self.num_prompts, fg_keys, fg_queries, attention_mask,
-                                     attend)
+        if static and fg_keys is None:  # the step's switch picks the keys and values: one fused call, one graph
+            shared = source_keys_values(key, value, self.num_prompts)
+            key, value = (torch.where(self.on, mutual, own) for mutual, own in zip(shared, (key, value)))
+            return attend(query, key, value, attention_mask)
+        out = mutual_self_attention(query, key, value, self.num_prompts, fg_keys, fg_queries, attention_mask, attend)
+        if static:
+            out = torch.where(self.on, out, attend(query, key, value, attention_mask))
+        return out
 
     # ---------------------------------------------------------- attaching
     def attached(self, unet):

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from imageprompt.attention import AttentionEditor, Layer
+from imageprompt.attention import AttentionEditor, Layer, compiled_form
 from imageprompt.p2p_align import (  # noqa: F401 (re-exported: the mappers are part of the p2p API)
     global_alignment,
     normalize_word,
@@ -351,13 +351,19 @@ class PromptToPromptController(AttentionEditor):
         start, end = step_window(self.self_steps, "self_steps")
         self.self_window = (int(start * num_steps), int(end * num_steps))  # the authors' self-replace rule
         self.blend_from = int(self.blend_start * num_steps)
+        # per-step switches as tensors, for a compiled UNet (see `compiled_form`); Python flags for eager runs
+        self.self_flags = torch.tensor([self.self_window[0] <= s < self.self_window[1] for s in range(num_steps)])
+        self.cross_any, self.self_any = bool(self.alphas.any()), bool(self.self_flags.any())
+        # which steps edit the cross-attention, read here on the CPU: a per-step `alpha.any()` on the GPU would
+        # stall the launch queue once a step (a device-to-host copy)
+        self.cross_on = self.alphas.flatten(1).any(1).tolist()
         self._device_tensors(device)
-        self.maps_sum, self.maps_count = None, 0
+        self.maps_sum, self.maps_count, self.step_maps = None, 0, []
         self.blend_mask = None
         self.set_step(0)
 
     def _device_tensors(self, device) -> None:
-        for name in ("mapper", "index", "keep", "weights", "alphas"):
+        for name in ("mapper", "index", "keep", "weights", "alphas", "self_flags"):
             value = getattr(self, name, None)
             if value is not None and device is not None:
                 setattr(self, name, value.to(device))
@@ -368,13 +374,15 @@ class PromptToPromptController(AttentionEditor):
 
     def set_step(self, step: int) -> None:
         self.step = step
-        # the step's row as a tensor: a compiled UNet reads it as an input, and does not recompile every step
-        self.alpha = self.alphas[min(step, self.num_steps - 1)]
-        self.cross_active = step < self.num_steps and bool(self.alpha.any())
+        # the step's switches as tensors: a compiled UNet reads them as inputs, and does not recompile every step
+        last = min(step, self.num_steps - 1)
+        self.alpha, self.self_on = self.alphas[last], self.self_flags[last] & (step < self.num_steps)
+        self.cross_active = step < self.num_steps and self.cross_on[step]
         self.self_active = self.self_window[0] <= step < self.self_window[1]
 
     def end_step(self, latents: torch.Tensor) -> torch.Tensor:
         """After a sampling step: local blend on the ``(prompts, C, H, W)`` latents, then advance the step."""
+        self.fold_maps()
         if self.blend is not None and self.maps_sum is not None and self.step >= self.blend_from:
             latents, self.blend_mask = self.blend(latents, self.maps_sum)
         self.set_step(self.step + 1)
@@ -382,14 +390,21 @@ class PromptToPromptController(AttentionEditor):
 
     def attention_maps(self) -> torch.Tensor | None:
         """Cross-attention maps at ``map_res`` averaged over steps, layers and heads: ``(prompts, h, w, length)``."""
+        self.fold_maps()
         return None if self.maps_sum is None else self.maps_sum / self.maps_count
 
     def record(self, layer: Layer, probs: torch.Tensor) -> None:
-        """Add the conditional rows' ``(prompts, heads, tokens, length)`` (edited) probabilities to the map sum."""
+        """Keep the conditional rows' ``(prompts, heads, tokens, length)`` (edited) probabilities for the map sum."""
         height, width = layer.size(self.latent_size)
-        maps = probs.float().mean(1).reshape(probs.shape[0], height, width, -1)
-        self.maps_sum = maps if self.maps_sum is None else self.maps_sum + maps
-        self.maps_count += 1
+        self.step_maps.append(probs.float().mean(1).reshape(probs.shape[0], height, width, -1))
+
+    def fold_maps(self) -> None:
+        """Add this step's recorded maps to the sum, in the order they came, outside the UNet call: a compiled UNet
+        then starts every step with the same (empty) list, where a growing sum and count would recompile it."""
+        for maps in self.step_maps:  # (a copy of the first: a CUDA-graph output is overwritten by the next step)
+            self.maps_sum = maps.clone() if self.maps_sum is None else self.maps_sum + maps
+            self.maps_count += 1
+        self.step_maps = []
 
     # --------------------------------------------------------------- edits
     def edit_cross(self, base: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
@@ -412,10 +427,15 @@ class PromptToPromptController(AttentionEditor):
             raise RuntimeError(f"prompt-to-prompt expects {self.num_prompts} or {2 * self.num_prompts} batch rows, "
                                f"got {rows}")
 
+    def edits_cross(self) -> bool:
+        """Whether the cross-attention is edited now: in this step (eager), or in any step of the run (compiled:
+        :func:`compiled_form`; outside the window the step's ``alpha`` is 0 and the edit keeps the target's own)."""
+        return self.cross_any if compiled_form() else self.cross_active
+
     def probs_rows(self, layer: Layer, rows: int) -> int:
         """The conditional rows' cross-attention probabilities, in the steps that edit or the layers that record."""
         self.check_rows(rows)
-        wanted = layer.is_cross and (self.cross_active or layer.size(self.latent_size)[0] == self.map_res)
+        wanted = layer.is_cross and (self.edits_cross() or layer.size(self.latent_size)[0] == self.map_res)
         return self.num_prompts if wanted else 0
 
     def edit_probs(self, layer: Layer, probs: torch.Tensor) -> torch.Tensor:
@@ -423,7 +443,7 @@ class PromptToPromptController(AttentionEditor):
             return probs
         prompts = self.num_prompts
         ours = probs[-prompts:]
-        if self.cross_active:
+        if self.edits_cross():
             ours = torch.cat([ours[:1], self.edit_cross(ours[0], ours[1:])])
         if layer.size(self.latent_size)[0] == self.map_res:  # after the edit, as the authors' store keeps them
             self.record(layer, ours)
@@ -432,11 +452,17 @@ class PromptToPromptController(AttentionEditor):
     def edit_attention(self, layer: Layer, query, key, value, attention_mask, attend):
         self.check_rows(query.shape[0])
         prompts = self.num_prompts
-        if not layer.is_cross and self.self_active and layer.size(self.latent_size)[0] <= self.self_res:
+        static = compiled_form()
+        if not layer.is_cross and (self.self_any if static else self.self_active) \
+                and layer.size(self.latent_size)[0] <= self.self_res:
             # P_src @ V_tgt == softmax(Q_src K_src^T) V_tgt: the target rows borrow the source's Q and K.
             first = query.shape[0] - prompts
             source = slice(first, first + 1)
             shared = (prompts - 1, -1, -1, -1)
-            query = torch.cat([query[:first + 1], query[source].expand(shared)])
-            key = torch.cat([key[:first + 1], key[source].expand(shared)])
+            borrowed_query = torch.cat([query[:first + 1], query[source].expand(shared)])
+            borrowed_key = torch.cat([key[:first + 1], key[source].expand(shared)])
+            if static:  # the step's switch as a tensor: one graph for every step
+                borrowed_query = torch.where(self.self_on, borrowed_query, query)
+                borrowed_key = torch.where(self.self_on, borrowed_key, key)
+            query, key = borrowed_query, borrowed_key
         return attend(query, key, value, attention_mask)

@@ -22,6 +22,7 @@ SD-IPC branch) add to any of these: ``pipe.load_ip_adapter(...)``, then
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,10 +68,28 @@ def legacy_names(parts: dict) -> dict:
 
 
 
+@contextlib.contextmanager
+def visiting(module: torch.nn.Module, device, home):
+    """``module`` on ``device`` for the ``with`` block, then at ``home`` (None: it stays on ``device``)."""
+    module.to(device)
+    try:
+        yield module
+    finally:
+        if home is not None and torch.device(home) != torch.device(device):
+            module.to(home)
+
+
 class ImagePromptMixin(ImagePromptAdapterMixin):
     """What imageprompt adds to a diffusers Stable Diffusion pipeline (SD 1.x or SDXL): SD-IPC's conditioning,
     its processors on the UNet, and :meth:`sample`, which runs the diffusers parent's ``__call__`` with the
-    techniques' per-step hooks."""
+    techniques' per-step hooks.
+
+    ``vision_tower_home``: where SD-IPC's CLIP vision tower(s) wait between encodings, ``"cpu"`` by default: on a GPU
+    the tower visits it for the encoding only, so sampling's peak memory is a plain pipeline's (the price: moving
+    the tower's weights in and out each call). None: the tower stays where the pipeline put it.
+    """
+
+    vision_tower_home: str | None = "cpu"
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
@@ -175,7 +194,8 @@ class ImagePromptMixin(ImagePromptAdapterMixin):
             size = encoder.config.image_size
             processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         pixels = processor(images=[to_rgb(im) for im in images], return_tensors="pt").pixel_values
-        return encoder(pixels.to(device=device, dtype=encoder.dtype)).image_embeds
+        with visiting(encoder, device, self.vision_tower_home):
+            return encoder(pixels.to(device=device, dtype=encoder.dtype)).image_embeds
 
     @torch.no_grad()
     def convert_images(self, images: list[PIL.Image.Image], device) -> torch.Tensor:

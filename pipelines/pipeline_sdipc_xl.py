@@ -23,7 +23,7 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from imageprompt.pipelines.pipeline_sdipc import ImagePromptMixin, ImagePromptPipelineOutput
+from imageprompt.pipelines.pipeline_sdipc import ImagePromptMixin, ImagePromptPipelineOutput, visiting
 from transformers import (
     CLIPImageProcessor,
     CLIPTextModel,
@@ -106,7 +106,8 @@ class StableDiffusionXLImagePromptPipeline(ImagePromptMixin, StableDiffusionXLPi
             if processor is None or processor.crop_size.get("height", size) != size:
                 processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
             pixels = processor(images=[to_rgb(im) for im in images], return_tensors="pt").pixel_values
-            out.append(encoder(pixels.to(device=device, dtype=encoder.dtype)).image_embeds)
+            with visiting(encoder, device, self.vision_tower_home):
+                out.append(encoder(pixels.to(device=device, dtype=encoder.dtype)).image_embeds)
         return out[0], out[1]
 
     @torch.no_grad()

@@ -76,7 +76,8 @@ def assert_drawn(path, caption: str) -> None:
 def attributes(text: str, reference: tuple[str, str]) -> tuple[str, str]:
     """An edit text's colour and shape where it names them, the reference's otherwise."""
     words = text.split()
-    return (next((w for w in words if w in COLORS), reference[0]), next((w for w in words if w in SHAPES), reference[1]))
+    return (next((w for w in words if w in COLORS), reference[0]),
+            next((w for w in words if w in SHAPES), reference[1]))
 
 
 def named_background(text: str, reference: str) -> str:

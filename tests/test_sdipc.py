@@ -247,3 +247,31 @@ def test_converter_keeps_its_inverse_and_stays_fp32(tiny_pipe, red_image):
     converter = type(tiny_pipe.converter)(text_hidden_size=8, projection_dim=8)
     converter.to(torch.float16)
     assert converter.text_projection.weight.dtype == torch.float32
+
+
+def test_the_vision_tower_waits_at_its_home_while_sampling(tiny_model, tiny_pipe, red_image):
+    """``vision_tower_home``: the tower visits the sampling device for the encoding only. On this CPU-only machine
+    the home is the meta device (weights dropped), which no later step could run on: the variation still samples."""
+    from imageprompt.pipelines.loading import load_pipeline
+
+    pipe = load_pipeline(str(tiny_model[0]), str(tiny_model[1]), device="cpu", dtype="fp32")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vision_tower_home == "cpu"  # the default: on a GPU, off it between encodings
+    pipe.vision_tower_home = "meta"
+    seen = []
+
+    def where(p, i, t, tensors):
+        seen.append({param.device.type for param in p.sdipc_image_encoder.parameters()})
+        return tensors
+
+    kw = dict(image=red_image, num_inference_steps=2, output_type="np", height=32, width=32,
+              generator=torch.Generator().manual_seed(0))
+    got = pipe(callback_on_step_end=where, **kw).images
+    assert seen == [{"meta"}, {"meta"}]
+    np.testing.assert_array_equal(got, tiny_pipe(**kw | {"generator": torch.Generator().manual_seed(0)}).images)
+    tiny_pipe.vision_tower_home = None  # stays: the same as at home when both are the CPU
+    try:
+        np.testing.assert_array_equal(got, tiny_pipe(**kw | {"generator": torch.Generator().manual_seed(0)}).images)
+    finally:
+        del tiny_pipe.vision_tower_home
+    assert next(tiny_pipe.sdipc_image_encoder.parameters()).device.type == "cpu"

@@ -46,7 +46,7 @@ def _kwargs(ctx):
     return dict(num_inference_steps=ctx.steps, guidance_scale=7.5, height=ctx.size, width=ctx.size)
 
 
-def _diffusers(kind: str):
+def _diffusers(kind: str, batch: int = 1):
     def run(ctx):
         from diffusers import StableDiffusionPipeline
 
@@ -63,15 +63,15 @@ def _diffusers(kind: str):
                              weight_name="random.safetensors", image_encoder_folder=None)
         image = ctx.reference_image()
         try:
-            return measure(ctx, lambda: pipe("a photo of a cat", ip_adapter_image=image,
-                                             generator=generators(0, 1), **_kwargs(ctx)), 1)
+            return measure(ctx, lambda: pipe("a photo of a cat", ip_adapter_image=image, num_images_per_prompt=batch,
+                                             generator=generators(0, batch), **_kwargs(ctx)), batch)
         finally:
             pipe.unload_ip_adapter()
 
     return run
 
 
-def _imageprompt(kind: str):
+def _imageprompt(kind: str, batch: int = 1):
     def run(ctx):
         state, (encoder, _) = _adapter_parts(ctx, kind)
         pipe = ctx.imageprompt_pipeline()
@@ -80,7 +80,8 @@ def _imageprompt(kind: str):
         image = ctx.reference_image()
         try:
             return measure(ctx, lambda: pipe(prompt="a photo of a cat", ip_adapter_image=image,
-                                             generator=generators(0, 1), **_kwargs(ctx)), 1)
+                                             num_images_per_prompt=batch, generator=generators(0, batch),
+                                             **_kwargs(ctx)), batch)
         finally:
             pipe.unload_ip_adapter()
 
@@ -92,4 +93,6 @@ ROWS = {
     "ip-adapter sd15 (imageprompt), batch 1": _imageprompt("sd15"),
     "ip-adapter plus (diffusers), batch 1": _diffusers("plus"),
     "ip-adapter plus (imageprompt), batch 1": _imageprompt("plus"),
+    "ip-adapter sd15 (diffusers), batch 8": _diffusers("sd15", 8),
+    "ip-adapter sd15 (imageprompt), batch 8": _imageprompt("sd15", 8),
 }

@@ -50,19 +50,22 @@ def write_variation_job(folder: Path, count: int, size: int) -> Path:
     return jobs
 
 
-def _job(compile: bool):
+def _job(compile: bool, batch_size: int = BATCH_SIZE):
     def run(ctx) -> Result:
+        import torch
+
         from imageprompt.jobs import JobDefaults, JobOptions, apply_speed_options, run_job
 
         pipe = ctx.imageprompt_pipeline()
         decoder = pipe.vae.decoder
+        torch.compiler.reset()
         apply_speed_options(pipe, compile=compile)  # once, before the warm-up compiles the shapes
         defaults = JobDefaults(steps=ctx.steps, guidance=7.5, height=ctx.size, width=ctx.size)
-        options = JobOptions(batch_size=BATCH_SIZE, progress=False)
+        options = JobOptions(batch_size=batch_size, progress=False)
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 tmp = Path(tmp)
-                warm = write_variation_job(tmp, BATCH_SIZE, 256)  # one full batch: same shapes as the timed job
+                warm = write_variation_job(tmp, batch_size, 256)  # one full batch: same shapes as the timed job
                 run_job(warm, tmp / "warm", pipe=pipe, defaults=defaults, options=options)
                 jobs = write_variation_job(tmp, JOB_ROWS, 256)
                 seconds, peak = timed(ctx, lambda: run_job(jobs, tmp / "out", pipe=pipe, defaults=defaults,
@@ -72,6 +75,7 @@ def _job(compile: bool):
                     raise RuntimeError(f"the benchmark job wrote {done} images, expected {JOB_ROWS}")
         finally:
             pipe.vae.decoder = decoder  # the VAE is shared with the other rows: undo the compile
+            torch.compiler.reset()
         return Result(seconds / JOB_ROWS, peak, JOB_ROWS)
 
     return run
@@ -79,6 +83,8 @@ def _job(compile: bool):
 
 ROWS = {
     f"plain diffusers, loop of {JOB_ROWS} single images": plain_loop,
+    f"batch job, {JOB_ROWS} variation rows, batch 8": _job(compile=False, batch_size=8),
     f"batch job, {JOB_ROWS} variation rows, batch {BATCH_SIZE}": _job(compile=False),
+    f"batch job, {JOB_ROWS} variation rows, batch {JOB_ROWS}": _job(compile=False, batch_size=JOB_ROWS),
     f"batch job, {JOB_ROWS} variation rows, batch {BATCH_SIZE}, --compile": _job(compile=True),
 }

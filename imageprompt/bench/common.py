@@ -130,8 +130,10 @@ def timed(ctx: Context, call: Callable[[], object]) -> tuple[float, float | None
     return seconds, peak_rss_gib() if rss else None
 
 
-def measure(ctx: Context, call: Callable[[], object], images: int) -> Result:
-    """Seconds per image and peak memory of ``call`` after one warm-up run."""
-    call()  # warm-up: kernels, allocator
+def measure(ctx: Context, call: Callable[[], object], images: int, warmups: int = 1) -> Result:
+    """Seconds per image and peak memory of ``call`` after ``warmups`` warm-up runs (a compiled module: 2, as CUDA
+    graphs record on the second call of a module called once per image, the VAE decoder)."""
+    for _ in range(warmups):
+        call()  # warm-up: kernels, allocator, compilation
     seconds, peak = timed(ctx, call)
     return Result(seconds / images, peak, images)

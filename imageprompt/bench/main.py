@@ -158,9 +158,10 @@ def run(args) -> int:
 
 def all_rows() -> dict:
     """Every row by name, in table order (imported here, not at start-up: ``--help`` stays fast)."""
-    from imageprompt.bench import adapter, batch, consistency, core, p2p, tune
+    from imageprompt.bench import adapter, batch, compiled, consistency, core, p2p, tune
 
-    return {**core.ROWS, **tune.ROWS, **adapter.ROWS, **p2p.ROWS, **consistency.ROWS, **batch.ROWS}
+    return {**core.ROWS, **tune.ROWS, **adapter.ROWS, **p2p.ROWS, **compiled.ROWS, **consistency.ROWS,
+            **batch.ROWS}
 
 
 def register(subparsers) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from imageprompt.cli.common import CommandError, add_model_options, port_number, positive_int
+from imageprompt.cli.common import CommandError, add_compile_option, add_model_options, port_number, positive_int
 
 
 def register(subparsers) -> None:
@@ -28,6 +28,7 @@ def register(subparsers) -> None:
                            "bundled checkpoints/shapes-ip-adapter.safetensors, the bundled CLIP)")
     demo.add_argument("--controlnet", metavar="FOLDER",
                       help="a diffusers ControlNet for this model: the tabs then take a control image")
+    add_compile_option(demo)
     add_model_options(demo)
     demo.set_defaults(func=run_demo)
 
@@ -50,4 +51,5 @@ def run_demo(args) -> int:
     return launch(model=args.model, clip=args.clip, dtype=args.dtype, device=args.device, attention=args.attention,
                   scheduler=args.scheduler, config=args.config, vae=args.vae, clip_2=args.clip_2, adapters=args.adapter,
                   image_encoder=args.image_encoder, controlnet=args.controlnet, host=args.host, port=args.port,
-                  share=args.share, max_queue=args.max_queue, max_file_size=args.max_file_size, debug=args.debug)
+                  share=args.share, max_queue=args.max_queue, max_file_size=args.max_file_size, debug=args.debug,
+                  compile=args.compile)

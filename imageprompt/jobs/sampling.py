@@ -235,13 +235,34 @@ class Runner:
         return images
 
 
+COMPILE_BACKEND_ENV = "IMAGEPROMPT_COMPILE_BACKEND"
+
+
+def compile_mode(device) -> str | None:
+    """torch.compile's mode for ``device``: ``"reduce-overhead"`` (CUDA graphs: batch 1 is launch-bound) on CUDA,
+    the default elsewhere."""
+    import torch
+
+    return "reduce-overhead" if torch.device(device).type == "cuda" else None
+
+
 def apply_speed_options(pipe, compile: bool = False, channels_last: bool = False) -> None:
-    """channels-last memory format for the UNet and VAE; torch.compile of the UNet and VAE decoder."""
+    """channels-last memory format for the UNet and VAE; torch.compile of the UNet and VAE decoder.
+
+    The compiler backend is inductor unless the environment variable ``IMAGEPROMPT_COMPILE_BACKEND`` names another
+    (the tests use ``eager``: dynamo alone, no C compiler); the mode is :func:`compile_mode` of the UNet's device
+    (inductor only). imageprompt's attention processors trace as one graph that every step reuses
+    (``tests/test_compile.py``).
+    """
+    import os
+
     import torch
 
     if channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     if compile:
-        pipe.unet = torch.compile(pipe.unet)
-        pipe.vae.decoder = torch.compile(pipe.vae.decoder)
+        backend = os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
+        mode = compile_mode(pipe.unet.device) if backend == "inductor" else None
+        pipe.unet = torch.compile(pipe.unet, backend=backend, mode=mode)
+        pipe.vae.decoder = torch.compile(pipe.vae.decoder, backend=backend, mode=mode)

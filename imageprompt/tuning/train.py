@@ -156,6 +156,7 @@ def tune(pipe, images_or_data, config: TuningConfig, progress: bool = True, chec
     data = images_or_data if isinstance(images_or_data, TuningData) else prepare_images(
         pipe, list(images_or_data), config.resolution)
     device = pipe._execution_device
+    pipe.sdipc_image_encoder.to(device)  # a variation may have sent it to its `vision_tower_home` between calls
 
     # 1. The trainable parts: visual prompts (fresh or continued) and optional LoRA
     prompts = visual_prompts_of(pipe)
