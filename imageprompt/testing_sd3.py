@@ -19,7 +19,15 @@ from pathlib import Path
 import torch
 
 from imageprompt.testing import TEST_WORDS
-from imageprompt.testing_xl import PROJECTION_G, PROJECTION_L, TINY_TEXT_G, TINY_TEXT_L, TINY_VISION_G, TINY_VISION_L
+from imageprompt.testing_xl import (
+    PROJECTION_G,
+    PROJECTION_L,
+    TINY_TEXT_G,
+    TINY_TEXT_L,
+    TINY_VISION_G,
+    TINY_VISION_L,
+    save_clip_folders,
+)
 from imageprompt.tokenizer_writer import write_clip_tokenizer, write_t5_tokenizer
 
 T5_WIDTH = 96
@@ -91,7 +99,6 @@ def save_tiny_sd3(folder: str | Path, seed: int = 0) -> tuple[Path, Path, Path]:
     """Write a tiny SD3 pipeline folder (diffusers' ``StableDiffusion3Pipeline``) and tiny ViT-L / bigG
     ``CLIPModel`` folders (SD-IPC's image towers). Returns ``(model_dir, clip_l_dir, clip_g_dir)``."""
     from diffusers import StableDiffusion3Pipeline
-    from transformers import CLIPImageProcessor
 
     folder = Path(folder)
     parts = build_sd3_components(folder / "_tokenizer", seed=seed)
@@ -99,15 +106,7 @@ def save_tiny_sd3(folder: str | Path, seed: int = 0) -> tuple[Path, Path, Path]:
     names = ("transformer", "vae", "scheduler", "tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder",
              "text_encoder_2", "text_encoder_3")
     StableDiffusion3Pipeline(**{n: parts[n] for n in names}).save_pretrained(model_dir, safe_serialization=True)
-    dirs = []
-    for name, clip in (("tiny-clip-l", parts["clip_l"]), ("tiny-clip-bigg", parts["clip_g"])):
-        clip.save_pretrained(folder / name, safe_serialization=True)
-        size = clip.config.vision_config.image_size
-        CLIPImageProcessor(size={"shortest_edge": size},
-                           crop_size={"height": size, "width": size}).save_pretrained(folder / name)
-        parts["tokenizer"].save_pretrained(folder / name)
-        dirs.append(folder / name)
-    return model_dir, dirs[0], dirs[1]
+    return (model_dir, *save_clip_folders(parts, folder))
 
 
 def save_tiny_siglip(folder: str | Path, seed: int = 0) -> Path:

@@ -109,7 +109,6 @@ def save_tiny_sdxl(folder: str | Path, seed: int = 0) -> tuple[Path, Path, Path]
     Returns ``(model_dir, clip_l_dir, clip_g_dir)``.
     """
     from diffusers import StableDiffusionXLPipeline
-    from transformers import CLIPImageProcessor
 
     folder = Path(folder)
     parts = build_sdxl_components(folder / "_tokenizer", seed=seed)
@@ -120,6 +119,13 @@ def save_tiny_sdxl(folder: str | Path, seed: int = 0) -> tuple[Path, Path, Path]
         scheduler=parts["scheduler"], add_watermarker=False,
     )
     pipe.save_pretrained(model_dir, safe_serialization=True)
+    return (model_dir, *save_clip_folders(parts, folder))
+
+
+def save_clip_folders(parts: dict, folder: Path) -> tuple[Path, Path]:
+    """``parts``' two full CLIPs (ViT-L and bigG: SD-IPC's image towers) as ``--clip``/``--clip-2`` folders."""
+    from transformers import CLIPImageProcessor
+
     dirs = []
     for name, clip in (("tiny-clip-l", parts["clip_l"]), ("tiny-clip-bigg", parts["clip_g"])):
         clip.save_pretrained(folder / name, safe_serialization=True)
@@ -128,4 +134,4 @@ def save_tiny_sdxl(folder: str | Path, seed: int = 0) -> tuple[Path, Path, Path]
                            crop_size={"height": size, "width": size}).save_pretrained(folder / name)
         parts["tokenizer"].save_pretrained(folder / name)
         dirs.append(folder / name)
-    return model_dir, dirs[0], dirs[1]
+    return dirs[0], dirs[1]

@@ -81,3 +81,33 @@ def red_image():
 def noise_image():
     rng = np.random.default_rng(0)
     return Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8))
+
+
+# ------------------------------------------------ the toolbox tests' inputs (test_toolbox*.py)
+@pytest.fixture(scope="module")
+def controlnet(tiny_pipe):
+    """A ControlNet made from the tiny UNet, its zero convolutions randomised."""
+    from imageprompt.testing import random_controlnet
+
+    return random_controlnet(tiny_pipe.unet)
+
+
+@pytest.fixture
+def control():
+    from imageprompt.testing import toolbox_images
+
+    return toolbox_images()["control"]
+
+
+@pytest.fixture
+def photo():
+    from imageprompt.testing import toolbox_images
+
+    return toolbox_images()["photo"]
+
+
+@pytest.fixture
+def mask():
+    from imageprompt.testing import toolbox_images
+
+    return toolbox_images()["mask"]

@@ -30,26 +30,6 @@ def seed(n=0):
     return torch.Generator().manual_seed(n)
 
 
-@pytest.fixture(scope="module")
-def controlnet(tiny_pipe):
-    return random_controlnet(tiny_pipe.unet)
-
-
-@pytest.fixture
-def control():
-    return toolbox_images()["control"]
-
-
-@pytest.fixture
-def photo():
-    return toolbox_images()["photo"]
-
-
-@pytest.fixture
-def mask():
-    return toolbox_images()["mask"]
-
-
 def diffusers_pipeline(cls, tiny_model, tiny_pipe, **parts):
     ref = cls.from_pretrained(tiny_model[0], safety_checker=None, requires_safety_checker=False, **parts)
     ref.scheduler = type(tiny_pipe.scheduler).from_config(tiny_pipe.scheduler.config)

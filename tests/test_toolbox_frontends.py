@@ -8,36 +8,13 @@ import pytest
 import torch
 from diffusers import ControlNetModel
 from imageprompt.pipelines.toolbox import load_loras
+from test_toolbox import seed
 
-from imageprompt.testing import random_controlnet, toolbox_images
 from imageprompt.toolbox import ToolboxSettings, check_controlnet, parse_lora
 
 SAMPLE = dict(num_inference_steps=3, output_type="np")
 SOURCE, TARGET = "a red circle", "a blue circle"
 
-
-def seed(n=0):
-    return torch.Generator().manual_seed(n)
-
-
-@pytest.fixture(scope="module")
-def controlnet(tiny_pipe):
-    return random_controlnet(tiny_pipe.unet)
-
-
-@pytest.fixture
-def control():
-    return toolbox_images()["control"]
-
-
-@pytest.fixture
-def photo():
-    return toolbox_images()["photo"]
-
-
-@pytest.fixture
-def mask():
-    return toolbox_images()["mask"]
 
 
 # -------------------------------------------------------------------- LoRA
