@@ -111,3 +111,13 @@ def mask():
     from imageprompt.testing import toolbox_images
 
     return toolbox_images()["mask"]
+
+
+@pytest.fixture
+def red_path(tmp_path):
+    """A 40x40 red PNG file (the command-line tests' input)."""
+    from PIL import Image
+
+    path = tmp_path / "red.png"
+    Image.new("RGB", (40, 40), (220, 30, 30)).save(path)
+    return path

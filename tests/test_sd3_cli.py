@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
+from test_sdxl_cli import run  # the SDXL command-line tests' runner
 
 from imageprompt.images import read_parameters
 
@@ -25,19 +26,6 @@ def model_args(tiny_sd3):
     model, clip_l, clip_g = tiny_sd3
     return ["--model", str(model), "--clip", str(clip_l), "--clip-2", str(clip_g), "--steps", "2",
             "--height", "32", "--width", "32"]
-
-
-@pytest.fixture
-def red_path(tmp_path):
-    path = tmp_path / "red.png"
-    Image.new("RGB", (40, 40), (220, 30, 30)).save(path)
-    return path
-
-
-def run(args) -> int:
-    from imageprompt.cli.main import main
-
-    return main([str(a) for a in args])
 
 
 def test_loader_detects_sd3_and_builds_the_conversion(sd3_pipe, tiny_sd3):

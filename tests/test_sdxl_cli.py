@@ -28,13 +28,6 @@ def model_args(tiny_sdxl):
     return ["--model", str(model), "--clip", str(clip_l), "--clip-2", str(clip_g), "--steps", "2"]
 
 
-@pytest.fixture
-def red_path(tmp_path):
-    path = tmp_path / "red.png"
-    Image.new("RGB", (40, 40), (220, 30, 30)).save(path)
-    return path
-
-
 def run(args) -> int:
     from imageprompt.cli.main import main
 

@@ -137,3 +137,30 @@ def measure(ctx: Context, call: Callable[[], object], images: int, warmups: int 
         call()  # warm-up: kernels, allocator, compilation
     seconds, peak = timed(ctx, call)
     return Result(seconds / images, peak, images)
+
+
+def device_name(ctx: Context) -> str:
+    """The GPU's name, or the CPU with its thread count."""
+    import torch
+
+    if ctx.device.type == "cuda":
+        return torch.cuda.get_device_name(ctx.device)
+    threads = torch.get_num_threads()
+    return f"CPU, {threads} thread{'s' if threads > 1 else ''}"
+
+
+def markdown_table(ctx: Context, results: list[tuple[str, Result]], heading: str, plain_prefix: str) -> str:
+    """The bench's Markdown table under ``heading``: each row against its baseline (the row it names, else the row
+    starting with ``plain_prefix`` that has the same image count), in time and in peak memory."""
+    lines = [heading, "", "| row | s/image | x plain | peak GiB | x plain | note |", "|---|---|---|---|---|---|"]
+    by_name = dict(results)
+    plain = {r.images: r for n, r in results if n.startswith(plain_prefix)}
+    for name, r in results:
+        base = by_name.get(r.baseline) if r.baseline else plain.get(r.images)
+        t_ratio = f"{r.seconds_per_image / base.seconds_per_image:.3f}" if base else "-"
+        peak = f"{r.peak_gib:.2f}" if r.peak_gib is not None else "-"
+        m_ratio = f"{r.peak_gib / base.peak_gib:.3f}" if base and r.peak_gib and base.peak_gib else "-"
+        lines.append(f"| {name} | {r.seconds_per_image:.3f} | {t_ratio} | {peak} | {m_ratio} | {r.note} |")
+    if ctx.device.type != "cuda" and any(r.peak_gib is None for _, r in results):
+        lines += ["", PEAK_RSS_MISSING if ctx.device.type == "cpu" else f"peak: not measured on {ctx.device.type}"]
+    return "\n".join(lines)

@@ -13,7 +13,7 @@ import gc
 import sys
 import tempfile
 
-from imageprompt.bench.common import PEAK_RSS_MISSING, Context, Result, peak_kind
+from imageprompt.bench.common import Context, Result, device_name, markdown_table, peak_kind
 
 # The quick rows (under a minute in all with --tiny --steps 5 on a CPU): one image per call, base size only;
 # no batch of 8, no 1.5x size, no online tuning, no null-text inversion, no 64-row jobs, no --compile.
@@ -64,31 +64,12 @@ def run_rows(ctx: Context, names: list[str]) -> list[tuple[str, Result]]:
 
 
 def format_table(ctx: Context, results: list[tuple[str, Result]]) -> str:
-    """Markdown table; the ratio column compares each row with the plain row of the same batch."""
-    import torch
-
-    threads = torch.get_num_threads()
-    where = (torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda"
-             else f"CPU, {threads} thread{'s' if threads > 1 else ''}")
+    """Markdown table; the ratio columns compare each row with the plain row of the same batch."""
     shapes = "tiny random components" if ctx.tiny else "SD 1.5 shapes, random weights"
     dtype = str(ctx.dtype).replace("torch.", "")
-    lines = [
-        f"{shapes}, {dtype}, {ctx.size}x{ctx.size} unless the note says otherwise, DDIM {ctx.steps} steps, "
-        f"CFG 7.5, {where}; {peak_kind(ctx)}",
-        "",
-        "| row | s/image | x plain | peak GiB | x plain | note |",
-        "|---|---|---|---|---|---|",
-    ]
-    plain = {r.images: r for n, r in results if n.startswith("plain")}
-    for name, r in results:
-        base = dict(results).get(r.baseline) if r.baseline else plain.get(r.images)
-        t_ratio = f"{r.seconds_per_image / base.seconds_per_image:.3f}" if base else "-"
-        peak = f"{r.peak_gib:.2f}" if r.peak_gib is not None else "-"
-        m_ratio = f"{r.peak_gib / base.peak_gib:.3f}" if base and r.peak_gib and base.peak_gib else "-"
-        lines.append(f"| {name} | {r.seconds_per_image:.3f} | {t_ratio} | {peak} | {m_ratio} | {r.note} |")
-    if ctx.device.type != "cuda" and any(r.peak_gib is None for _, r in results):
-        lines += ["", PEAK_RSS_MISSING if ctx.device.type == "cpu" else f"peak: not measured on {ctx.device.type}"]
-    return "\n".join(lines)
+    heading = (f"{shapes}, {dtype}, {ctx.size}x{ctx.size} unless the note says otherwise, DDIM {ctx.steps} steps, "
+               f"CFG 7.5, {device_name(ctx)}; {peak_kind(ctx)}")
+    return markdown_table(ctx, results, heading, "plain")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

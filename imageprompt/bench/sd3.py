@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from imageprompt.bench.common import Context, Result, measure, peak_kind
+from imageprompt.bench.common import Context, Result, device_name, markdown_table, measure, peak_kind
 from imageprompt.images import generators
 
 PROMPT, SOURCE, TARGET = "a photo of a cat", "a photo of a cat on the beach", "a photo of a dog on the beach"
@@ -176,19 +176,11 @@ ROWS = {
 
 
 def format_table(ctx: Context, results: list[tuple[str, Result]]) -> str:
-    where = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "CPU"
+    """Markdown table: each row against plain diffusers SD3 with the same image count (or its baseline)."""
     shapes = "tiny random SD3 components" if ctx.tiny else "SD 3.5 Large shapes, random weights"
-    lines = [f"{shapes}, {str(ctx.dtype).replace('torch.', '')}, {ctx.size}x{ctx.size}, flow-match Euler "
-             f"{ctx.steps} steps, CFG {GUIDANCE}, {where}; {peak_kind(ctx)}", "",
-             "| row | s/image | x plain | peak GiB | note |", "|---|---|---|---|---|"]
-    by_name = dict(results)
-    plain = {r.images: r for n, r in results if n.startswith("sd3 plain")}
-    for name, r in results:
-        base = by_name.get(r.baseline) if r.baseline else plain.get(r.images)
-        ratio = f"{r.seconds_per_image / base.seconds_per_image:.3f}" if base else "-"
-        peak = f"{r.peak_gib:.2f}" if r.peak_gib is not None else "-"
-        lines.append(f"| {name} | {r.seconds_per_image:.3f} | {ratio} | {peak} | {r.note} |")
-    return "\n".join(lines)
+    heading = (f"{shapes}, {str(ctx.dtype).replace('torch.', '')}, {ctx.size}x{ctx.size}, flow-match Euler "
+               f"{ctx.steps} steps, CFG {GUIDANCE}, {device_name(ctx)}; {peak_kind(ctx)}")
+    return markdown_table(ctx, results, heading, "sd3 plain")
 
 
 def run(args) -> int:

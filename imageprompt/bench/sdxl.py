@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from imageprompt.bench.common import PEAK_RSS_MISSING, Context, Result, measure, peak_kind
+from imageprompt.bench.common import Context, Result, device_name, markdown_table, measure, peak_kind
 from imageprompt.images import generators
 from imageprompt.testing import ip_adapter_state_dict
 
@@ -260,24 +260,10 @@ SMOKE_ROWS = tuple(name for name in ROWS if "null-text" not in name)
 
 def format_table(ctx: Context, results: list[tuple[str, Result]]) -> str:
     """Markdown table: each row against plain diffusers SDXL with the same image count (or its baseline)."""
-    threads = torch.get_num_threads()
-    where = (torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda"
-             else f"CPU, {threads} thread{'s' if threads > 1 else ''}")
     shapes = "tiny random SDXL components" if ctx.tiny else "SDXL base shapes, random weights"
-    lines = [f"{shapes}, {str(ctx.dtype).replace('torch.', '')}, {ctx.size}x{ctx.size}, DDIM {ctx.steps} steps, "
-             f"CFG {GUIDANCE}, {where}; {peak_kind(ctx)}", "",
-             "| row | s/image | x plain | peak GiB | x plain | note |", "|---|---|---|---|---|---|"]
-    by_name = dict(results)
-    plain = {r.images: r for n, r in results if n.startswith("sdxl plain")}
-    for name, r in results:
-        base = by_name.get(r.baseline) if r.baseline else plain.get(r.images)
-        t_ratio = f"{r.seconds_per_image / base.seconds_per_image:.3f}" if base else "-"
-        peak = f"{r.peak_gib:.2f}" if r.peak_gib is not None else "-"
-        m_ratio = f"{r.peak_gib / base.peak_gib:.3f}" if base and r.peak_gib and base.peak_gib else "-"
-        lines.append(f"| {name} | {r.seconds_per_image:.3f} | {t_ratio} | {peak} | {m_ratio} | {r.note} |")
-    if ctx.device.type != "cuda" and any(r.peak_gib is None for _, r in results):
-        lines += ["", PEAK_RSS_MISSING if ctx.device.type == "cpu" else f"peak: not measured on {ctx.device.type}"]
-    return "\n".join(lines)
+    heading = (f"{shapes}, {str(ctx.dtype).replace('torch.', '')}, {ctx.size}x{ctx.size}, DDIM {ctx.steps} steps, "
+               f"CFG {GUIDANCE}, {device_name(ctx)}; {peak_kind(ctx)}")
+    return markdown_table(ctx, results, heading, "sdxl plain")
 
 
 def run(args) -> int:
