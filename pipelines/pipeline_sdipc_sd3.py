@@ -13,7 +13,6 @@ SD3.5-Large format with a SigLIP encoder), LoRA and the callbacks are inherited.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 
 import PIL.Image
@@ -21,6 +20,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
 from imageprompt.pipelines.pipeline_sdipc import LOADED_NAMES
+from imageprompt.pipelines.toolbox import shared_modules
 from transformers import (
     CLIPImageProcessor,
     CLIPTextModelWithProjection,
@@ -75,13 +75,7 @@ class StableDiffusion3ImagePromptPipeline(StableDiffusion3Pipeline):
         if kwargs.get("dtype") is not None or kwargs.get("torch_dtype") is not None:
             pipe = super().from_pipe(pipeline, **kwargs)
         else:
-            names = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
-            given = {n: kwargs.pop(n) for n in names if n in kwargs}
-            if kwargs:
-                raise TypeError(f"{cls.__name__}.from_pipe got unexpected arguments: {', '.join(sorted(kwargs))}")
-            parts = {n: pipeline.components.get(n) for n in names if n not in given}
-            pipe = cls(**parts, **given)
-            pipe.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
+            pipe = shared_modules(cls, pipeline, **kwargs)
         for name in LOADED_NAMES + ("scheduler_name",):  # what the outputs record of where the modules came from
             if hasattr(pipeline, name):
                 setattr(pipe, name, getattr(pipeline, name))
